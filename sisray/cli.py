@@ -1,0 +1,33 @@
+"""What every job entry point shares: config arguments, and bad input reported without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from sisray.errors import SisrayError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "synthetic.yaml"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="YAML config (default: the built-in synthetic benchmark, configs/synthetic.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set lse.scale=2.0 (repeatable)")
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run a job's main: bad input exits 2 with a one-line message, Ctrl-C exits 130."""
+    try:
+        code = main()
+    except SisrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,302 @@
+"""Typed configuration of a sisray job: YAML file + dotted overrides, validated before any work.
+
+Dataclass defaults are the paper's reference values (METHOD.md); presets in `configs/` override
+what they must and say why. Every value is checked against its type and range when loaded, and an
+unknown key, a wrong type or an out-of-range value is a `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from sisray.errors import ConfigError
+
+SOURCE_DATASETS = ("gta5", "synthia", "synthetic")
+TARGET_DATASETS = ("cityscapes", "synthetic")
+Size = tuple[int, int]
+
+
+def bounded(default: Any, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A dataclass field whose numeric value must lie in [lo, hi] (or open at either end)."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+@dataclass
+class DomainConfig:
+    name: str = "gta5"
+    root: str = "data/gta5"
+    size: Size = (1280, 720)  # working size [width, height]: images bicubic, labels nearest
+    skip_bad_pairs: bool = False  # report and skip bad image/label pairs instead of stopping
+
+
+@dataclass
+class TargetConfig(DomainConfig):
+    name: str = "cityscapes"
+    root: str = "data/cityscapes"
+    size: Size = (1024, 512)
+    val_size: Size | None = None  # evaluation input size when it differs from `size`
+
+
+@dataclass
+class DataConfig:
+    source: DomainConfig = field(default_factory=DomainConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["fcn8s_vgg16", "deeplabv2_r101"] = "fcn8s_vgg16"
+    width: float = bounded(1.0, 0.0, 1.0, lo_open=True)  # channel multiplier; 1 = the paper's
+    init: str = "imagenet"  # "random", "imagenet", or the path of a checkpoint file
+
+
+@dataclass
+class ThresholdConfig:
+    estimator: Literal["cutoff_image", "window", "quantile"] = "cutoff_image"
+    window: int = bounded(5, 1)  # images after the cutoff averaged by `window`
+    quantile: float = bounded(0.5, 0.0, 1.0, lo_open=True, hi_open=True)
+    bins: int = bounded(64, 2, 4096)  # histogram bins of normalised entropy
+    fallback: float = bounded(0.5, 0.0, 1.0)  # tau of a class with no candidate image
+
+
+@dataclass
+class LSEConfig:
+    p0: float = bounded(0.10, 0.0, 1.0, lo_open=True)
+    p_step: float = bounded(0.05, 0.0, 1.0)
+    p_max: float = bounded(0.40, 0.0, 1.0, lo_open=True)
+    scale: float = bounded(2.0, 1.0)  # patch = (H/scale, W/scale), upsampled by scale
+    patches_per_image: int = bounded(4, 1)
+    beta: float = bounded(0.1, 0.0)  # weight of the focal term; 0 = LSE without focal loss
+    gamma: float = bounded(3.0, 0.0)  # focal exponent
+    selection: Literal["classwise", "global"] = "classwise"
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+
+
+@dataclass
+class TrainConfig:
+    source_epochs: float = bounded(1.0, 0.0)  # source-only training when no checkpoint is given
+    epochs_per_round: float = bounded(2.0, 0.0, lo_open=True)  # passes over the patch set
+    batch_size: int = bounded(1, 1)
+    lr: float | None = bounded(None, 0.0, lo_open=True)  # None: the model's preset (METHOD.md)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "sisray"
+
+
+@dataclass
+class ResourcesConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = from the cluster's resources
+    num_actors: int = bounded(0, 0)  # Ray Data inference actors; 0 = from the cluster's resources
+    cpus_per_actor: float = bounded(0.5, 0.0, lo_open=True)
+    cpus_per_worker: float = bounded(0.5, 0.0, lo_open=True)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lse: LSEConfig = field(default_factory=LSEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} positive integers"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp`, or a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        n = len(typing.get_args(tp))
+        if isinstance(value, (list, tuple)) and len(value) == n and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            return tuple(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+
+
+def _check_range(value: Any, spec: tuple, key: str) -> None:
+    lo, hi, lo_open, hi_open = spec
+    if value is None:
+        return
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
+        right = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+        raise ConfigError(f"{key} = {value!r} is out of range: expected {left}value{right}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "the configuration"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown key {dotted!r}; {where} allows: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        dotted = f"{prefix}.{name}" if prefix else name
+        values[name] = _convert(raw[name], hints[name], dotted)
+        if "range" in f.metadata:
+            _check_range(values[name], f.metadata["range"], dotted)
+    return cls(**values)
+
+
+def _check_relations(cfg: Config) -> None:
+    """Constraints between keys, checked after each value is valid on its own."""
+    if cfg.data.source.name not in SOURCE_DATASETS:
+        raise ConfigError(f"data.source.name = {cfg.data.source.name!r}: expected one of {', '.join(SOURCE_DATASETS)}")
+    if cfg.data.target.name not in TARGET_DATASETS:
+        raise ConfigError(f"data.target.name = {cfg.data.target.name!r}: expected one of {', '.join(TARGET_DATASETS)}")
+    if cfg.lse.p0 > cfg.lse.p_max:
+        raise ConfigError(f"lse.p0 = {cfg.lse.p0} is above lse.p_max = {cfg.lse.p_max}: the schedule would be empty")
+    if not cfg.model.init:
+        raise ConfigError("model.init is empty: expected 'random', 'imagenet' or a checkpoint path")
+    if not cfg.run_dir:
+        raise ConfigError("run_dir is empty: expected a directory path")
+
+
+def config_from_dict(raw: Any) -> Config:
+    cfg = _build(Config, raw, "")
+    _check_relations(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain YAML-ready dict (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `dotted.key=value` to a raw config dict; the value is parsed as YAML."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. lse.scale=2.0")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from None
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file, or a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, validated as a whole."""
+    raw = read_yaml(path) if path is not None else {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from sisray.storage import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

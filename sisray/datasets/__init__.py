@@ -1,0 +1,36 @@
+"""Datasets by name. Sources: gta5, synthia, synthetic; targets: cityscapes, synthetic."""
+
+from __future__ import annotations
+
+from sisray.config import DomainConfig, TargetConfig
+from sisray.datasets.base import Sample, SegmentationDataset
+from sisray.datasets.cityscapes import Cityscapes
+from sisray.datasets.gta5 import GTA5
+from sisray.datasets.synthetic import SyntheticSource, SyntheticTarget
+from sisray.datasets.synthia import SYNTHIA
+from sisray.errors import DatasetError
+
+SOURCE_DATASETS: dict[str, type[SegmentationDataset]] = {"gta5": GTA5, "synthia": SYNTHIA, "synthetic": SyntheticSource}
+TARGET_DATASETS: dict[str, type[SegmentationDataset]] = {"cityscapes": Cityscapes, "synthetic": SyntheticTarget}
+
+__all__ = ["Sample", "SegmentationDataset", "GTA5", "SYNTHIA", "Cityscapes", "SyntheticSource",
+           "SyntheticTarget", "open_source", "open_target"]
+
+
+def _lookup(registry: dict, name: str, role: str) -> type[SegmentationDataset]:
+    if name not in registry:
+        raise DatasetError(f"unknown {role} dataset {name!r}; expected one of {', '.join(registry)}")
+    return registry[name]
+
+
+def open_source(cfg: DomainConfig) -> SegmentationDataset:
+    """The labelled source training set at its working size."""
+    cls = _lookup(SOURCE_DATASETS, cfg.name, "source")
+    return cls(cfg.root, "train", cfg.size, with_labels=True, skip_bad_pairs=cfg.skip_bad_pairs)
+
+
+def open_target(cfg: TargetConfig, split: str, with_labels: bool) -> SegmentationDataset:
+    """A target split: `train` is used without labels for adaptation; `val` at `val_size` if given."""
+    cls = _lookup(TARGET_DATASETS, cfg.name, "target")
+    size = cfg.val_size if split != "train" and cfg.val_size else cfg.size
+    return cls(cfg.root, split, size, with_labels=with_labels, skip_bad_pairs=cfg.skip_bad_pairs)

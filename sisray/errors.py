@@ -1,0 +1,13 @@
+"""The errors sisray raises for bad input. Job entry points print them without a traceback."""
+
+
+class SisrayError(Exception):
+    """Bad input or state that the user can fix; the message says what and where."""
+
+
+class ConfigError(SisrayError):
+    """A configuration key, value or file that is not allowed."""
+
+
+class DatasetError(SisrayError):
+    """A dataset root, file or sample that cannot be used."""
