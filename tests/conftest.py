@@ -1,0 +1,53 @@
+"""Shared fixtures. Ray is started once per session, as RAY_NOTES.md advises: token authentication
+off, no dashboard, a short temp dir, logical CPU over-subscription, and a hard timeout on every
+test marked `ray` (the failure mode of Ray on a small machine is a silent hang)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # inherited by Ray's processes
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+RAY_TEST_TIMEOUT = 240
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("ray") and not item.get_closest_marker("timeout"):
+            # method=thread ends the whole run on a hang instead of leaving CI waiting
+            item.add_marker(pytest.mark.timeout(RAY_TEST_TIMEOUT, method="thread"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir,
+             configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+SMALL_SPEC = dict(seed=3, n_source=6, n_target_train=4, n_target_val=3)
+
+
+@pytest.fixture(scope="session")
+def small_benchmark(tmp_path_factory) -> Path:
+    """A tiny synthetic benchmark written once per session by the real generator."""
+    from sisray.datasets.synthetic import SyntheticSpec, generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, SyntheticSpec(**SMALL_SPEC), processes=1)
+    return root

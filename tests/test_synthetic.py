@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import filecmp
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_SPEC
+from sisray.datasets.synthetic import (CLASSES, MANIFEST, PARTIAL_MARKER, SyntheticSource, SyntheticSpec,
+                                       SyntheticTarget, _object_heights, describe, generate, render)
+from sisray.errors import DatasetError
+from sisray.labels import CITYSCAPES_ID_TO_TRAINID, train_id
+
+
+def test_render_is_a_pure_function_of_seed_domain_and_index():
+    spec = SyntheticSpec(seed=5)
+    a_rgb, a_ids = render(spec, "train", 2)
+    b_rgb, b_ids = render(spec, "train", 2)
+    assert np.array_equal(a_rgb, b_rgb) and np.array_equal(a_ids, b_ids)
+    c_rgb, _ = render(SyntheticSpec(seed=6), "train", 2)
+    assert not np.array_equal(a_rgb, c_rgb)
+    d_rgb, _ = render(spec, "train", 3)
+    assert not np.array_equal(a_rgb, d_rgb)
+
+
+def test_output_does_not_depend_on_the_number_of_processes(tmp_path, small_benchmark):
+    generate(tmp_path / "two", SyntheticSpec(**SMALL_SPEC), processes=2)
+    files = sorted(p.relative_to(small_benchmark) for p in small_benchmark.rglob("*.png"))
+    assert len(files) == 2 * sum(v for k, v in SMALL_SPEC.items() if k.startswith("n_"))
+    match, mismatch, errors = filecmp.cmpfiles(small_benchmark, tmp_path / "two", [str(f) for f in files], shallow=False)
+    assert not mismatch and not errors
+
+
+def test_both_layouts_are_read_by_the_real_loaders(small_benchmark):
+    source = SyntheticSource(small_benchmark, "train", (96, 54))
+    train = SyntheticTarget(small_benchmark, "train", (96, 48))
+    val = SyntheticTarget(small_benchmark, "val", (96, 48))
+    assert (len(source), len(train), len(val)) == (6, 4, 3)
+    assert (small_benchmark / "source" / "images" / "00001.png").is_file()
+    assert next((small_benchmark / "target" / "gtFine" / "val").rglob("*_000019_gtFine_labelIds.png"))
+    allowed = set(CLASSES) | {255}
+    for ds in (source, train, val):
+        image, label = ds[0]
+        assert image.shape[1:] == label.shape == (ds.size[1], ds.size[0])
+        assert set(np.unique(label.numpy())) <= allowed
+    assert not bool((source.load_label(0) == 255).any())  # game frames have no ego vehicle
+    assert bool((train.load_label(0, native=True)[-1] == 255).any())  # the target's ego-vehicle hood is ignored
+    assert train.eval_classes == CLASSES
+
+
+def test_manifest_and_rerun_is_a_no_op(small_benchmark):
+    manifest = json.loads((small_benchmark / MANIFEST).read_text())
+    assert manifest["counts"] == {"source": 6, "target_train": 4, "target_val": 3}
+    before = {p: p.stat().st_mtime_ns for p in small_benchmark.rglob("*")}
+    again = generate(small_benchmark, SyntheticSpec(**SMALL_SPEC))
+    assert again == manifest
+    assert {p: p.stat().st_mtime_ns for p in small_benchmark.rglob("*")} == before
+
+
+def test_other_settings_are_refused(small_benchmark):
+    with pytest.raises(DatasetError, match="made with other settings"):
+        generate(small_benchmark, SyntheticSpec(**{**SMALL_SPEC, "seed": 99}))
+
+
+def test_half_written_set_is_redone(tmp_path):
+    spec = SyntheticSpec(seed=1, n_source=2, n_target_train=2, n_target_val=1)
+    (tmp_path / "source" / "images").mkdir(parents=True)
+    (tmp_path / "source" / "images" / "00001.png").write_bytes(b"half")
+    (tmp_path / PARTIAL_MARKER).write_text("")
+    with pytest.raises(DatasetError, match="is half-written"):
+        SyntheticSource(tmp_path, "train", (64, 36))
+    generate(tmp_path, spec, processes=1)
+    assert not (tmp_path / PARTIAL_MARKER).exists()
+    assert len(SyntheticSource(tmp_path, "train", (64, 36))) == 2
+
+
+def test_foreign_folder_is_never_overwritten(tmp_path):
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "mine.txt").write_text("precious")
+    with pytest.raises(DatasetError, match="not part of a sisray synthetic benchmark"):
+        generate(tmp_path, SyntheticSpec(n_source=1, n_target_train=1, n_target_val=1))
+    assert (tmp_path / "source" / "mine.txt").read_text() == "precious"
+
+
+def test_missing_benchmark_says_how_to_make_it(tmp_path):
+    with pytest.raises(DatasetError, match="jobs/make_synthetic.py --out"):
+        SyntheticTarget(tmp_path, "train", (64, 32))
+
+
+def test_bad_spec_is_refused(tmp_path):
+    with pytest.raises(DatasetError, match="n_source = 0"):
+        generate(tmp_path, SyntheticSpec(n_source=0))
+    with pytest.raises(DatasetError, match="zoom"):
+        generate(tmp_path, SyntheticSpec(zoom=(2.0, 1.5)))
+
+
+def test_class_statistics_are_plausible():
+    spec = SyntheticSpec(seed=0)
+    shares, present, heights = {}, {}, {}
+    for domain in ("source", "train"):
+        pixels = np.zeros(256, np.int64)
+        sizes = {"person": [], "car": []}
+        for i in range(24):
+            _, ids = render(spec, domain, i)
+            label = CITYSCAPES_ID_TO_TRAINID[ids]
+            pixels += np.bincount(label.ravel(), minlength=256)
+            for name in sizes:
+                sizes[name] += [h / label.shape[0] for h in _object_heights(label, train_id(name))]
+        shares[domain] = pixels / pixels.sum()
+        present[domain] = {c for c in range(19) if pixels[c] > 0}
+        heights[domain] = {k: np.median(v) for k, v in sizes.items()}
+    for domain in shares:
+        assert set(CLASSES) <= present[domain], f"{domain} misses {set(CLASSES) - present[domain]}"
+        assert present[domain] <= set(CLASSES)
+        assert 0.15 < shares[domain][train_id("road")] < 0.5
+        assert shares[domain][train_id("sky")] > 0.03
+        assert shares[domain][train_id("building")] > 0.1
+    # The target camera sees objects larger: apparent height relative to the frame height.
+    for name in ("person", "car"):
+        assert heights["train"][name] > 1.3 * heights["source"][name], name
+
+
+def test_describe_reports_through_the_loader(small_benchmark):
+    stats = describe(SyntheticTarget(small_benchmark, "val", (128, 64)))
+    assert stats["images"] == 3 and stats["size"] == [128, 64]
+    assert abs(sum(stats["class_share"].values()) + stats["ignored_share"] - 1) < 1e-9
+    assert stats["ignored_share"] > 0  # the ego hood
