@@ -48,17 +48,17 @@ _MATERIALS = {
     "sky":        (23, (120, 180, 250), (175, 190, 205), "moon", 0.25, 1.5),
     "road":       (7, (70, 70, 75), (105, 100, 98), "gravel", 0.55, 60.0),
     "marking":    (7, (240, 240, 240), (195, 192, 185), "gravel", 0.3, 60.0),
-    "sidewalk":   (8, (230, 120, 200), (150, 142, 135), "brick", 0.45, 45.0),
-    "terrain":    (22, (150, 230, 90), (125, 120, 75), "grass", 0.7, 80.0),
+    "sidewalk":   (8, (200, 160, 175), (150, 142, 135), "brick", 0.45, 45.0),
+    "terrain":    (22, (150, 200, 80), (125, 120, 75), "grass", 0.7, 80.0),
     "building":   (11, (175, 95, 60), (150, 128, 110), "brick", 0.55, 35.0),
     "window":     (11, (60, 110, 160), (70, 78, 85), "moon", 0.45, 30.0),
-    "wall":       (12, (200, 200, 110), (158, 155, 145), "gravel", 0.35, 40.0),
+    "wall":       (12, (190, 185, 150), (158, 155, 145), "gravel", 0.35, 40.0),
     "fence":      (13, (150, 110, 60), (120, 112, 100), "grass", 0.5, 60.0),
     "pole":       (17, (120, 120, 130), (95, 95, 98), "gravel", 0.25, 90.0),
-    "sign":       (20, (255, 220, 0), (200, 200, 195), "camera", 0.35, 150.0),
+    "sign":       (20, (230, 230, 120), (200, 200, 195), "camera", 0.35, 150.0),
     "light":      (19, (30, 30, 30), (48, 48, 45), "gravel", 0.3, 120.0),
     "lamp":       (19, (255, 60, 40), (150, 120, 90), "moon", 0.3, 120.0),
-    "vegetation": (21, (40, 200, 40), (70, 92, 48), "grass", 0.85, 70.0),
+    "vegetation": (21, (50, 160, 50), (70, 92, 48), "grass", 0.85, 70.0),
     "trunk":      (21, (110, 70, 30), (75, 65, 55), "brick", 0.4, 120.0),
     "skin":       (24, (255, 200, 160), (190, 155, 130), "camera", 0.2, 150.0),
     "cloth":      (24, (255, 255, 255), (255, 255, 255), "astronaut", 0.35, 120.0),
@@ -174,7 +174,7 @@ class Scene:
     window_pitch: float = 3.0
 
 
-def _tint(rng: np.random.Generator, spread: float = 0.12) -> tuple[float, float, float]:
+def _tint(rng: np.random.Generator, spread: float = 0.15) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.clip(1 + rng.normal(0, spread, 3), 0.6, 1.4))
 
 
@@ -443,9 +443,11 @@ def _texture(name: str) -> np.ndarray:
     return image / image.mean()
 
 
-def shade_source(cv: Canvas) -> np.ndarray:
-    """Game-like: flat colour per material x instance tint x simple shading; sharp edges."""
-    rgb = _SOURCE_RGB[cv.material] * cv.tint * cv.shade[..., None]
+def shade_source(cv: Canvas, rng: np.random.Generator) -> np.ndarray:
+    """Game-like: flat colour per material x instance tint x simple shading x the frame's lighting;
+    sharp edges."""
+    lighting = np.clip(rng.normal(1.0, 0.1, 3), 0.75, 1.25).astype(np.float32) * rng.uniform(0.8, 1.15)
+    rgb = _SOURCE_RGB[cv.material] * cv.tint * cv.shade[..., None] * lighting
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
@@ -462,9 +464,9 @@ def shade_target(cv: Canvas, rng: np.random.Generator) -> np.ndarray:
         detail[mask] = 1 + strength * (tex[iy, ix] - 1)
     rgb = _TARGET_RGB[cv.material] * cv.tint * (detail * cv.shade)[..., None]
     haze = 1 - np.exp(-np.minimum(cv.depth, 400) / rng.uniform(120, 250))
-    rgb = rgb + (np.array([185, 188, 192], np.float32) - rgb) * (0.6 * haze)[..., None]
+    rgb = rgb + (np.array([185, 188, 192], np.float32) - rgb) * (0.4 * haze)[..., None]
     grey = rgb.mean(axis=2, keepdims=True)
-    rgb = grey + rng.uniform(0.55, 0.8) * (rgb - grey)  # muted colours
+    rgb = grey + rng.uniform(0.65, 0.9) * (rgb - grey)  # muted colours
     rgb = rgb * np.array([rng.uniform(1.0, 1.1), 1.0, rng.uniform(0.82, 0.95)], np.float32)  # warm balance
     rgb = 255 * (np.clip(rgb, 0, 255) / 255) ** rng.uniform(1.05, 1.3) * rng.uniform(0.8, 1.05)
     rgb = cv2.GaussianBlur(rgb, (0, 0), rng.uniform(0.7, 1.2))
@@ -483,7 +485,7 @@ def render(spec: SyntheticSpec, domain: str, index: int) -> tuple[np.ndarray, np
     cam = Camera(width, height, focal=0.5 * width * zoom, horizon=height * rng.uniform(0.42, 0.5),
                  x0=rng.uniform(-0.5, 0.5) * scene.road_half)
     cv = render_geometry(scene, cam, ego_hood=target)
-    rgb = shade_target(cv, rng) if target else shade_source(cv)
+    rgb = shade_target(cv, rng) if target else shade_source(cv, rng)
     return rgb, _LABEL_ID[cv.material]
 
 
