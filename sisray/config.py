@@ -83,26 +83,28 @@ class LSEConfig:
 
 @dataclass
 class TrainConfig:
-    source_epochs: float = bounded(1.0, 0.0)  # source-only training when no checkpoint is given
-    epochs_per_round: float = bounded(2.0, 0.0, lo_open=True)  # passes over the patch set
-    batch_size: int = bounded(1, 1)
+    source_epochs: float = bounded(1.0, 0.0, lo_open=True)  # passes over the source set (source-only stage)
+    epochs_per_round: float = bounded(2.0, 0.0, lo_open=True)  # passes over the patch set per round
+    batch_size: int = bounded(1, 1)  # global batch, split evenly over the workers
+    num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = one per GPU, else as the CPUs allow
     lr: float | None = bounded(None, 0.0, lo_open=True)  # None: the model's preset (METHOD.md)
+    log_every: int = bounded(10, 1)  # steps between logged losses
+    checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
 
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)
     experiment: str = "sisray"
 
 
 @dataclass
 class ResourcesConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
-    num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = from the cluster's resources
     num_actors: int = bounded(0, 0)  # Ray Data inference actors; 0 = from the cluster's resources
     cpus_per_actor: float = bounded(0.5, 0.0, lo_open=True)
-    cpus_per_worker: float = bounded(0.5, 0.0, lo_open=True)
+    cpus_per_worker: float = bounded(0.5, 0.0, lo_open=True)  # fractional: leaves room for Ray Data tasks
 
 
 @dataclass
@@ -224,6 +226,12 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError(f"lse.p0 = {cfg.lse.p0} is above lse.p_max = {cfg.lse.p_max}: the schedule would be empty")
     if not cfg.model.init:
         raise ConfigError("model.init is empty: expected 'random', 'imagenet' or a checkpoint path")
+    if cfg.model.init == "imagenet" and cfg.model.width != 1.0:
+        raise ConfigError(f"model.init = imagenet needs model.width = 1 (got {cfg.model.width}): "
+                          "ImageNet weights exist only at full width; use random or a checkpoint")
+    if cfg.train.num_workers and cfg.train.batch_size % cfg.train.num_workers:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} does not split evenly over "
+                          f"train.num_workers = {cfg.train.num_workers}")
     if not cfg.run_dir:
         raise ConfigError("run_dir is empty: expected a directory path")
 

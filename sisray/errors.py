@@ -11,3 +11,7 @@ class ConfigError(SisrayError):
 
 class DatasetError(SisrayError):
     """A dataset root, file or sample that cannot be used."""
+
+
+class ModelError(SisrayError):
+    """A model name, checkpoint or weight file that cannot be used."""

@@ -73,10 +73,17 @@ def test_integer_accepted_for_float():
     ("model.width=0", r"model.width = 0.0 is out of range: expected 0.0 < value <= 1.0"),
     ("train.lr=0", r"train.lr = 0.0 is out of range"),
     ("run_dir=''", r"run_dir is empty"),
+    ("model.width=0.5", r"model.init = imagenet needs model.width = 1 \(got 0.5\)"),
 ])
 def test_bad_values_name_the_key_value_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_batch_must_split_evenly_over_workers():
+    with pytest.raises(ConfigError, match=r"train.batch_size = 6 does not split evenly over train.num_workers = 4"):
+        load_config(None, ["train.batch_size=6", "train.num_workers=4"])
+    assert load_config(None, ["train.batch_size=8", "train.num_workers=4"]).train.num_workers == 4
 
 
 def test_schedule_must_not_be_empty():

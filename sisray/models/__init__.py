@@ -1,0 +1,146 @@
+"""Segmentation models by name, their input normalisation, initialisation and checkpoint loading.
+
+Every model takes RGB images with values in [0, 255] (uint8 or float, (N, 3, H, W)) and returns
+logits (N, C, H, W) at the input resolution. The Caffe-style input of METHOD.md is applied by
+`models.common.caffe_input`, inside each model's forward, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sisray.errors import ModelError
+from sisray.models.common import CAFFE_BGR_MEAN
+from sisray.models.deeplabv2 import DeepLabV2, from_torchvision_resnet101
+from sisray.models.fcn8s import FCN8s, from_torchvision_vgg16
+
+_IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)  # torchvision's weights expect (rgb / 255 - mean) / std
+_IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
+_MAX_LISTED_KEYS = 6
+
+MODELS: dict[str, type[nn.Module]] = {"fcn8s_vgg16": FCN8s, "deeplabv2_r101": DeepLabV2}
+
+
+def build_model(name: str, num_classes: int = 19, width: float = 1.0, init: str = "random") -> nn.Module:
+    """A model by name. `init`: "random", "imagenet" (torchvision's weights, full width only), or the
+    path of a checkpoint (a state-dict file, or a checkpoint directory holding model.pt)."""
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    model = MODELS[name](num_classes=num_classes, width=width)
+    if init == "imagenet":
+        load_imagenet(model, name)
+    elif init != "random":
+        load_checkpoint(model, init)
+    return model
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint directory's model.pt, or the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise ModelError(f"checkpoint not found: {path} (expected a state-dict file or a directory holding model.pt)")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file, loaded with weights_only=True: a file holding code is refused."""
+    path = checkpoint_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the restricted unpickler raises many types for foreign or broken files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable PyTorch state dict (only plain tensors are accepted): "
+                         f"{first_line}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path}: expected a state dict (parameter name -> tensor), got {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # DDP-saved checkpoints
+
+
+def _listing(keys: list[str]) -> str:
+    more = len(keys) - _MAX_LISTED_KEYS
+    return ", ".join(keys[:_MAX_LISTED_KEYS]) + (f" and {more} more" if more > 0 else "")
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load a full state dict, or raise a ModelError naming every missing, unexpected or misshapen key."""
+    ours = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") or k in ours}
+    missing = sorted(ours.keys() - state.keys())
+    unexpected = sorted(state.keys() - ours.keys())
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
+                 for k in ours.keys() & state.keys() if state[k].shape != ours[k].shape]
+    problems = []
+    if misshapen:
+        problems.append(f"shapes differ (checkpoint vs model): {_listing(sorted(misshapen))}")
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if problems:
+        raise ModelError(f"{origin} does not fit {type(model).__name__} (width {model.width}, "
+                         f"{_num_classes(model)} classes): " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def _num_classes(model: nn.Module) -> int:
+    head = model.score_fr if hasattr(model, "score_fr") else model.layer5.conv2d_list[0]
+    return head.out_channels
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    load_state(model, read_state_dict(path), str(checkpoint_file(path)))
+
+
+# ------------------------------------------------------------------------------- ImageNet
+
+def _imagenet_weights(name: str):
+    from torchvision.models import ResNet101_Weights, VGG16_Weights
+
+    return VGG16_Weights.IMAGENET1K_V1 if name == "fcn8s_vgg16" else ResNet101_Weights.IMAGENET1K_V1
+
+
+def load_imagenet(model: nn.Module, name: str) -> None:
+    """Backbone weights from torchvision, with torchvision's input normalisation folded into the
+    first layer so that the network sees Caffe-style input like every other checkpoint."""
+    if model.width != 1.0:
+        raise ModelError(f"model.init = imagenet needs model.width = 1 (got {model.width}): "
+                         "ImageNet weights exist only at full width")
+    weights = _imagenet_weights(name)
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as exc:  # urllib raises several types when offline
+        raise ModelError(f"cannot download the ImageNet weights of {name} from {weights.url} ({exc}). "
+                         f"Without internet, place the file in {torch.hub.get_dir()}/checkpoints/, or set "
+                         "model.init to random or to a checkpoint path") from None
+    convert = from_torchvision_vgg16 if name == "fcn8s_vgg16" else from_torchvision_resnet101
+    backbone = convert(state, model)
+    full = model.state_dict()
+    full.update(backbone)
+    first = "conv1_1" if name == "fcn8s_vgg16" else "conv1"
+    weight, offset = fold_torchvision_normalisation(full[f"{first}.weight"])
+    full[f"{first}.weight"] = weight
+    if name == "fcn8s_vgg16":
+        full["conv1_1.bias"] = full["conv1_1.bias"] + offset
+    else:  # conv1 has no bias: the frozen bn1 that follows absorbs the offset
+        full["bn1.running_mean"] = full["bn1.running_mean"] - offset
+    load_state(model, full, f"ImageNet weights {weights.url}")
+
+
+def fold_torchvision_normalisation(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewrite a first convolution trained on (rgb / 255 - mean) / std to take Caffe-style input
+    (bgr - caffe_mean): returns the new weight and the per-output offset to add after it."""
+    std = torch.tensor(_IMAGENET_RGB_STD)[None, :, None, None]
+    mean = torch.tensor(_IMAGENET_RGB_MEAN)[None, :, None, None]
+    caffe_rgb = torch.tensor(CAFFE_BGR_MEAN[::-1])[None, :, None, None]
+    scaled = weight / (255 * std)  # per RGB input channel
+    offset = (weight * (caffe_rgb / 255 - mean) / std).sum(dim=(1, 2, 3))
+    return scaled.flip(1).contiguous(), offset

@@ -1,0 +1,113 @@
+"""DeepLab-v2 with a ResNet-101 backbone, as used by LSE's and most UDA works' DeepLab experiments.
+
+Output stride 8: layer3 and layer4 keep their resolution and dilate by 2 and 4. BatchNorm is frozen
+(affine parameters and statistics), as with batch 1 in the reference. The ASPP classifier `layer5`
+sums all four branches (dilations 6/12/18/24) — the reference code returned after two. Names
+(conv1, bn1, layer1-4 with downsample.0/1, layer5.conv2d_list.K) match the common PyTorch DeepLab-v2
+checkpoints of UDA work; like them, each bottleneck strides in its first 1x1 convolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sisray.models.common import caffe_input
+
+_BLOCKS = (3, 4, 23, 3)  # ResNet-101
+_ASPP_DILATIONS = (6, 12, 18, 24)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed affine parameters and statistics (buffers named as nn.BatchNorm2d's)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+        self.bn1 = FrozenBatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = FrozenBatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False),
+                                            FrozenBatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        return torch.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class ASPP(nn.Module):
+    """DeepLab-v2's classifier: parallel dilated 3x3 convolutions whose scores are summed."""
+
+    def __init__(self, inplanes: int, num_classes: int, dilations=_ASPP_DILATIONS):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(inplanes, num_classes, 3, padding=d, dilation=d, bias=True) for d in dilations)
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(conv(x) for conv in self.conv2d_list)
+
+
+class DeepLabV2(nn.Module):
+    """RGB [0, 255] (N, 3, H, W) -> logits (N, C, H, W): scored at 1/8, upsampled bilinearly."""
+
+    def __init__(self, num_classes: int = 19, width: float = 1.0):
+        super().__init__()
+        self.width = width
+        base = max(1, round(64 * width))
+        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FrozenBatchNorm2d(base)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.inplanes = base
+        self.layer1 = self._make_layer(base, _BLOCKS[0])
+        self.layer2 = self._make_layer(2 * base, _BLOCKS[1], stride=2)
+        self.layer3 = self._make_layer(4 * base, _BLOCKS[2], dilation=2)
+        self.layer4 = self._make_layer(8 * base, _BLOCKS[3], dilation=4)
+        self.layer5 = ASPP(self.inplanes, num_classes)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+        layers = [Bottleneck(self.inplanes, planes, stride, dilation)]
+        self.inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self.inplanes, planes, dilation=dilation) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.layer5.parameters())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = self.maxpool(torch.relu(self.bn1(self.conv1(caffe_input(images)))))
+        logits = self.layer5(self.layer4(self.layer3(self.layer2(self.layer1(h)))))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def from_torchvision_resnet101(state: dict[str, torch.Tensor], model: DeepLabV2) -> dict[str, torch.Tensor]:
+    """torchvision resnet101 weights for the backbone: same names; the fc layer is dropped."""
+    ours = model.state_dict()
+    return {k: v for k, v in state.items() if k in ours and not k.startswith("fc.")}

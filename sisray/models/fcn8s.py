@@ -1,0 +1,114 @@
+"""VGG16-FCN8s, the "at-once" variant of Shelhamer et al. used by LSE's VGG experiments.
+
+conv1_1 pads by 100 so that every input size survives the five poolings and the 7x7 fc6; the pool4
+and pool3 skips are scaled by 0.01 and 1e-4 before scoring; the three upsamplings are transposed
+convolutions fixed to bilinear kernels; offsets 5, 9 and 31 crop the skips and the output back into
+register with the input. Parameter names follow the common PyTorch FCN8s naming (conv1_1 ... conv5_3,
+fc6, fc7, score_fr, score_pool3/4, upscore2/8, upscore_pool4), so published checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sisray.models.common import caffe_input
+
+# (stage, number of 3x3 convolutions, output channels at width 1)
+_VGG16_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
+_FC_CHANNELS = 4096
+
+
+def bilinear_kernel(channels: int, size: int) -> torch.Tensor:
+    """Weights of a transposed convolution that upsamples each channel bilinearly by size // 2."""
+    factor = (size + 1) // 2
+    centre = factor - 1 if size % 2 == 1 else factor - 0.5
+    grid = torch.arange(size, dtype=torch.float32)
+    profile = 1 - torch.abs(grid - centre) / factor
+    weight = torch.zeros(channels, channels, size, size)
+    weight[range(channels), range(channels)] = profile[:, None] * profile[None, :]
+    return weight
+
+
+def _fixed_upsampler(channels: int, size: int, stride: int) -> nn.ConvTranspose2d:
+    layer = nn.ConvTranspose2d(channels, channels, size, stride=stride, bias=False)
+    layer.weight.data.copy_(bilinear_kernel(channels, size))
+    layer.weight.requires_grad_(False)  # fixed, as in the at-once reference
+    return layer
+
+
+class FCN8s(nn.Module):
+    def __init__(self, num_classes: int = 19, width: float = 1.0):
+        super().__init__()
+        self.width = width
+        cin = 3
+        for stage, convs, channels in _VGG16_STAGES:
+            cout = max(1, round(channels * width))
+            for i in range(1, convs + 1):
+                padding = 100 if (stage, i) == (1, 1) else 1
+                setattr(self, f"conv{stage}_{i}", nn.Conv2d(cin, cout, 3, padding=padding))
+                cin = cout
+        fc = max(1, round(_FC_CHANNELS * width))
+        self.fc6 = nn.Conv2d(cin, fc, 7)
+        self.fc7 = nn.Conv2d(fc, fc, 1)
+        self.drop = nn.Dropout2d(0.5)
+        self.score_fr = nn.Conv2d(fc, num_classes, 1)
+        self.score_pool3 = nn.Conv2d(max(1, round(256 * width)), num_classes, 1)
+        self.score_pool4 = nn.Conv2d(max(1, round(512 * width)), num_classes, 1)
+        self.upscore2 = _fixed_upsampler(num_classes, 4, 2)
+        self.upscore_pool4 = _fixed_upsampler(num_classes, 4, 2)
+        self.upscore8 = _fixed_upsampler(num_classes, 16, 8)
+        self._init_scores()
+
+    def _init_scores(self) -> None:
+        # Score layers start at zero (as in the reference), so an untrained head predicts uniformly.
+        for layer in (self.score_fr, self.score_pool3, self.score_pool4):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for m in (self.score_fr, self.score_pool3, self.score_pool4) for p in m.parameters()]
+
+    def _stage(self, x: torch.Tensor, stage: int, convs: int) -> torch.Tensor:
+        for i in range(1, convs + 1):
+            x = torch.relu(getattr(self, f"conv{stage}_{i}")(x))
+        return nn.functional.max_pool2d(x, 2, stride=2, ceil_mode=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB [0, 255] (N, 3, H, W) -> logits (N, C, H, W)."""
+        height, width = images.shape[-2:]
+        pools = {}
+        h = caffe_input(images)
+        for stage, convs, _ in _VGG16_STAGES:
+            h = self._stage(h, stage, convs)
+            pools[stage] = h
+        h = self.drop(torch.relu(self.fc6(h)))
+        h = self.drop(torch.relu(self.fc7(h)))
+        up2 = self.upscore2(self.score_fr(h))  # 1/16
+        skip4 = self.score_pool4(pools[4] * 0.01)[:, :, 5:5 + up2.shape[2], 5:5 + up2.shape[3]]
+        up4 = self.upscore_pool4(up2 + skip4)  # 1/8
+        skip3 = self.score_pool3(pools[3] * 1e-4)[:, :, 9:9 + up4.shape[2], 9:9 + up4.shape[3]]
+        out = self.upscore8(up4 + skip3)
+        return out[:, :, 31:31 + height, 31:31 + width].contiguous()
+
+
+# torchvision's vgg16 parameter prefixes -> ours, for ImageNet initialisation.
+TORCHVISION_VGG16 = {
+    "features.0": "conv1_1", "features.2": "conv1_2", "features.5": "conv2_1", "features.7": "conv2_2",
+    "features.10": "conv3_1", "features.12": "conv3_2", "features.14": "conv3_3", "features.17": "conv4_1",
+    "features.19": "conv4_2", "features.21": "conv4_3", "features.24": "conv5_1", "features.26": "conv5_2",
+    "features.28": "conv5_3", "classifier.0": "fc6", "classifier.3": "fc7",
+}
+
+
+def from_torchvision_vgg16(state: dict[str, torch.Tensor], model: FCN8s) -> dict[str, torch.Tensor]:
+    """torchvision vgg16 weights renamed and reshaped for FCN8s (the fully connected layers become
+    the fc6 7x7 and fc7 1x1 convolutions)."""
+    out = {}
+    for key, value in state.items():
+        prefix, _, kind = key.rpartition(".")
+        if prefix not in TORCHVISION_VGG16:
+            continue
+        name = f"{TORCHVISION_VGG16[prefix]}.{kind}"
+        out[name] = value.reshape(model.state_dict()[name].shape)
+    return out

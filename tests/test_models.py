@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import os
+import pickle
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sisray.models as models
+from sisray.errors import ModelError
+from sisray.models import build_model, fold_torchvision_normalisation, load_checkpoint
+from sisray.models.common import caffe_input
+from sisray.models.deeplabv2 import DeepLabV2
+from sisray.models.fcn8s import FCN8s
+
+
+@pytest.mark.parametrize("name", ["fcn8s_vgg16", "deeplabv2_r101"])
+@pytest.mark.parametrize("size", [(37, 53), (64, 97), (128, 256)])
+def test_logits_have_the_input_size_for_odd_sizes(name, size):
+    model = build_model(name, num_classes=19, width=0.0625).eval()
+    images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(images)
+    assert out.shape == (2, 19, *size)
+    assert torch.isfinite(out).all()
+
+
+def test_fcn8s_state_dict_names_and_shapes_at_full_width():
+    with torch.device("meta"):
+        state = FCN8s(num_classes=19, width=1.0).state_dict()
+    convs = [f"conv{s}_{i}" for s, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
+    expected = {f"{m}.{k}" for m in convs + ["fc6", "fc7", "score_fr", "score_pool3", "score_pool4"] for k in ("weight", "bias")}
+    expected |= {"upscore2.weight", "upscore8.weight", "upscore_pool4.weight"}
+    assert set(state) == expected
+    shapes = {"conv1_1.weight": (64, 3, 3, 3), "conv5_3.weight": (512, 512, 3, 3), "fc6.weight": (4096, 512, 7, 7),
+              "fc7.weight": (4096, 4096, 1, 1), "score_fr.weight": (19, 4096, 1, 1),
+              "score_pool3.weight": (19, 256, 1, 1), "score_pool4.weight": (19, 512, 1, 1),
+              "upscore2.weight": (19, 19, 4, 4), "upscore_pool4.weight": (19, 19, 4, 4), "upscore8.weight": (19, 19, 16, 16)}
+    for key, shape in shapes.items():
+        assert tuple(state[key].shape) == shape, key
+
+
+def test_fcn8s_conv1_pads_100_and_upsamplers_are_fixed_bilinear():
+    model = FCN8s(width=0.0625)
+    assert model.conv1_1.padding == (100, 100)
+    for layer in (model.upscore2, model.upscore_pool4, model.upscore8):
+        assert not layer.weight.requires_grad
+    flat = torch.ones(1, 19, 6, 6)
+    up = model.upscore2(flat)
+    assert torch.allclose(up[:, :, 2:-2, 2:-2], torch.ones_like(up[:, :, 2:-2, 2:-2]))  # bilinear: constant stays constant
+
+
+def test_deeplab_state_dict_names_and_shapes_at_full_width():
+    with torch.device("meta"):
+        model = DeepLabV2(num_classes=19, width=1.0)
+    state = model.state_dict()
+    for key in ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+                "layer1.0.downsample.0.weight", "layer1.0.downsample.1.running_var", "layer3.22.conv3.weight",
+                "layer4.2.bn3.weight"):
+        assert key in state, key
+    assert "layer3.23.conv1.weight" not in state  # ResNet-101: 23 blocks in layer3
+    for k in range(4):
+        assert tuple(state[f"layer5.conv2d_list.{k}.weight"].shape) == (19, 2048, 3, 3)
+    assert [c.dilation for c in model.layer5.conv2d_list] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+    assert model.layer3[5].conv2.dilation == (2, 2) and model.layer4[1].conv2.dilation == (4, 4)
+    assert model.layer2[0].conv1.stride == (2, 2)  # caffe-style: the stride is in the first 1x1
+
+
+def test_deeplab_output_stride_8_and_aspp_sums_all_four_branches():
+    model = DeepLabV2(num_classes=3, width=0.0625).eval()
+    seen = {}
+    model.layer5.register_forward_hook(lambda m, i, o: seen.update(shape=o.shape))
+    for k, conv in enumerate(model.layer5.conv2d_list):
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.constant_(conv.bias, 2.0 ** k)
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 96))
+    assert seen["shape"][-2:] == (9, 13)  # stride 8; the Caffe model's ceil-mode pooling adds one
+    assert torch.allclose(out, torch.full_like(out, 15.0))  # 1 + 2 + 4 + 8
+
+
+def test_deeplab_batchnorm_is_frozen():
+    model = DeepLabV2(num_classes=19, width=0.0625)
+    assert not any("bn" in name for name, _ in model.named_parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model(torch.randint(0, 256, (2, 3, 40, 40)).float()).sum().backward()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_caffe_input_is_bgr_minus_mean():
+    images = torch.zeros(1, 3, 1, 1)
+    images[0, :, 0, 0] = torch.tensor([10.0, 20.0, 30.0])  # R, G, B
+    out = caffe_input(images)[0, :, 0, 0]
+    assert torch.allclose(out, torch.tensor([30 - 104.00699, 20 - 116.66877, 10 - 122.67892]))
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def test_checkpoint_round_trip_from_directory_and_file(tmp_path):
+    model = build_model("fcn8s_vgg16", width=0.0625)
+    (tmp_path / "ckpt").mkdir()
+    torch.save(model.state_dict(), tmp_path / "ckpt" / "model.pt")
+    for source in (tmp_path / "ckpt", tmp_path / "ckpt" / "model.pt"):
+        again = build_model("fcn8s_vgg16", width=0.0625, init=str(source))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_checkpoint_with_another_class_count_is_refused_naming_keys(tmp_path):
+    torch.save(build_model("fcn8s_vgg16", num_classes=16, width=0.0625).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ModelError) as err:
+        build_model("fcn8s_vgg16", num_classes=19, width=0.0625, init=str(tmp_path / "m.pt"))
+    message = str(err.value)
+    assert str(tmp_path / "m.pt") in message and "19 classes" in message
+    assert "score_fr.weight (16, 256, 1, 1) vs (19, 256, 1, 1)" in message
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    torch.save(build_model("deeplabv2_r101", width=0.0625).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ModelError, match=r"missing keys: conv1_1.bias, conv1_1.weight.*unexpected keys: bn1.bias"):
+        load_checkpoint(build_model("fcn8s_vgg16", width=0.0625), tmp_path / "m.pt")
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_file_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"conv1_1.weight": _Exploit(marker)}, f)
+    with pytest.raises(ModelError, match=rf"{path}: not a loadable PyTorch state dict"):
+        build_model("fcn8s_vgg16", width=0.0625, init=str(path))
+    assert not marker.exists()
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(ModelError, match="not a loadable PyTorch state dict"):
+        build_model("fcn8s_vgg16", width=0.0625, init=str(text))
+    with pytest.raises(ModelError, match=r"checkpoint not found: .*missing.pt"):
+        build_model("fcn8s_vgg16", width=0.0625, init=str(tmp_path / "missing.pt"))
+
+
+def test_ddp_prefix_and_batchnorm_counters_are_accepted(tmp_path):
+    model = build_model("deeplabv2_r101", width=0.0625)
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    state["module.bn1.num_batches_tracked"] = torch.tensor(7)  # saved from nn.BatchNorm2d
+    torch.save(state, tmp_path / "m.pt")
+    load_checkpoint(build_model("deeplabv2_r101", width=0.0625), tmp_path / "m.pt")
+
+
+# ------------------------------------------------------------------ ImageNet
+
+class _FakeWeights:
+    url = "https://example.invalid/vgg16.pth"
+
+    def __init__(self, state=None, error=None):
+        self.state, self.error = state, error
+
+    def get_state_dict(self, progress=False):
+        if self.error:
+            raise self.error
+        return self.state
+
+
+def test_imagenet_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(models, "_imagenet_weights", lambda name: _FakeWeights(error=urllib.error.URLError("offline")))
+    with pytest.raises(ModelError, match=r"cannot download the ImageNet weights of fcn8s_vgg16 from https://example.invalid"):
+        build_model("fcn8s_vgg16", width=1.0, init="imagenet")
+    with pytest.raises(ModelError, match="needs model.width = 1"):
+        build_model("fcn8s_vgg16", width=0.5, init="imagenet")
+
+
+def test_imagenet_vgg16_weights_load_with_normalisation_folded(monkeypatch):
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(weights=None)
+    monkeypatch.setattr(models, "_imagenet_weights", lambda name: _FakeWeights(state=vgg.state_dict()))
+    model = build_model("fcn8s_vgg16", width=1.0, init="imagenet")
+    assert torch.equal(model.conv3_1.weight, vgg.features[10].weight)
+    assert torch.equal(model.fc6.weight.flatten(1), vgg.classifier[0].weight)
+    images = torch.randint(0, 256, (1, 3, 9, 9)).float()
+    tv_input = (images / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    expected = F.conv2d(tv_input, vgg.features[0].weight, vgg.features[0].bias)
+    ours = F.conv2d(caffe_input(images), model.conv1_1.weight, model.conv1_1.bias)
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+
+def test_fold_for_bias_free_first_layer():
+    weight = torch.randn(4, 3, 3, 3)
+    new, offset = fold_torchvision_normalisation(weight)
+    images = torch.randint(0, 256, (1, 3, 5, 5)).float()
+    tv_input = (images / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert torch.allclose(F.conv2d(caffe_input(images), new) + offset[None, :, None, None], F.conv2d(tv_input, weight), atol=1e-4)
