@@ -31,3 +31,24 @@ def run(main: Callable[[], int | None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", default=None, help="run directory (default: the config's run_dir)")
+
+
+def job_config(args: argparse.Namespace):
+    """The validated config of a job: file <- --set overrides <- --run-dir."""
+    from sisray.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def evaluation_metrics(summary: dict, prefix: str) -> dict[str, float]:
+    """An evaluation block as flat MLflow metrics: PREFIX/miou19, PREFIX/iou/road, ..."""
+    metrics = {f"{prefix}/{k}": summary[k] for k in ("miou", "miou19", "miou16", "miou13", "pixel_accuracy")}
+    metrics.update({f"{prefix}/iou/{name}": value for name, value in summary["per_class"].items()})
+    return metrics

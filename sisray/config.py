@@ -104,6 +104,7 @@ class ResourcesConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     num_actors: int = bounded(0, 0)  # Ray Data inference actors; 0 = from the cluster's resources
     cpus_per_actor: float = bounded(0.5, 0.0, lo_open=True)
+    actor_batch_size: int = bounded(4, 1)  # images per inference batch in an actor
     cpus_per_worker: float = bounded(0.5, 0.0, lo_open=True)  # fractional: leaves room for Ray Data tasks
 
 

@@ -1,0 +1,76 @@
+"""Connecting to Ray and sizing actor pools and worker groups from the cluster's resources."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from sisray.config import Config
+
+
+def start_ray() -> None:
+    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(include_dashboard=False)
+
+
+@dataclass(frozen=True)
+class Workers:
+    count: int
+    use_gpu: bool
+    cpus_each: float
+    threads_each: int  # torch threads per worker on CPU
+
+
+def _cluster() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+
+
+def use_gpu(cfg: Config, gpus: float) -> bool:
+    if cfg.resources.device == "cpu":
+        return False
+    if cfg.resources.device == "cuda" and gpus < 1:
+        from sisray.errors import ConfigError
+
+        raise ConfigError("resources.device = cuda, but the Ray cluster has no GPU")
+    return gpus >= 1
+
+
+def train_workers(cfg: Config) -> Workers:
+    """One worker per GPU when there are GPUs, else one per CPU core (at most the batch size)."""
+    cpus, gpus = _cluster()
+    gpu = use_gpu(cfg, gpus)
+    count = cfg.train.num_workers or (int(gpus) if gpu else max(1, int(cpus)))
+    count = min(count, cfg.train.batch_size)
+    while cfg.train.batch_size % count:  # an even split keeps the global batch exact
+        count -= 1
+    return Workers(count, gpu, cfg.resources.cpus_per_worker, max(1, int(cpus) // count))
+
+
+@dataclass(frozen=True)
+class Actors:
+    count: int
+    use_gpu: bool
+    threads_each: int
+    batch_size: int
+    resources: dict  # map_batches resource arguments per actor
+
+
+def inference_actors(cfg: Config, items: int) -> Actors:
+    """One actor per GPU when there are GPUs, else one per CPU core; never more actors than items."""
+    cpus, gpus = _cluster()
+    gpu = use_gpu(cfg, gpus)
+    count = cfg.resources.num_actors or (int(gpus) if gpu else max(1, int(cpus)))
+    count = max(1, min(count, items))
+    # Fractional CPUs leave room for Ray Data's read tasks (a pool at 1 CPU each can starve them).
+    resources = {"num_gpus": 1} if gpu else {"num_cpus": cfg.resources.cpus_per_actor}
+    return Actors(count, gpu, max(1, int(cpus) // count), cfg.resources.actor_batch_size, resources)

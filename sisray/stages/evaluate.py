@@ -1,0 +1,140 @@
+"""Evaluation on target val, sharded over Ray Data actors.
+
+Each actor loads the model once, predicts at the working size, upsamples the probabilities to the
+label resolution before the argmax (METHOD.md), and returns one 19x19 confusion matrix per batch;
+the driver sums them, which equals a single pass. Optionally each prediction is exported as a
+Cityscapes label-ID PNG for the official evaluator.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sisray.config import Config, config_from_dict, config_to_dict
+from sisray.datasets import open_target
+from sisray.labels import TRAINID_TO_CITYSCAPES_ID, NUM_CLASSES, colorize
+from sisray.metrics import ConfusionMatrix
+from sisray.models import build_model, checkpoint_file
+from sisray.models.inference import predict_probs
+
+OVERLAYS = 3  # val images shown in the overlay figure
+PREDICTION_SUFFIX = "_pred_labelIds.png"  # the official evaluator matches <city>_<seq>_<frame>*.png
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    config: dict
+    checkpoint: str
+    export: str | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    threads: int = 1
+    use_gpu: bool = False
+
+
+def export_prediction(folder: str | Path, sample_id: str, prediction: np.ndarray) -> Path:
+    """OUT/<city>/<city>_<seq>_<frame>_pred_labelIds.png holding Cityscapes label IDs."""
+    city = sample_id.split("_")[0]
+    path = Path(folder) / city / f"{sample_id}{PREDICTION_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(TRAINID_TO_CITYSCAPES_ID[prediction]).save(path)
+    return path
+
+
+def overlay(image: torch.Tensor, prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """image | prediction over image | ground truth over image, at the working size (H, 3W, 3)."""
+    rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
+    size = (rgb.shape[1], rgb.shape[0])
+
+    def blend(classes: np.ndarray) -> np.ndarray:
+        small = np.asarray(Image.fromarray(classes.astype(np.uint8)).resize(size, Image.NEAREST))
+        colours = colorize(small).astype(np.float32)
+        alpha = np.where(small[..., None] == 255, 0.0, 0.6)
+        return rgb * (1 - alpha) + colours * alpha
+
+    return np.concatenate([rgb, blend(prediction), blend(label)], axis=1).astype(np.uint8)
+
+
+class Evaluator:
+    """Ray Data actor: {"id": indices} -> {"id", "counts": (n, 19, 19), "overlay": PNG bytes or b""}."""
+
+    def __init__(self, spec: EvalSpec):
+        cfg = config_from_dict(spec.config)
+        torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+        self.dataset = open_target(cfg.data.target, "val", with_labels=True)
+        self.model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.checkpoint).to(self.device).eval()
+
+    def __call__(self, batch: dict) -> dict:
+        indices = [int(i) for i in batch["id"]]
+        images = torch.stack([self.dataset.load_image(i) for i in indices])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            probs = predict_probs(self.model, images.to(self.device), self.spec.scales, self.spec.flip)
+        counts, overlays = [], []
+        for k, index in enumerate(indices):
+            label = self.dataset.load_label(index, native=True)
+            full = F.interpolate(probs[k:k + 1], size=label.shape, mode="bilinear", align_corners=False)
+            prediction = full.argmax(1)[0].cpu()
+            matrix = ConfusionMatrix()
+            matrix.update(prediction, label)
+            counts.append(matrix.counts)
+            if self.spec.export:
+                export_prediction(self.spec.export, self.dataset.samples[index].id, prediction.numpy().astype(np.uint8))
+            overlays.append(_png(overlay(images[k], prediction.numpy(), label.numpy())) if index < OVERLAYS else b"")
+        return {"id": batch["id"], "counts": np.stack(counts), "overlay": np.array(overlays, dtype=object)}
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = None,
+             scales: tuple[float, ...] = (1.0,), flip: bool = False, figure: Path | None = None) -> dict:
+    """The evaluation block of a checkpoint on target val; optionally writes the overlay figure."""
+    import ray
+
+    from sisray.cluster import inference_actors
+
+    dataset = open_target(cfg.data.target, "val", with_labels=True)  # validated before any actor starts
+    checkpoint = str(checkpoint_file(checkpoint))
+    actors = inference_actors(cfg, len(dataset))
+    spec = EvalSpec(config_to_dict(cfg), checkpoint, str(export) if export else None, tuple(scales), flip,
+                    actors.threads_each, actors.use_gpu)
+    results = ray.data.range(len(dataset)).map_batches(
+        Evaluator, fn_constructor_kwargs={"spec": spec}, compute=ray.data.ActorPoolStrategy(size=actors.count),
+        batch_size=actors.batch_size, **actors.resources)
+    total = ConfusionMatrix()
+    pictures = {}
+    for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+        total.counts += batch["counts"].sum(axis=0)
+        pictures.update({int(i): png for i, png in zip(batch["id"], batch["overlay"]) if png})
+    summary = total.summary(dataset.eval_classes)
+    summary["images"] = len(dataset)
+    summary["checkpoint"] = checkpoint
+    if figure and pictures:
+        rows = [np.asarray(Image.open(io.BytesIO(pictures[i])).convert("RGB")) for i in sorted(pictures)]
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate(rows, axis=0)).save(figure)
+    return summary
+
+
+def json_ready(summary: dict) -> dict:
+    """NaN (no IoU) becomes null, as JSON has no NaN."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        return value
+    return clean(summary)

@@ -1,0 +1,226 @@
+"""Training on Ray Train: DDP over workers (gloo on CPU, NCCL with one GPU each), checkpoints in the run dir.
+
+Length is counted in samples (`epochs x dataset size`), split into global batches of
+`train.batch_size` that the workers share evenly, so neither the batch size nor the number of
+workers changes how much is trained. Which samples form global batch k, and every random draw of
+step k on rank r, are functions of (seed, k, r): a run resumed from a checkpoint at step k continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sisray.config import Config, config_from_dict, config_to_dict
+from sisray.datasets import SegmentationDataset, open_source
+from sisray.errors import SisrayError
+from sisray.labels import IGNORE, NUM_CLASSES
+from sisray.models import build_model, load_state
+from sisray.tracking import RunLogger
+
+# Optimiser presets of METHOD.md; `train.lr` overrides the base rate.
+VGG_LR, DEEPLAB_LR = 1e-6, 2.5e-4
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a worker needs (picklable)."""
+    config: dict
+    stage: str  # "source"
+    steps: int
+    init: str  # model init for this stage: random, imagenet or a checkpoint path
+    threads: int
+    logger: RunLogger | None
+
+
+def steps_for(epochs: float, samples: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * samples / batch_size))
+
+
+def global_batch(step: int, batch_size: int, samples: int, seed: int) -> list[int]:
+    """Sample indices of global batch `step`: consecutive slices of a stream of seeded per-epoch
+    permutations (every sample once per epoch)."""
+    out: list[int] = []
+    position = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position + len(out), samples)
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out += order[offset: offset + batch_size - len(out)].tolist()
+    return out
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float | None, total_steps: int):
+    """VGG16-FCN8s: Adam, biases at twice the rate, constant. DeepLab-v2: SGD, head at 10x, poly 0.9."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if name == "fcn8s_vgg16":
+        lr = lr or VGG_LR
+        groups = [{"params": [p for n, p in trainable if not n.endswith("bias")], "lr": lr},
+                  {"params": [p for n, p in trainable if n.endswith("bias")], "lr": 2 * lr}]
+        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), weight_decay=0.0)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    lr = lr or DEEPLAB_LR
+    head = {id(p) for p in model.head_parameters()}
+    groups = [{"params": [p for _, p in trainable if id(p) not in head], "lr": lr},
+              {"params": [p for _, p in trainable if id(p) in head], "lr": 10 * lr}]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
+    poly = lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over non-ignored pixels; zero (not NaN) when a batch has none."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp(min=1)
+
+
+def load_batch(dataset: SegmentationDataset, indices: list[int], device: torch.device):
+    pairs = [dataset[i] for i in indices]
+    images = torch.stack([p[0] for p in pairs]).to(device, non_blocking=True)
+    labels = torch.stack([p[1] for p in pairs]).to(device, non_blocking=True)
+    return images, labels
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed: int) -> None:
+    # model.pt is a plain state dict, usable on its own (evaluate --checkpoint, model.init).
+    torch.save(model.state_dict(), folder / "model.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "seed": seed}, folder / "train_state.pt")
+
+
+def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, seed: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker loop of Ray Train."""
+    import ray.train
+    import ray.train.torch
+
+    spec: TrainSpec = loop_config["spec"]
+    cfg = config_from_dict(spec.config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(spec.threads)
+    device = ray.train.torch.get_device()
+    dataset = open_source(cfg.data.source)
+    torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and every run
+    model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.init)
+    optimizer, scheduler = make_optimizer(model, cfg.model.name, cfg.train.lr, spec.steps)
+    start = 0
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as folder:
+            load_state(model, torch.load(Path(folder) / "model.pt", weights_only=True), "the restored checkpoint")
+            state = torch.load(Path(folder) / "train_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    net = ray.train.torch.prepare_model(model)  # device placement, and DDP when world > 1
+    per_worker = cfg.train.batch_size // world
+    use_amp = device.type == "cuda"
+    losses: list[float] = []
+    for step in range(start, spec.steps):
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)  # dropout draws: a function of (seed, step, rank)
+        indices = global_batch(step, cfg.train.batch_size, len(dataset), cfg.seed)
+        images, labels = load_batch(dataset, indices[rank * per_worker:(rank + 1) * per_worker], device)
+        net.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = net(images)
+        loss = cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        done = step + 1
+        if rank == 0 and spec.logger and (done % cfg.train.log_every == 0 or done == spec.steps):
+            spec.logger.metrics({f"{spec.stage}/loss": sum(losses) / len(losses),
+                                 f"{spec.stage}/lr": scheduler.get_last_lr()[0]}, step=done)
+            losses = []
+        if done % cfg.train.checkpoint_every == 0 or done == spec.steps:
+            metrics = {"step": done, "loss": loss.item(), "resumed_from": start}
+            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed)
+    if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
+        metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
+        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed)
+
+
+def fit(cfg: Config, spec: TrainSpec, run_dir: Path, name: str):
+    """Run `train_loop` on Ray Train; returns Ray Train's result (final checkpoint and its metrics).
+
+    Re-running with the same run directory resumes from the last checkpoint Ray Train kept there.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sisray.cluster import train_workers
+
+    workers = train_workers(cfg)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
+                                               resources_per_worker={"CPU": workers.cpus_each}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(run_dir.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=1, controller_failure_limit=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise SisrayError(f"training failed: {exc}") from exc
+    if result.checkpoint is None:
+        raise SisrayError(f"training of {name} finished without a checkpoint in {run_dir}")
+    return result
+
+
+def finished_step(checkpoint: Path) -> int:
+    """The step a published checkpoint was saved at (0 if there is none)."""
+    state = checkpoint / "train_state.pt"
+    return torch.load(state, weights_only=True)["step"] if state.is_file() else 0
+
+
+def publish_checkpoint(source: Path, destination: Path) -> None:
+    """Copy a checkpoint directory to `destination` atomically (copy beside it, then rename)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        for item in source.iterdir():
+            shutil.copy2(item, staging / item.name)
+        if destination.exists():
+            shutil.rmtree(destination)
+        staging.rename(destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def train_source(cfg: Config, run_dir: Path, logger: RunLogger | None) -> Path:
+    """Source-only training: writes RUN/source/checkpoint/ (model.pt + train_state.pt)."""
+    from sisray.cluster import train_workers
+
+    dataset = open_source(cfg.data.source)  # validated here, before any worker starts
+    steps = steps_for(cfg.train.source_epochs, len(dataset), cfg.train.batch_size)
+    destination = run_dir / "source" / "checkpoint"
+    if finished_step(destination) >= steps:
+        return destination
+    workers = train_workers(cfg)
+    spec = TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, workers.threads_each, logger)
+    publish_checkpoint(Path(fit(cfg, spec, run_dir, "source").checkpoint.path), destination)
+    return destination

@@ -1,0 +1,115 @@
+"""MLflow tracking: one run per job, params = the flattened config, metrics per step, artifacts.
+
+The driver creates the experiment and the run; Ray workers log into that run by id through
+`RunLogger` (rank 0 only). The tracking URI is resolved once on the driver — MLflow's default is a
+SQLite file relative to the working directory, which Ray workers do not share — and passed on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sisray.config import Config, config_to_dict
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else MLflow's default; relative SQLite paths made absolute."""
+    import mlflow
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+class RunLogger:
+    """Logs metrics and artifacts into an existing run by id; usable in any process."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.run_id = uri, run_id
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def __reduce__(self):  # ship (uri, run id) to Ray workers, not the client
+        return RunLogger, (self.uri, self.run_id)
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step or 0) for k, v in _finite(metrics).items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+
+class Tracking:
+    """The job's MLflow run (or nothing, with tracking disabled)."""
+
+    def __init__(self, cfg: Config, job: str):
+        self.enabled = cfg.tracking.enabled
+        self.logger: RunLogger | None = None
+        if not self.enabled:
+            return
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_uri(cfg.tracking.uri)
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        self.experiment_id = (experiment.experiment_id if experiment
+                              else client.create_experiment(cfg.tracking.experiment))
+        run = client.create_run(self.experiment_id, run_name=f"{job}:{Path(cfg.run_dir).name}",
+                                tags={"sisray.job": job, "sisray.run_dir": str(Path(cfg.run_dir).resolve()),
+                                      "mlflow.source.name": f"jobs/{job}.py"})
+        self.run_id = run.info.run_id
+        self.logger = RunLogger(self.uri, self.run_id)
+        params = {k: str(v) for k, v in flatten(config_to_dict(cfg)).items()}
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.logger:
+            self.logger.metrics(metrics, step)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if self.logger:
+            self.logger.artifact(path, folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.logger:
+            self.logger.client.set_terminated(self.run_id, status)
+
+    def where(self) -> str:
+        """A line saying where to see the run."""
+        if not self.enabled:
+            return "MLflow tracking is off (tracking.enabled: false)"
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if self.uri.startswith("http"):
+            return f"MLflow run: {self.uri.rstrip('/')}/{page}"
+        return (f"MLflow run {self.run_id} in {self.uri}: run `mlflow ui --backend-store-uri {self.uri}` "
+                f"and open http://127.0.0.1:5000/{page}")

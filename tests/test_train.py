@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from sisray.config import config_to_dict, load_config
+from sisray.datasets import open_source
+from sisray.models import build_model
+from sisray.stages.train import (TrainSpec, cross_entropy, fit, global_batch, make_optimizer, steps_for,
+                                 train_source)
+
+
+def test_every_sample_once_per_epoch_and_batches_are_seeded():
+    n, batch = 10, 4
+    stream = [i for step in range(5) for i in global_batch(step, batch, n, seed=3)]  # 2 epochs
+    assert Counter(stream[:10]) == Counter(range(10)) and Counter(stream[10:20]) == Counter(range(10))
+    assert global_batch(2, batch, n, seed=3) == global_batch(2, batch, n, seed=3)
+    assert global_batch(0, batch, n, seed=3) != global_batch(0, batch, n, seed=4)
+
+
+def test_length_is_independent_of_batch_size_in_samples():
+    assert steps_for(2.0, 600, 8) == 150 and steps_for(2.0, 600, 1) == 1200
+    assert steps_for(0.5, 10, 3) == 2 and steps_for(1e-9, 10, 3) == 1
+
+
+def test_cross_entropy_is_zero_without_valid_pixels():
+    logits = torch.randn(2, 19, 4, 4, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((2, 4, 4), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_optimiser_presets():
+    vgg = build_model("fcn8s_vgg16", width=0.0625)
+    adam, _ = make_optimizer(vgg, "fcn8s_vgg16", None, 10)
+    assert isinstance(adam, torch.optim.Adam) and [g["lr"] for g in adam.param_groups] == [1e-6, 2e-6]
+    assert adam.defaults["betas"] == (0.9, 0.99)
+    trained = {id(p) for g in adam.param_groups for p in g["params"]}
+    assert id(vgg.upscore8.weight) not in trained  # fixed bilinear upsampling
+    deeplab = build_model("deeplabv2_r101", width=0.0625)
+    sgd, poly = make_optimizer(deeplab, "deeplabv2_r101", 1e-3, 10)
+    assert [g["lr"] for g in sgd.param_groups] == [1e-3, 1e-2]
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
+    for _ in range(5):
+        sgd.step()
+        poly.step()
+    assert sgd.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 ** 0.9)
+
+
+def _config(root: Path, run_dir: Path, *extra: str):
+    return load_config(None, [
+        "data.source.name=synthetic", f"data.source.root={root}", "data.source.size=[64, 36]",
+        "data.target.name=synthetic", f"data.target.root={root}", "data.target.size=[64, 32]",
+        "model.init=random", "model.width=0.0625", "train.batch_size=4", "train.num_workers=2", "train.lr=1e-3",
+        "train.checkpoint_every=2", f"run_dir={run_dir}", "tracking.enabled=false", *extra])
+
+
+def _spec(cfg, steps: int) -> TrainSpec:
+    return TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, threads=1, logger=None)
+
+
+@pytest.mark.ray
+def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(ray_session, small_benchmark, tmp_path):
+    whole = _config(small_benchmark, tmp_path / "whole")
+    result = fit(whole, _spec(whole, 4), tmp_path / "whole", "source")
+    folder = Path(result.checkpoint.path)
+    final = torch.load(folder / "model.pt", weights_only=True)  # a plain state dict
+    assert torch.load(folder / "train_state.pt", weights_only=True)["step"] == 4
+    assert result.metrics["resumed_from"] == 0
+
+    source = open_source(whole.data.source)
+    images = torch.stack([source[i][0] for i in range(len(source))])
+    labels = torch.stack([source[i][1] for i in range(len(source))])
+    model = build_model("fcn8s_vgg16", width=0.0625).eval()
+    with torch.no_grad():
+        before = cross_entropy(model(images), labels).item()
+        model.load_state_dict(final)
+        after = cross_entropy(model(images), labels).item()
+    assert before == pytest.approx(math.log(19), abs=1e-4)  # zero-initialised scores: uniform prediction
+    assert after < before - 0.05
+
+    # Interrupted after step 2, then the same command again: continues from the saved step.
+    part = _config(small_benchmark, tmp_path / "part")
+    fit(part, _spec(part, 2), tmp_path / "part", "source")
+    resumed = fit(part, _spec(part, 4), tmp_path / "part", "source")
+    assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == 4
+    again = torch.load(Path(resumed.checkpoint.path) / "model.pt", weights_only=True)
+    for key in final:
+        assert torch.allclose(final[key], again[key], atol=1e-6), key
+
+
+@pytest.mark.ray
+def test_train_source_publishes_the_checkpoint_and_skips_a_finished_run(ray_session, small_benchmark, tmp_path):
+    cfg = _config(small_benchmark, tmp_path / "run", "train.source_epochs=0.5")  # 6 images, batch 4: 1 step
+    out = train_source(cfg, tmp_path / "run", None)
+    assert out == tmp_path / "run" / "source" / "checkpoint"
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "train_state.pt"]
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    assert train_source(cfg, tmp_path / "run", None) == out  # finished: not trained again
+    assert (out / "model.pt").stat().st_mtime_ns == stamp
