@@ -16,8 +16,8 @@ def start_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(include_dashboard=False)
+    else:  # a local instance sized to this machine; its dashboard (127.0.0.1) serves Ray's State API
+        ray.init()
 
 
 @dataclass(frozen=True)

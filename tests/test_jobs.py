@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,54 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     result = run_job("jobs/make_synthetic.py", "--out", str(tmp_path), "--no-stats")
     assert result.returncode == 2
     assert f"{tmp_path / 'target'} exists but is not part of a sisray synthetic benchmark" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900, method="thread")
+def test_train_source_then_evaluate_jobs_with_mlflow(tmp_path, small_benchmark):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = ["--set", f"data.source.root={small_benchmark}", "--set", f"data.target.root={small_benchmark}",
+                "--set", "data.source.size=[64, 36]", "--set", "data.target.size=[64, 32]",
+                "--set", "model.width=0.0625", "--set", "train.batch_size=2", "--set", "train.source_epochs=0.7",
+                "--set", "train.lr=1e-3", "--set", "train.log_every=1", "--set", f"tracking.uri={uri}"]
+    run_dir = tmp_path / "run"
+    trained = run_job("jobs/train_source.py", "--run-dir", str(run_dir), *settings, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "source-only model on target val" in trained.stdout and "miou19" in trained.stdout
+    checkpoint = run_dir / "source" / "checkpoint"
+    assert (checkpoint / "model.pt").is_file() and (run_dir / "config.yaml").is_file()
+    block = json.loads((run_dir / "source" / "eval.json").read_text())
+    assert set(block) >= {"miou19", "miou16", "miou13", "per_class"}
+    assert block["per_class"]["rider"] is None  # no ground truth, no prediction: NaN -> null
+
+    evaluated = run_job("jobs/evaluate.py", "--checkpoint", str(checkpoint), "--export", str(tmp_path / "pred"),
+                        "--out", str(tmp_path / "eval.json"), *settings, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["miou19"] == pytest.approx(block["miou19"])  # the same checkpoint, the same numbers
+    assert len(list((tmp_path / "pred").rglob("*_pred_labelIds.png"))) == 3
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("sisray").experiment_id])
+    by_job = {r.data.tags["sisray.job"]: r for r in runs}
+    assert set(by_job) == {"train_source", "evaluate"}
+    train_run = by_job["train_source"]
+    assert train_run.info.status == "FINISHED"
+    assert train_run.data.params["model.width"] == "0.0625" and train_run.data.params["lse.scale"] == "2.0"
+    assert train_run.data.metrics["source/miou19"] == pytest.approx(block["miou19"])
+    assert len(client.get_metric_history(train_run.info.run_id, "source/loss")) == 3  # log_every=1, 3 steps
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"config.yaml", "eval.json", "overlay.png"} <= artifacts
+
+
+def test_evaluate_refuses_a_bad_checkpoint_before_starting_ray(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_text("not a checkpoint")
+    result = run_job("jobs/evaluate.py", "--checkpoint", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: not a loadable PyTorch state dict" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from layouts import CITYSCAPES_TO_TRAIN, H, W, expected_train_ids, make_cityscapes
+from sisray.config import load_config
+from sisray.labels import TRAINID_TO_CITYSCAPES_ID
+from sisray.models import build_model
+from sisray.stages.evaluate import PREDICTION_SUFFIX, evaluate, json_ready
+
+CAR = 13
+
+
+def constant_checkpoint(path, class_id: int) -> None:
+    """A DeepLab-v2 whose ASPP has zero weights and one positive bias: predicts `class_id` everywhere."""
+    model = build_model("deeplabv2_r101", width=0.0625)
+    for conv in model.layer5.conv2d_list:
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.zeros_(conv.bias)
+        conv.bias.data[class_id] = 1.0
+    torch.save(model.state_dict(), path)
+
+
+@pytest.mark.ray
+def test_evaluation_matches_a_hand_computed_confusion_matrix_and_exports(ray_session, tmp_path):
+    truth = make_cityscapes(tmp_path / "cs", split="val", n=3)
+    constant_checkpoint(tmp_path / "model.pt", CAR)
+    cfg = load_config(None, ["data.target.name=cityscapes", f"data.target.root={tmp_path / 'cs'}",
+                             "data.target.size=[32, 16]", "model.name=deeplabv2_r101", "model.width=0.0625",
+                             "model.init=random", "resources.num_actors=2", "resources.actor_batch_size=2"])
+    summary = evaluate(cfg, tmp_path / "model.pt", export=tmp_path / "export", figure=tmp_path / "overlay.png")
+
+    expected = np.zeros((19, 19), np.int64)  # every ground-truth pixel (at label resolution) predicted as car
+    for _, ids in truth.values():
+        train_ids = expected_train_ids(ids, CITYSCAPES_TO_TRAIN)
+        for g in range(19):
+            expected[g, CAR] += int((train_ids == g).sum())
+    iou = np.where(np.arange(19) == CAR, expected[CAR, CAR] / expected.sum(), 0.0)
+    assert summary["per_class"]["car"] == pytest.approx(iou[CAR])
+    assert summary["per_class"]["road"] == 0.0
+    assert summary["miou19"] == pytest.approx(iou.mean())
+    assert summary["images"] == 3
+
+    for sample_id in truth:
+        city = sample_id.split("_")[0]
+        exported = np.asarray(Image.open(tmp_path / "export" / city / f"{sample_id}{PREDICTION_SUFFIX}"))
+        assert exported.shape == (H, W)  # label resolution, not the working size
+        assert (exported == TRAINID_TO_CITYSCAPES_ID[CAR]).all()  # label IDs (26), not trainIds
+    assert Image.open(tmp_path / "overlay.png").size == (3 * 32, 3 * 16)
+
+
+def test_json_ready_turns_nan_into_null():
+    assert json_ready({"a": float("nan"), "b": {"c": 1.0}}) == {"a": None, "b": {"c": 1.0}}
