@@ -91,6 +91,17 @@ class DeepLabV2(nn.Module):
         self.layer3 = self._make_layer(4 * base, _BLOCKS[2], dilation=2)
         self.layer4 = self._make_layer(8 * base, _BLOCKS[3], dilation=4)
         self.layer5 = ASPP(self.inplanes, num_classes)
+        self._init_backbone()
+
+    def _init_backbone(self) -> None:
+        # From scratch (pretrained weights replace this): He initialisation, and each residual branch's
+        # last convolution at zero, so that 33 blocks without trainable normalisation start as identities.
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Conv2d) and not name.startswith("layer5"):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        for module in self.modules():
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.conv3.weight)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
         layers = [Bottleneck(self.inplanes, planes, stride, dilation)]

@@ -58,9 +58,15 @@ class FCN8s(nn.Module):
         self.upscore2 = _fixed_upsampler(num_classes, 4, 2)
         self.upscore_pool4 = _fixed_upsampler(num_classes, 4, 2)
         self.upscore8 = _fixed_upsampler(num_classes, 16, 8)
-        self._init_scores()
+        self._init_weights()
 
-    def _init_scores(self) -> None:
+    def _init_weights(self) -> None:
+        # He initialisation keeps the activation scale through the 15 ReLU layers when training from
+        # scratch (PyTorch's default shrinks it ~6x per layer); pretrained weights replace it anyway.
+        for name, layer in self.named_children():
+            if isinstance(layer, nn.Conv2d) and not name.startswith("score"):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
         # Score layers start at zero (as in the reference), so an untrained head predicts uniformly.
         for layer in (self.score_fr, self.score_pool3, self.score_pool4):
             nn.init.zeros_(layer.weight)

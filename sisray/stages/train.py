@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +135,9 @@ def train_loop(loop_config: dict) -> None:
     per_worker = cfg.train.batch_size // world
     use_amp = device.type == "cuda"
     losses: list[float] = []
+    step_times: list[float] = []
     for step in range(start, spec.steps):
+        began = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)  # dropout draws: a function of (seed, step, rank)
         indices = global_batch(step, cfg.train.batch_size, len(dataset), cfg.seed)
         images, labels = load_batch(dataset, indices[rank * per_worker:(rank + 1) * per_worker], device)
@@ -146,13 +150,16 @@ def train_loop(loop_config: dict) -> None:
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        step_times.append(time.perf_counter() - began)
         done = step + 1
         if rank == 0 and spec.logger and (done % cfg.train.log_every == 0 or done == spec.steps):
             spec.logger.metrics({f"{spec.stage}/loss": sum(losses) / len(losses),
                                  f"{spec.stage}/lr": scheduler.get_last_lr()[0]}, step=done)
             losses = []
         if done % cfg.train.checkpoint_every == 0 or done == spec.steps:
-            metrics = {"step": done, "loss": loss.item(), "resumed_from": start}
+            # steady-state throughput: the median step leaves out the warm-up of the first steps
+            samples_per_s = cfg.train.batch_size / statistics.median(step_times)
+            metrics = {"step": done, "loss": loss.item(), "resumed_from": start, "samples_per_s": samples_per_s}
             _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed)
     if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
         metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
