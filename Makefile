@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+RUN ?= runs/synthetic
+
 demo: $(STAMP)
-	@echo "sisray demo: the adaptation job (jobs/adapt.py) is not built yet; this generates the"
-	@echo "built-in synthetic benchmark in $(DATA) and prints its statistics, read through the real loaders."
+	@echo "sisray demo: the adaptation job (jobs/adapt.py) is not built yet. This generates the built-in"
+	@echo "benchmark in $(DATA), trains the source-only model on Ray Train and evaluates it on target val."
 	$(PY) jobs/make_synthetic.py --out $(DATA)
+	$(PY) jobs/train_source.py --run-dir $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -90,6 +90,7 @@ class TrainConfig:
     lr: float | None = bounded(None, 0.0, lo_open=True)  # None: the model's preset (METHOD.md)
     log_every: int = bounded(10, 1)  # steps between logged losses
     checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
+    oracle: bool = False  # train on the target's train labels instead of the source: the upper bound
 
 
 @dataclass
@@ -309,3 +310,17 @@ def save_config(cfg: Config, path: str | Path) -> None:
     from sisray.storage import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with dataset roots, run_dir and a checkpoint `model.init` made absolute: Ray workers
+    and actors do not run in the driver's working directory."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    data = dataclasses.replace(
+        cfg.data, source=dataclasses.replace(cfg.data.source, root=absolute(cfg.data.source.root)),
+        target=dataclasses.replace(cfg.data.target, root=absolute(cfg.data.target.root)))
+    init = cfg.model.init if cfg.model.init in ("random", "imagenet") else absolute(cfg.model.init)
+    return dataclasses.replace(cfg, data=data, run_dir=absolute(cfg.run_dir),
+                               model=dataclasses.replace(cfg.model, init=init))

@@ -134,3 +134,14 @@ def test_every_preset_in_configs_loads():
     for path in presets:
         load_config(path)
         assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    from sisray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config(None, ["data.source.root=data/gta", "model.init=ckpt/model.pt", "run_dir=runs/a"]))
+    assert cfg.data.source.root == str(tmp_path / "data" / "gta")
+    assert cfg.data.target.root == str(tmp_path / "data" / "cityscapes")
+    assert cfg.model.init == str(tmp_path / "ckpt" / "model.pt") and cfg.run_dir == str(tmp_path / "runs" / "a")
+    assert with_absolute_paths(load_config(None, ["model.init=random"])).model.init == "random"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def test_train_source_then_evaluate_jobs_with_mlflow(tmp_path, small_benchmark):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = ["--set", f"data.source.root={small_benchmark}", "--set", f"data.target.root={small_benchmark}",
+    root = os.path.relpath(small_benchmark, REPO)  # relative, as users write it: Ray workers must still find it
+    settings = ["--set", f"data.source.root={root}", "--set", f"data.target.root={root}",
                 "--set", "data.source.size=[64, 36]", "--set", "data.target.size=[64, 32]",
                 "--set", "model.width=0.0625", "--set", "train.batch_size=2", "--set", "train.source_epochs=0.7",
                 "--set", "train.lr=1e-3", "--set", "train.log_every=1", "--set", f"tracking.uri={uri}"]

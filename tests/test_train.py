@@ -103,3 +103,13 @@ def test_train_source_publishes_the_checkpoint_and_skips_a_finished_run(ray_sess
     stamp = (out / "model.pt").stat().st_mtime_ns
     assert train_source(cfg, tmp_path / "run", None) == out  # finished: not trained again
     assert (out / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_oracle_trains_on_the_target_train_labels(small_benchmark, tmp_path):
+    from sisray.datasets import SyntheticSource, SyntheticTarget
+    from sisray.stages.train import training_set
+
+    assert isinstance(training_set(_config(small_benchmark, tmp_path)), SyntheticSource)
+    oracle = training_set(_config(small_benchmark, tmp_path, "train.oracle=true"))
+    assert isinstance(oracle, SyntheticTarget) and oracle.split == "train" and oracle.with_labels
+    assert not bool((oracle.load_label(0) == 255).all())

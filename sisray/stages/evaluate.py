@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sisray.config import Config, config_from_dict, config_to_dict
+from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.labels import TRAINID_TO_CITYSCAPES_ID, NUM_CLASSES, colorize
 from sisray.metrics import ConfusionMatrix
@@ -106,6 +106,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
 
     from sisray.cluster import inference_actors
 
+    cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "val", with_labels=True)  # validated before any actor starts
     checkpoint = str(checkpoint_file(checkpoint))
     actors = inference_actors(cfg, len(dataset))

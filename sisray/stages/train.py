@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sisray.config import Config, config_from_dict, config_to_dict
-from sisray.datasets import SegmentationDataset, open_source
+from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
+from sisray.datasets import SegmentationDataset, open_source, open_target
 from sisray.errors import SisrayError
 from sisray.labels import IGNORE, NUM_CLASSES
 from sisray.models import build_model, load_state
@@ -82,6 +82,13 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (labels != IGNORE).sum().clamp(min=1)
 
 
+def training_set(cfg: Config) -> SegmentationDataset:
+    """The labelled set of the source stage: the source, or with `train.oracle` the target's train labels."""
+    if cfg.train.oracle:
+        return open_target(cfg.data.target, "train", with_labels=True)
+    return open_source(cfg.data.source)
+
+
 def load_batch(dataset: SegmentationDataset, indices: list[int], device: torch.device):
     pairs = [dataset[i] for i in indices]
     images = torch.stack([p[0] for p in pairs]).to(device, non_blocking=True)
@@ -118,7 +125,7 @@ def train_loop(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
-    dataset = open_source(cfg.data.source)
+    dataset = training_set(cfg)
     torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and every run
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.init)
     optimizer, scheduler = make_optimizer(model, cfg.model.name, cfg.train.lr, spec.steps)
@@ -222,7 +229,8 @@ def train_source(cfg: Config, run_dir: Path, logger: RunLogger | None) -> Path:
     """Source-only training: writes RUN/source/checkpoint/ (model.pt + train_state.pt)."""
     from sisray.cluster import train_workers
 
-    dataset = open_source(cfg.data.source)  # validated here, before any worker starts
+    cfg = with_absolute_paths(cfg)
+    dataset = training_set(cfg)  # validated here, before any worker starts
     steps = steps_for(cfg.train.source_epochs, len(dataset), cfg.train.batch_size)
     destination = run_dir / "source" / "checkpoint"
     if finished_step(destination) >= steps:
