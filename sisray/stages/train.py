@@ -9,6 +9,7 @@ exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import statistics
@@ -184,6 +185,7 @@ def fit(cfg: Config, spec: TrainSpec, run_dir: Path, name: str):
     from sisray.cluster import train_workers
 
     workers = train_workers(cfg)
+    spec = dataclasses.replace(spec, config=config_to_dict(with_absolute_paths(config_from_dict(spec.config))))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
@@ -229,7 +231,6 @@ def train_source(cfg: Config, run_dir: Path, logger: RunLogger | None) -> Path:
     """Source-only training: writes RUN/source/checkpoint/ (model.pt + train_state.pt)."""
     from sisray.cluster import train_workers
 
-    cfg = with_absolute_paths(cfg)
     dataset = training_set(cfg)  # validated here, before any worker starts
     steps = steps_for(cfg.train.source_epochs, len(dataset), cfg.train.batch_size)
     destination = run_dir / "source" / "checkpoint"
