@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
 from sisray.datasets import SegmentationDataset, open_source, open_target
 from sisray.errors import SisrayError
-from sisray.labels import IGNORE, NUM_CLASSES
+from sisray.labels import NUM_CLASSES
+from sisray.lse.losses import cross_entropy
 from sisray.models import build_model, load_state
 from sisray.tracking import RunLogger
 
@@ -75,12 +75,6 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float | None, total_st
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
     poly = lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over non-ignored pixels; zero (not NaN) when a batch has none."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-    return total / (labels != IGNORE).sum().clamp(min=1)
 
 
 def training_set(cfg: Config) -> SegmentationDataset:

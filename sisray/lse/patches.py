@@ -1,0 +1,111 @@
+"""Scale-invariant examples (METHOD.md step 4): pseudo-labels transferred to scaled-up patches.
+
+For a selected image: draw n boxes of (H/s, W/s) at uniformly random pixel positions; the patch
+label is the argmax of the crop of the *soft* prediction upsampled by s (bilinear,
+align_corners=True), and IGNORE where the equally upsampled keep-mask is exactly 0; the patch image
+is the same crop upsampled the same way. Labels come from the prediction at the original scale,
+never from a prediction on the patch.
+
+A box is stored in fractions of the image, so the training example can be rebuilt later from the
+full-resolution image (`crop_and_scale`) with the same label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sisray.labels import IGNORE
+from sisray.lse.entropy import pixel_entropy
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where a patch comes from, in fractions of the image height and width. `scale` > 1 zooms in
+    (the box is cut out and enlarged to the output size); `zoom_out` shrinks the whole image into
+    the box of an otherwise ignored output."""
+    top: float
+    left: float
+    height: float
+    width: float
+    scale: float
+    zoom_out: bool = False
+
+    def pixels(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) in pixels of an image of the given size."""
+        return (round(self.top * height), round(self.left * width),
+                max(1, round(self.height * height)), max(1, round(self.width * width)))
+
+
+@dataclass
+class Example:
+    box: Box
+    label: torch.Tensor  # (H, W) int64 at the output size, IGNORE where no pseudo-label
+    image: torch.Tensor  # (3, H, W) float, the patch image at the output size
+
+
+def keep_mask(normalised_entropy: torch.Tensor, prediction: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """True where a pixel's normalised entropy is below the threshold of its predicted class."""
+    return normalised_entropy < tau.to(normalised_entropy.device)[prediction]
+
+
+def draw_boxes(height: int, width: int, scales: Sequence[float], n: int, generator: torch.Generator,
+               zoom_out: bool = False) -> list[Box]:
+    """n boxes per scale at uniformly random integer positions (a pure function of the generator)."""
+    boxes = []
+    for scale in scales:
+        h, w = max(1, round(height / scale)), max(1, round(width / scale))
+        for _ in range(n):
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            boxes.append(Box(top / height, left / width, h / height, w / width, float(scale), zoom_out))
+    return boxes
+
+
+def _resample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=True)[0]
+
+
+def crop_and_scale(maps: torch.Tensor, box: Box, size: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
+    """(K, H, W) maps of any resolution -> (K, *size): the box's crop enlarged to `size`, or with
+    `zoom_out` the whole map shrunk into the box and `fill` around it."""
+    if not box.zoom_out:
+        top, left, h, w = box.pixels(*maps.shape[-2:])
+        return _resample(maps[:, top:top + h, left:left + w], size)
+    top, left, h, w = box.pixels(*size)
+    out = torch.full((maps.shape[0], *size), fill, dtype=torch.float32, device=maps.device)
+    out[:, top:top + h, left:left + w] = _resample(maps, (h, w))
+    return out
+
+
+def transfer_label(probs: torch.Tensor, keep: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
+    """Argmax of the resampled soft prediction; IGNORE where the resampled keep-mask is exactly 0."""
+    label = crop_and_scale(probs, box, size).argmax(0)
+    mask = crop_and_scale(keep[None].float(), box, size)[0]
+    return torch.where(mask == 0, torch.full_like(label, IGNORE), label)
+
+
+def scale_invariant_examples(image: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor,
+                             scales: Sequence[float], n: int, generator: torch.Generator,
+                             zoom_out: bool = False,
+                             predict: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                             delta: float = 0.0) -> list[Example]:
+    """The scale-invariant examples of one image.
+
+    image (3, H, W), probs (C, H, W) and keep (H, W) are at the working size; the examples are too.
+    With `predict` (images (N, 3, H, W) -> softmax (N, C, H, W)), a candidate is kept only if the
+    model's own prediction on the patch image has a mean entropy at least `delta` above that of the
+    transferred soft label: the model is unsure at that scale, where the example teaches most.
+    """
+    size = tuple(probs.shape[-2:])
+    boxes = draw_boxes(*size, scales, n, generator, zoom_out)
+    examples = [Example(box, transfer_label(probs, keep, box, size), crop_and_scale(image, box, size))
+                for box in boxes]
+    if predict is None or not examples:
+        return examples
+    own = pixel_entropy(predict(torch.stack([e.image for e in examples]))).mean(dim=(1, 2))
+    transferred = torch.stack([pixel_entropy(crop_and_scale(probs, e.box, size)[None])[0].mean() for e in examples])
+    return [e for e, gap in zip(examples, (own - transferred).tolist()) if gap >= delta]
