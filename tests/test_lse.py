@@ -276,3 +276,18 @@ def test_losses_are_zero_without_valid_pixels_and_have_finite_gradients():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("coarse", [2, 8])
+def test_fast_label_transfer_equals_the_direct_definition(seed, coarse):
+    """argmax of F.interpolate(crop, align_corners=True), computed in float64 to leave no rounding ties."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, 6, 24 // coarse, 40 // coarse, generator=g, dtype=torch.float64) * 4
+    probs = torch.nn.functional.interpolate(logits, size=(24, 40), mode="bilinear")[0].softmax(0)
+    keep = torch.rand(24, 40, generator=g) > 0.3
+    for box in draw_boxes(24, 40, [1.7, 2.0, 3.0], 2, g):
+        direct = crop_and_scale(probs, box, (24, 40)).argmax(0)
+        dropped = crop_and_scale(keep[None].double(), box, (24, 40))[0] == 0
+        direct[dropped] = 255
+        assert torch.equal(transfer_label(probs, keep, box, (24, 40)), direct)

@@ -81,10 +81,48 @@ def crop_and_scale(maps: torch.Tensor, box: Box, size: tuple[int, int], fill: fl
     return out
 
 
-def transfer_label(probs: torch.Tensor, keep: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
-    """Argmax of the resampled soft prediction; IGNORE where the resampled keep-mask is exactly 0."""
-    label = crop_and_scale(probs, box, size).argmax(0)
-    mask = crop_and_scale(keep[None].float(), box, size)[0]
+def _source_grid(box: Box, shape: tuple[int, int], size: tuple[int, int]):
+    """For each output row / column: the two source indices and the weight of the second
+    (bilinear, align_corners=True), inside the box's crop of a map of `shape`."""
+    top, left, h, w = box.pixels(*shape)
+    axes = []
+    for start, n_in, n_out in ((top, h, size[0]), (left, w, size[1])):
+        position = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
+        low = position.floor().long().clamp(max=n_in - 1)
+        high = (low + 1).clamp(max=n_in - 1)
+        axes.append((start + low, start + high, (position - low).float()))
+    return axes
+
+
+def transfer_label(probs: torch.Tensor, keep: torch.Tensor, box: Box, size: tuple[int, int],
+                   prediction: torch.Tensor | None = None, channels_last: torch.Tensor | None = None) -> torch.Tensor:
+    """Argmax of the resampled soft prediction; IGNORE where the resampled keep-mask is exactly 0.
+
+    Zoom-in boxes take a fast exact path: where the four source pixels of an output pixel share one
+    argmax k, the bilinear mix of their probabilities has its maximum at k too (each term favours k),
+    so only pixels on class boundaries need the 19-channel interpolation. A caller drawing several
+    patches passes probs' argmax (`prediction`) and an (H, W, C) contiguous copy (`channels_last`)
+    once, instead of each call computing them.
+    """
+    mask = crop_and_scale(keep[None].float(), box, size)[0]  # one channel: cheap, and the definition
+    if box.zoom_out:
+        label = crop_and_scale(probs, box, size).argmax(0)
+        return torch.where(mask == 0, torch.full_like(label, IGNORE), label)
+    (y0, y1, fy), (x0, x1, fx) = (tuple(t.to(probs.device) for t in axis)
+                                  for axis in _source_grid(box, tuple(probs.shape[-2:]), size))
+    fy, fx = fy[:, None], fx[None, :]
+    corners = [(y0[:, None], x0[None, :], (1 - fy) * (1 - fx)), (y0[:, None], x1[None, :], (1 - fy) * fx),
+               (y1[:, None], x0[None, :], fy * (1 - fx)), (y1[:, None], x1[None, :], fy * fx)]
+    argmax = probs.max(0).indices if prediction is None else prediction
+    labels = [argmax[y, x] for y, x, _ in corners]
+    label = labels[0].clone()
+    boundary = (labels[0] != labels[1]) | (labels[0] != labels[2]) | (labels[0] != labels[3])
+    if boundary.any():
+        rows, cols = boundary.nonzero(as_tuple=True)
+        table = probs.permute(1, 2, 0).contiguous() if channels_last is None else channels_last
+        mixed = sum(table[y.expand_as(boundary)[rows, cols], x.expand_as(boundary)[rows, cols]]
+                    * weight.expand_as(boundary)[rows, cols, None] for y, x, weight in corners)
+        label[rows, cols] = mixed.max(1).indices
     return torch.where(mask == 0, torch.full_like(label, IGNORE), label)
 
 
@@ -102,8 +140,9 @@ def scale_invariant_examples(image: torch.Tensor, probs: torch.Tensor, keep: tor
     """
     size = tuple(probs.shape[-2:])
     boxes = draw_boxes(*size, scales, n, generator, zoom_out)
-    examples = [Example(box, transfer_label(probs, keep, box, size), crop_and_scale(image, box, size))
-                for box in boxes]
+    prediction, channels_last = probs.max(0).indices, probs.permute(1, 2, 0).contiguous()
+    examples = [Example(box, transfer_label(probs, keep, box, size, prediction, channels_last),
+                        crop_and_scale(image, box, size)) for box in boxes]
     if predict is None or not examples:
         return examples
     own = pixel_entropy(predict(torch.stack([e.image for e in examples]))).mean(dim=(1, 2))
