@@ -1,0 +1,66 @@
+"""The pseudo-labelling stage gives the same records, selection, thresholds and patches whatever the
+number of actors and the batch size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sisray.config import load_config
+from sisray.models import build_model
+from sisray.stages.score import PatchDataset, patch_pass, read_patches, score_pass, select_and_threshold, summary
+
+pytestmark = pytest.mark.ray
+
+
+def _config(root, *extra):
+    return load_config(None, [
+        "data.target.name=synthetic", f"data.target.root={root}", "data.target.size=[64, 32]",
+        "model.init=random", "model.width=0.0625", "lse.patches_per_image=2", "lse.threshold.bins=16",
+        "lse.selection=global",  # 4 images: the class-wise floor(N_c p / 19) would select none
+        "tracking.enabled=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("fcn8s_vgg16", width=0.0625)
+    with torch.no_grad():  # a non-trivial prediction: the score layers start at zero
+        model.score_fr.weight.normal_(0, 0.05)
+        model.score_fr.bias.normal_(0, 1.0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, small_benchmark, checkpoint, tmp_path):
+    outcomes = []
+    for actors, batch in ((1, 1), (2, 3)):
+        cfg = _config(small_benchmark, f"resources.num_actors={actors}", f"resources.actor_batch_size={batch}")
+        folder = tmp_path / f"a{actors}b{batch}"
+        tables = score_pass(cfg, checkpoint, folder / "scores.parquet")
+        selected, tau = select_and_threshold(cfg, tables, 0.5, folder / "scores.parquet", folder)
+        count = patch_pass(cfg, checkpoint, selected, tau, 1, folder / "patches")
+        outcomes.append((folder, tables, selected, tau, count))
+    (fa, ta, sa, taua, ca), (fb, tb, sb, taub, cb) = outcomes
+    for key in ("counts", "scores", "mean_entropy"):
+        assert np.array_equal(ta[key], tb[key]), key
+    assert list(ta["sample_id"]) == list(tb["sample_id"])
+    assert ta["counts"].sum(axis=1).tolist() == [64 * 32] * 4
+    assert sa == sb and np.array_equal(taua, taub) and ca == cb
+    assert json.loads((fa / "thresholds.json").read_text()) == json.loads((fb / "thresholds.json").read_text())
+    assert ca == 2 * len(sa) > 0
+    rows_a, rows_b = read_patches(fa / "patches"), read_patches(fb / "patches")
+    assert [(r["index"], r["top"], r["left"], r["label_png"]) for r in rows_a] == \
+        [(r["index"], r["top"], r["left"], r["label_png"]) for r in rows_b]
+
+    data = PatchDataset(fa / "patches", (64, 32))
+    image, label = data[0]
+    assert image.shape == (3, 32, 64) and label.shape == (32, 64)
+    assert set(np.unique(label.numpy())) <= set(range(19)) | {255}
+    block = summary(ta, sa, fa / "patches", taua)
+    assert block["patches"] == ca and block["images_scored"] == 4
+    assert abs(sum(block["coverage"].values()) + block["ignored_share"] - 1) < 1e-9
