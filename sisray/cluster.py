@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sisray.config import Config
@@ -74,3 +76,21 @@ def inference_actors(cfg: Config, items: int) -> Actors:
     # Fractional CPUs leave room for Ray Data's read tasks (a pool at 1 CPU each can starve them).
     resources = {"num_gpus": 1} if gpu else {"num_cpus": cfg.resources.cpus_per_actor}
     return Actors(count, gpu, max(1, int(cpus) // count), cfg.resources.actor_batch_size, resources)
+
+
+@contextmanager
+def stage_errors(stage: str):
+    """Re-raise a sisray error raised inside a Ray actor as itself, with its message (which names the
+    file or value), instead of Ray's wrapped traceback of the actor."""
+    from sisray import errors
+
+    try:
+        yield
+    except errors.SisrayError:
+        raise
+    except Exception as exc:
+        match = re.search(r"sisray\.errors\.(\w+): (.*)", str(exc))
+        kind = getattr(errors, match[1], None) if match else None
+        if isinstance(kind, type) and issubclass(kind, errors.SisrayError):
+            raise kind(f"{stage}: {match[2]}") from None
+        raise

@@ -64,3 +64,20 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
     block = summary(ta, sa, fa / "patches", taua)
     assert block["patches"] == ca and block["images_scored"] == 4
     assert abs(sum(block["coverage"].values()) + block["ignored_share"] - 1) < 1e-9
+
+
+def test_a_corrupt_target_image_fails_the_stage_naming_it_and_writes_nothing(ray_session, tmp_path, checkpoint):
+    from sisray.datasets.synthetic import SyntheticSpec, generate
+    from sisray.errors import DatasetError
+
+    root = tmp_path / "bench"
+    generate(root, SyntheticSpec(n_source=1, n_target_train=3, n_target_val=1), processes=1)
+    image = sorted((root / "target" / "leftImg8bit" / "train").rglob("*.png"))[1]
+    data = bytearray(image.read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 40] = bytes(40)  # header and trailer intact: only decoding finds it
+    image.write_bytes(bytes(data))
+    out = tmp_path / "run" / "scores.parquet"
+    with pytest.raises(DatasetError, match=rf"scoring: {image}: cannot decode image"):
+        score_pass(_config(root), checkpoint, out)
+    assert not out.exists() and not list(out.parent.glob("*"))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sisray.cluster import inference_actors, stage_errors
 from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.labels import TRAINID_TO_CITYSCAPES_ID, NUM_CLASSES, colorize
@@ -104,8 +105,6 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
     """The evaluation block of a checkpoint on target val; optionally writes the overlay figure."""
     import ray
 
-    from sisray.cluster import inference_actors
-
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "val", with_labels=True)  # validated before any actor starts
     checkpoint = str(checkpoint_file(checkpoint))
@@ -117,9 +116,10 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
         batch_size=actors.batch_size, **actors.resources)
     total = ConfusionMatrix()
     pictures = {}
-    for batch in results.iter_batches(batch_format="numpy", batch_size=None):
-        total.counts += batch["counts"].sum(axis=0)
-        pictures.update({int(i): png for i, png in zip(batch["id"], batch["overlay"]) if png})
+    with stage_errors("evaluation"):
+        for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+            total.counts += batch["counts"].sum(axis=0)
+            pictures.update({int(i): png for i, png in zip(batch["id"], batch["overlay"]) if png})
     summary = total.summary(dataset.eval_classes)
     summary["images"] = len(dataset)
     summary["checkpoint"] = checkpoint

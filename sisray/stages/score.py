@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from sisray.cluster import inference_actors, stage_errors
 from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
@@ -121,8 +122,6 @@ class Patcher(_ModelActor):
 def _actor_pool(cfg: Config, items: int):
     import ray
 
-    from sisray.cluster import inference_actors
-
     actors = inference_actors(cfg, items)
     options = dict(compute=ray.data.ActorPoolStrategy(size=actors.count), batch_size=actors.batch_size,
                    **actors.resources)
@@ -148,19 +147,24 @@ def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.n
     writer = None
     seen = 0
     try:
-        for batch in results.iter_batches(batch_format="numpy", batch_size=None):
-            index = batch["index"]
-            for key in tables:
-                tables[key][index] = batch[key]
-            sample_ids[index] = batch["sample_id"]
-            seen += len(index)
-            table = pa.table({"index": index, "sample_id": batch["sample_id"].astype(str),
-                              **{k: batch[k].tolist() for k in ("counts", "scores", "mean_entropy", "histograms")}})
-            writer = writer or pq.ParquetWriter(staging, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer:
-            writer.close()
+        try:
+            with stage_errors("scoring"):
+                for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+                    index = batch["index"]
+                    for key in tables:
+                        tables[key][index] = batch[key]
+                    sample_ids[index] = batch["sample_id"]
+                    seen += len(index)
+                    table = pa.table({"index": index, "sample_id": batch["sample_id"].astype(str),
+                                      **{k: batch[k].tolist() for k in ("counts", "scores", "mean_entropy", "histograms")}})
+                    writer = writer or pq.ParquetWriter(staging, table.schema)
+                    writer.write_table(table)
+        finally:
+            if writer:
+                writer.close()
+    except BaseException:
+        staging.unlink(missing_ok=True)  # never leave half a scores file
+        raise
     if seen != n:
         staging.unlink(missing_ok=True)
         raise RuntimeError(f"scoring returned {seen} records for {n} images")
@@ -211,15 +215,18 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     count = 0
+    staging.mkdir(parents=True)
     if selected:
         patches = ray.data.from_items([{"id": i} for i in selected]).map_batches(
             Patcher, fn_constructor_kwargs={"spec": spec}, **options)
-        staging.mkdir(parents=True)
-        for shard, batch in enumerate(patches.iter_batches(batch_format="pyarrow", batch_size=None)):
-            pq.write_table(batch, staging / f"part-{shard:05d}.parquet")
-            count += batch.num_rows
-    else:
-        staging.mkdir(parents=True)
+        try:
+            with stage_errors("patch pass"):
+                for shard, batch in enumerate(patches.iter_batches(batch_format="pyarrow", batch_size=None)):
+                    pq.write_table(batch, staging / f"part-{shard:05d}.parquet")
+                    count += batch.num_rows
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # never leave half a patch set
+            raise
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return count

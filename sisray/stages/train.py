@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sisray.cluster import train_workers
 from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
 from sisray.datasets import SegmentationDataset, open_source, open_target
 from sisray.errors import SisrayError
@@ -176,8 +177,6 @@ def fit(cfg: Config, spec: TrainSpec, run_dir: Path, name: str):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sisray.cluster import train_workers
-
     workers = train_workers(cfg)
     spec = dataclasses.replace(spec, config=config_to_dict(with_absolute_paths(config_from_dict(spec.config))))
     trainer = TorchTrainer(
@@ -223,8 +222,6 @@ def publish_checkpoint(source: Path, destination: Path) -> None:
 
 def train_source(cfg: Config, run_dir: Path, logger: RunLogger | None) -> Path:
     """Source-only training: writes RUN/source/checkpoint/ (model.pt + train_state.pt)."""
-    from sisray.cluster import train_workers
-
     dataset = training_set(cfg)  # validated here, before any worker starts
     steps = steps_for(cfg.train.source_epochs, len(dataset), cfg.train.batch_size)
     destination = run_dir / "source" / "checkpoint"
