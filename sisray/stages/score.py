@@ -13,7 +13,6 @@ batch size or the order in which blocks finish.
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +269,3 @@ def summary(tables: dict, selected: list[int], patches: Path, tau: np.ndarray) -
             "ignored_share": float(pixels[IGNORE] / total),
             "coverage": {CLASS_NAMES[c]: float(pixels[c] / total) for c in range(NUM_CLASSES)},
             "tau": {CLASS_NAMES[c]: float(tau[c]) for c in range(NUM_CLASSES)}}
-
-
-def write_summary(folder: Path, block: dict) -> None:
-    atomic_write_json(folder / "pseudo_labels.json", json.loads(json.dumps(block)))
