@@ -8,7 +8,6 @@ Cityscapes label-ID PNG for the official evaluator.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,27 +17,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sisray.cluster import inference_actors, stage_errors
-from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
+from sisray.cluster import stage_errors
+from sisray.config import Config, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
-from sisray.labels import TRAINID_TO_CITYSCAPES_ID, NUM_CLASSES, colorize
+from sisray.labels import TRAINID_TO_CITYSCAPES_ID, colorize
 from sisray.metrics import ConfusionMatrix
-from sisray.models import build_model, checkpoint_file
-from sisray.models.inference import predict_probs
+from sisray.models import checkpoint_file
+from sisray.stages.actors import ActorSpec, ModelActor, png_array, png_bytes, pool_options
 
 OVERLAYS = 3  # val images shown in the overlay figure
 PREDICTION_SUFFIX = "_pred_labelIds.png"  # the official evaluator matches <city>_<seq>_<frame>*.png
 
 
 @dataclass(frozen=True)
-class EvalSpec:
-    config: dict
-    checkpoint: str
+class EvalSpec(ActorSpec):
     export: str | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    threads: int = 1
-    use_gpu: bool = False
 
 
 def export_prediction(folder: str | Path, sample_id: str, prediction: np.ndarray) -> Path:
@@ -64,22 +59,14 @@ def overlay(image: torch.Tensor, prediction: np.ndarray, label: np.ndarray) -> n
     return np.concatenate([rgb, blend(prediction), blend(label)], axis=1).astype(np.uint8)
 
 
-class Evaluator:
+class Evaluator(ModelActor):
     """Ray Data actor: {"id": indices} -> {"id", "counts": (n, 19, 19), "overlay": PNG bytes or b""}."""
-
-    def __init__(self, spec: EvalSpec):
-        cfg = config_from_dict(spec.config)
-        torch.set_num_threads(spec.threads)
-        self.spec = spec
-        self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
-        self.dataset = open_target(cfg.data.target, "val", with_labels=True)
-        self.model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.checkpoint).to(self.device).eval()
+    split = "val"
+    with_labels = True
 
     def __call__(self, batch: dict) -> dict:
         indices = [int(i) for i in batch["id"]]
-        images = torch.stack([self.dataset.load_image(i) for i in indices])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            probs = predict_probs(self.model, images.to(self.device), self.spec.scales, self.spec.flip)
+        images, probs = self.probabilities(indices, self.spec.scales, self.spec.flip)
         counts, overlays = [], []
         for k, index in enumerate(indices):
             label = self.dataset.load_label(index, native=True)
@@ -90,14 +77,8 @@ class Evaluator:
             counts.append(matrix.counts)
             if self.spec.export:
                 export_prediction(self.spec.export, self.dataset.samples[index].id, prediction.numpy().astype(np.uint8))
-            overlays.append(_png(overlay(images[k], prediction.numpy(), label.numpy())) if index < OVERLAYS else b"")
+            overlays.append(png_bytes(overlay(images[k], prediction.numpy(), label.numpy())) if index < OVERLAYS else b"")
         return {"id": batch["id"], "counts": np.stack(counts), "overlay": np.array(overlays, dtype=object)}
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = None,
@@ -108,12 +89,10 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "val", with_labels=True)  # validated before any actor starts
     checkpoint = str(checkpoint_file(checkpoint))
-    actors = inference_actors(cfg, len(dataset))
-    spec = EvalSpec(config_to_dict(cfg), checkpoint, str(export) if export else None, tuple(scales), flip,
-                    actors.threads_each, actors.use_gpu)
-    results = ray.data.range(len(dataset)).map_batches(
-        Evaluator, fn_constructor_kwargs={"spec": spec}, compute=ray.data.ActorPoolStrategy(size=actors.count),
-        batch_size=actors.batch_size, **actors.resources)
+    actors, options = pool_options(cfg, len(dataset))
+    spec = EvalSpec(config_to_dict(cfg), checkpoint, actors.threads_each, actors.use_gpu,
+                    str(export) if export else None, tuple(scales), flip)
+    results = ray.data.range(len(dataset)).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
     total = ConfusionMatrix()
     pictures = {}
     with stage_errors("evaluation"):
@@ -124,7 +103,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
     summary["images"] = len(dataset)
     summary["checkpoint"] = checkpoint
     if figure and pictures:
-        rows = [np.asarray(Image.open(io.BytesIO(pictures[i])).convert("RGB")) for i in sorted(pictures)]
+        rows = [png_array(pictures[i]) for i in sorted(pictures)]
         figure.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.concatenate(rows, axis=0)).save(figure)
     return summary

@@ -12,7 +12,6 @@ batch size or the order in which blocks finish.
 
 from __future__ import annotations
 
-import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from sisray.cluster import inference_actors, stage_errors
-from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
+from sisray.cluster import stage_errors
+from sisray.config import Config, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 from sisray.lse.entropy import normalise_per_class, pixel_entropy
@@ -32,17 +31,13 @@ from sisray.lse.patches import Box, crop_and_scale, keep_mask, scale_invariant_e
 from sisray.lse.records import image_records
 from sisray.lse.selection import select
 from sisray.lse.thresholds import class_thresholds
-from sisray.models import build_model, checkpoint_file
-from sisray.models.inference import predict_probs
+from sisray.models import checkpoint_file
+from sisray.stages.actors import ActorSpec, ModelActor, png_array, png_bytes, pool_options
 from sisray.storage import atomic_write_json
 
 
 @dataclass(frozen=True)
-class PassSpec:
-    config: dict
-    checkpoint: str
-    threads: int
-    use_gpu: bool
+class PassSpec(ActorSpec):
     round: int = 0
     tau: tuple[float, ...] = ()
 
@@ -52,26 +47,7 @@ def image_seed(seed: int, round_: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, round_, index]).generate_state(1)[0])
 
 
-class _ModelActor:
-    def __init__(self, spec: PassSpec):
-        torch.set_num_threads(spec.threads)
-        self.spec = spec
-        self.cfg = config_from_dict(spec.config)
-        self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
-        self.dataset = open_target(self.cfg.data.target, "train", with_labels=False)
-        self.model = build_model(self.cfg.model.name, NUM_CLASSES, self.cfg.model.width, spec.checkpoint)
-        self.model = self.model.to(self.device).eval()
-
-    def probabilities(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([self.dataset.load_image(i) for i in indices])
-        # One forward per image: batched convolutions round differently with the batch size, and a
-        # record must not depend on how images were grouped.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            probs = torch.cat([predict_probs(self.model, image[None].to(self.device)) for image in images])
-        return images, probs.float()
-
-
-class Scorer(_ModelActor):
+class Scorer(ModelActor):
     """{"id"} -> per-image records (counts, scores, mean_entropy, histograms)."""
 
     def __call__(self, batch: dict) -> dict:
@@ -84,13 +60,7 @@ class Scorer(_ModelActor):
                 "mean_entropy": records.mean_entropy.cpu().numpy(), "histograms": records.histograms.cpu().numpy()}
 
 
-def _png(label: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(label.astype(np.uint8)).save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
-
-
-class Patcher(_ModelActor):
+class Patcher(ModelActor):
     """{"id"} of selected images -> one row per scale-invariant example."""
 
     def __call__(self, batch: dict) -> dict:
@@ -111,20 +81,11 @@ class Patcher(_ModelActor):
             for p, example in enumerate(examples):
                 box = example.box
                 values = (index, sample.id, sample.image, p, box.top, box.left, box.height, box.width, box.scale,
-                          box.zoom_out, _png(example.label.cpu().numpy()))
+                          box.zoom_out, png_bytes(example.label.cpu().numpy().astype(np.uint8)))
                 for key, value in zip(rows, values):
                     rows[key].append(value)
         return {k: np.array(v, dtype=object if k in ("sample_id", "image", "label_png") else None)
                 for k, v in rows.items()}
-
-
-def _actor_pool(cfg: Config, items: int):
-    import ray
-
-    actors = inference_actors(cfg, items)
-    options = dict(compute=ray.data.ActorPoolStrategy(size=actors.count), batch_size=actors.batch_size,
-                   **actors.resources)
-    return actors, options
 
 
 def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.ndarray]:
@@ -134,7 +95,7 @@ def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.n
 
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "train", with_labels=False)
-    actors, options = _actor_pool(cfg, len(dataset))
+    actors, options = pool_options(cfg, len(dataset))
     spec = PassSpec(config_to_dict(cfg), str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu)
     results = ray.data.range(len(dataset)).map_batches(Scorer, fn_constructor_kwargs={"spec": spec}, **options)
     n = len(dataset)
@@ -208,7 +169,7 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     import ray
 
     cfg = with_absolute_paths(cfg)
-    actors, options = _actor_pool(cfg, max(1, len(selected)))
+    actors, options = pool_options(cfg, max(1, len(selected)))
     spec = PassSpec(config_to_dict(cfg), str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu,
                     round_, tuple(float(t) for t in tau))
     staging = out.with_name(f".{out.name}.tmp")
@@ -254,7 +215,7 @@ class PatchDataset(torch.utils.data.Dataset):
             full = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
         box = Box(row["top"], row["left"], row["height"], row["width"], row["scale"], row["zoom_out"])
         image = crop_and_scale(full, box, self.size)
-        label = torch.from_numpy(np.asarray(Image.open(io.BytesIO(row["label_png"]))).astype(np.int64))
+        label = torch.from_numpy(png_array(row["label_png"]).astype(np.int64))
         return image, label
 
 
@@ -263,7 +224,7 @@ def summary(tables: dict, selected: list[int], patches: Path, tau: np.ndarray) -
     rows = read_patches(patches)
     pixels = np.zeros(256, np.int64)
     for row in rows:
-        pixels += np.bincount(np.asarray(Image.open(io.BytesIO(row["label_png"]))).ravel(), minlength=256)
+        pixels += np.bincount(png_array(row["label_png"]).ravel(), minlength=256)
     total = max(int(pixels.sum()), 1)
     return {"images_scored": int(len(tables["counts"])), "selected_images": len(selected), "patches": len(rows),
             "ignored_share": float(pixels[IGNORE] / total),
