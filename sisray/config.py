@@ -79,6 +79,9 @@ class LSEConfig:
     gamma: float = bounded(3.0, 0.0)  # focal exponent
     selection: Literal["classwise", "global"] = "classwise"
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    # Beyond the reference (METHOD.md step 4), both off by default:
+    zoom_out: bool = False  # also draw patches_per_image zoom-out examples (image shrunk into a patch)
+    entropy_gap: float | None = None  # keep a patch only if the model's entropy on it exceeds the label's by this
 
 
 @dataclass

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from sisray.lse.entropy import normalise_per_class, pixel_entropy
 from sisray.lse.losses import cross_entropy, focal_loss, lse_target_loss
-from sisray.lse.patches import Box, crop_and_scale, draw_boxes, keep_mask, scale_invariant_examples, transfer_label
+from sisray.lse.patches import (Box, crop_and_scale, crop_and_scale_labels, draw_boxes, keep_mask,
+                                scale_invariant_examples, transfer_label)
 from sisray.lse.records import image_records
 from sisray.lse.selection import classwise, global_, select
 from sisray.lse.thresholds import class_thresholds, histogram_quantile
@@ -116,6 +117,13 @@ def test_global_selection_by_hand():
     assert sel.selected == [0, 3]
     assert sel.cutoffs == {0: 1, 1: 1}  # class 0: [0, 2, 1] -> image 2 is first unselected
     assert select(COUNTS, SCORES, 0.5, "global").selected == sel.selected
+
+
+def test_global_selection_leaves_out_unscored_images():
+    counts = np.vstack([COUNTS, np.zeros((2, COUNTS.shape[1]), COUNTS.dtype)])  # two skipped images
+    scores = np.vstack([SCORES, np.zeros((2, SCORES.shape[1]), SCORES.dtype)])
+    assert global_(counts, scores, p=0.5).selected == [0, 3]  # floor(4 scored * 0.5), as without them
+    assert global_(counts, scores, p=1.0).selected == [0, 1, 2, 3]
 
 
 @FAST
@@ -235,6 +243,15 @@ def test_zoom_out_shrinks_the_whole_image_and_ignores_the_rest():
     inside[top:top + h, left:left + w] = True
     assert (label[~inside] == 255).all() and (label[inside] != 255).all()
     assert set(label[inside].tolist()) == {0, 1}
+
+
+def test_ground_truth_of_a_patch_is_its_crop_resized_nearest():
+    label = torch.arange(16).reshape(4, 4)
+    zoom_in = crop_and_scale_labels(label, Box(0.5, 0.25, 0.5, 0.5, 2.0), (4, 4))
+    assert zoom_in.tolist() == [[9, 9, 10, 10], [9, 9, 10, 10], [13, 13, 14, 14], [13, 13, 14, 14]]
+    zoom_out = crop_and_scale_labels(label, Box(0.0, 0.5, 0.5, 0.5, 2.0, zoom_out=True), (4, 4))
+    assert zoom_out[:2, 2:].tolist() == [[0, 2], [8, 10]]
+    assert (zoom_out[2:] == 255).all() and (zoom_out[:, :2] == 255).all()
 
 
 def test_entropy_gap_keeps_only_patches_where_the_model_is_unsure():

@@ -4,14 +4,20 @@ number of actors and the batch size."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from sisray.config import load_config
 from sisray.models import build_model
-from sisray.stages.score import PatchDataset, patch_pass, read_patches, score_pass, select_and_threshold, summary
+from sisray.stages import score
+from sisray.stages.actors import png_array
+from sisray.stages.score import (PatchDataset, Scorer, patch_pass, read_patches, score_pass, select_and_threshold,
+                                 summary)
 
 pytestmark = pytest.mark.ray
 
@@ -62,8 +68,33 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
     assert image.shape == (3, 32, 64) and label.shape == (32, 64)
     assert set(np.unique(label.numpy())) <= set(range(19)) | {255}
     block = summary(ta, sa, fa / "patches", taua)
-    assert block["patches"] == ca and block["images_scored"] == 4
+    assert block["patches"] == ca and block["images_scored"] == 4 and block["images_skipped"] == 0
     assert abs(sum(block["coverage"].values()) + block["ignored_share"] - 1) < 1e-9
+    pixels = [np.bincount(png_array(r["label_png"]).ravel(), minlength=256) for r in rows_a]
+    assert [r["class_pixels"] for r in rows_a] == [p[:19].tolist() for p in pixels]
+    assert [r["ignored_pixels"] for r in rows_a] == [int(p[255]) for p in pixels]
+
+    # The benchmark has train labels: pseudo-label accuracy is reported (a diagnostic only).
+    truth = np.sum([r["truth_pixels"] for r in rows_a], axis=0)
+    correct = np.sum([r["correct_pixels"] for r in rows_a], axis=0)
+    assert (correct <= truth).all() and (truth <= np.sum([r["class_pixels"] for r in rows_a], axis=0)).all()
+    assert truth.sum() > 0
+    accuracy = block["pseudo_label_accuracy"]
+    assert accuracy["overall"] == pytest.approx(correct.sum() / truth.sum())
+    assert all((v is None) == (truth[c] == 0) for c, v in enumerate(accuracy["per_class"].values()))
+
+
+def test_zoom_out_and_entropy_gap_options(ray_session, small_benchmark, checkpoint, tmp_path):
+    cfg = _config(small_benchmark, "resources.num_actors=1", "lse.zoom_out=true")
+    tables = score_pass(cfg, checkpoint, tmp_path / "scores.parquet")
+    selected, tau = select_and_threshold(cfg, tables, 0.5, tmp_path / "scores.parquet", tmp_path)
+    assert patch_pass(cfg, checkpoint, selected, tau, 1, tmp_path / "both") == 4 * len(selected)
+    rows = read_patches(tmp_path / "both")
+    assert [r["zoom_out"] for r in rows if r["index"] == selected[0]] == [False, False, True, True]
+    # A gap no prediction can reach keeps nothing: an empty but complete patch set.
+    strict = _config(small_benchmark, "resources.num_actors=1", "lse.entropy_gap=100")
+    assert patch_pass(strict, checkpoint, selected, tau, 1, tmp_path / "none") == 0
+    assert (tmp_path / "none").is_dir() and summary(tables, selected, tmp_path / "none", tau)["patches"] == 0
 
 
 def test_a_corrupt_target_image_fails_the_stage_naming_it_and_writes_nothing(ray_session, tmp_path, checkpoint):
@@ -81,3 +112,40 @@ def test_a_corrupt_target_image_fails_the_stage_naming_it_and_writes_nothing(ray
     with pytest.raises(DatasetError, match=rf"scoring: {image}: cannot decode image"):
         score_pass(_config(root), checkpoint, out)
     assert not out.exists() and not list(out.parent.glob("*"))
+
+    # With skip_bad_pairs the image is skipped and counted, and never selected.
+    cfg = _config(root, "data.target.skip_bad_pairs=true")
+    tables = score_pass(cfg, checkpoint, out)
+    bad = image.name.removesuffix("_leftImg8bit.png")
+    assert list(tables["skipped"]) == [bad] and str(image) in tables["skipped"][bad]
+    row = list(tables["sample_id"]).index(bad)
+    assert tables["counts"][row].sum() == 0 and (tables["counts"].sum(axis=1) > 0).sum() == 2
+    selected, _ = select_and_threshold(cfg, tables, 1.0, out, tmp_path / "run")
+    assert row not in selected and len(selected) == 2
+
+
+class DyingScorer(Scorer):
+    """Kills its own process on its first batch, once per test (a marker file remembers)."""
+    marker = ""  # set by the test; the class travels to the actors by value
+
+    def __call__(self, batch):
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_a_dying_scoring_actor_is_replaced_without_losing_or_duplicating_records(
+        ray_session, small_benchmark, checkpoint, tmp_path, monkeypatch):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    marker = tmp_path / "died"
+    monkeypatch.setattr(DyingScorer, "marker", str(marker))
+    monkeypatch.setattr(score, "Scorer", DyingScorer)
+    cfg = _config(small_benchmark, "resources.num_actors=2", "resources.actor_batch_size=1")
+    tables = score_pass(cfg, checkpoint, tmp_path / "scores.parquet")
+    assert marker.exists()  # an actor did die
+    assert tables["counts"].sum(axis=1).tolist() == [64 * 32] * 4
+    written = pq.read_table(tmp_path / "scores.parquet").column("index").to_pylist()
+    assert sorted(written) == [0, 1, 2, 3]

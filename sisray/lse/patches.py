@@ -81,6 +81,21 @@ def crop_and_scale(maps: torch.Tensor, box: Box, size: tuple[int, int], fill: fl
     return out
 
 
+def crop_and_scale_labels(label: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) class ids of any resolution -> (*size): the box's crop (or, with `zoom_out`, the whole
+    map shrunk into the box) resized nearest, IGNORE elsewhere. For comparing with ground truth."""
+    def nearest(ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(ids[None, None].float(), size=shape, mode="nearest")[0, 0].long()
+
+    if not box.zoom_out:
+        top, left, h, w = box.pixels(*label.shape)
+        return nearest(label[top:top + h, left:left + w], size)
+    top, left, h, w = box.pixels(*size)
+    out = torch.full(size, IGNORE, dtype=torch.int64, device=label.device)
+    out[top:top + h, left:left + w] = nearest(label, (h, w))
+    return out
+
+
 def _source_grid(box: Box, shape: tuple[int, int], size: tuple[int, int]):
     """For each output row / column: the two source indices and the weight of the second
     (bilinear, align_corners=True), inside the box's crop of a map of `shape`."""

@@ -60,13 +60,14 @@ def image_scores(counts, scores) -> np.ndarray:
 
 
 def global_(counts, scores, p: float, skip: tuple[int, ...] = ()) -> Selection:
-    """The top floor(N * p) images by their mean max-probability. Each class's cutoff is the first
-    image of its ranking that was not selected, so thresholds work as with class-wise selection."""
+    """The top floor(N * p) of the N scored images by their mean max-probability. Each class's cutoff
+    is the first image of its ranking that was not selected, so thresholds work as with class-wise
+    selection."""
     counts, scores = np.asarray(counts), np.asarray(scores)
-    n = counts.shape[0]
+    scored = np.flatnonzero(counts.sum(axis=1) > 0)  # an image skipped as unreadable has no pixels
     overall = image_scores(counts, scores)
-    order = np.lexsort((np.arange(n), -overall))
-    chosen = {int(i) for i in order[:math.floor(n * p + _ROUNDING)]}
+    order = scored[np.lexsort((scored, -overall[scored]))]
+    chosen = {int(i) for i in order[:math.floor(len(scored) * p + _ROUNDING)]}
     selection = Selection(selected=sorted(chosen))
     for c in range(counts.shape[1]):
         if c in skip:

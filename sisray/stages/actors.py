@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,6 +15,7 @@ from PIL import Image
 from sisray.cluster import Actors, inference_actors
 from sisray.config import Config, config_from_dict
 from sisray.datasets import open_target
+from sisray.errors import DatasetError
 from sisray.labels import NUM_CLASSES
 from sisray.models import build_model
 from sisray.models.inference import predict_probs
@@ -41,15 +44,47 @@ class ModelActor:
         self.model = build_model(self.cfg.model.name, NUM_CLASSES, self.cfg.model.width, spec.checkpoint)
         self.model = self.model.to(self.device).eval()
 
-    def probabilities(self, indices: list[int], scales=(1.0,), flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images, float softmax) at the working size. One forward per image: batched
-        convolutions round differently with the batch size, and no result may depend on how
-        images were grouped into batches."""
-        images = torch.stack([self.dataset.load_image(i) for i in indices])
+    def load_images(self, indices: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+        """uint8 images at the working size by index. With the target's `skip_bad_pairs`, an image
+        that cannot be decoded is left out and its error returned; otherwise it fails the stage."""
+        images, errors = {}, {}
+        for i in indices:
+            try:
+                images[i] = self.dataset.load_image(i)
+            except DatasetError as exc:
+                if not self.cfg.data.target.skip_bad_pairs:
+                    raise
+                errors[i] = str(exc)
+        return images, errors
+
+    def predict(self, images: list[torch.Tensor] | torch.Tensor, scales=(1.0,), flip: bool = False) -> torch.Tensor:
+        """Float softmax at the input size. One forward per image: batched convolutions round
+        differently with the batch size, and no result may depend on how images were batched."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             probs = torch.cat([predict_probs(self.model, image[None].to(self.device), scales, flip)
                                for image in images])
-        return images, probs.float()
+        return probs.float()
+
+    def probabilities(self, indices: list[int], scales=(1.0,), flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, float softmax) at the working size."""
+        images = torch.stack([self.dataset.load_image(i) for i in indices])
+        return images, self.predict(images, scales, flip)
+
+
+class Progress:
+    """A line per tenth of a pass on the driver (Ray Data's bars are off in tests and logs)."""
+
+    def __init__(self, stage: str, total: int, unit: str = "images"):
+        self.stage, self.total, self.unit = stage, total, unit
+        self.done = 0
+        self.every = max(1, math.ceil(total / 10))
+        self.started = time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        before, self.done = self.done, self.done + n
+        if self.done // self.every > before // self.every or self.done == self.total:
+            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+            print(f"{self.stage}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s)", flush=True)
 
 
 def pool_options(cfg: Config, items: int) -> tuple[Actors, dict]:

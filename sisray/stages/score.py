@@ -25,21 +25,21 @@ from PIL import Image
 from sisray.cluster import stage_errors
 from sisray.config import Config, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
+from sisray.errors import DatasetError, SisrayError
 from sisray.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 from sisray.lse.entropy import normalise_per_class, pixel_entropy
-from sisray.lse.patches import Box, crop_and_scale, keep_mask, scale_invariant_examples
+from sisray.lse.patches import Box, crop_and_scale, crop_and_scale_labels, keep_mask, scale_invariant_examples
 from sisray.lse.records import image_records
 from sisray.lse.selection import select
 from sisray.lse.thresholds import class_thresholds
 from sisray.models import checkpoint_file
-from sisray.stages.actors import ActorSpec, ModelActor, png_array, png_bytes, pool_options
+from sisray.stages.actors import ActorSpec, ModelActor, Progress, png_array, png_bytes, pool_options
 from sisray.storage import atomic_write_json
 
 
 @dataclass(frozen=True)
 class PassSpec(ActorSpec):
     round: int = 0
-    tau: tuple[float, ...] = ()
 
 
 def image_seed(seed: int, round_: int, index: int) -> int:
@@ -47,50 +47,105 @@ def image_seed(seed: int, round_: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, round_, index]).generate_state(1)[0])
 
 
+RECORD_KEYS = ("counts", "scores", "mean_entropy", "histograms")
+
+
 class Scorer(ModelActor):
-    """{"id"} -> per-image records (counts, scores, mean_entropy, histograms)."""
+    """{"id"} -> per-image records (counts, scores, mean_entropy, histograms) and `error`: empty, or
+    why the image was skipped (only with the target's `skip_bad_pairs`; its records stay zero)."""
 
     def __call__(self, batch: dict) -> dict:
         indices = [int(i) for i in batch["id"]]
-        _, probs = self.probabilities(indices)
-        records = image_records(probs, self.cfg.lse.threshold.bins)
+        images, errors = self.load_images(indices)
+        bins = self.cfg.lse.threshold.bins
+        out = {"counts": np.zeros((len(indices), NUM_CLASSES), np.int64),
+               "scores": np.zeros((len(indices), NUM_CLASSES), np.float32),
+               "mean_entropy": np.zeros((len(indices), NUM_CLASSES), np.float32),
+               "histograms": np.zeros((len(indices), NUM_CLASSES, bins), np.int64)}
+        rows = [k for k, i in enumerate(indices) if i in images]
+        if rows:
+            records = image_records(self.predict([images[indices[k]] for k in rows]), bins)
+            for key in RECORD_KEYS:
+                out[key][rows] = getattr(records, key).cpu().numpy()
         return {"index": np.asarray(indices, np.int64),
                 "sample_id": np.array([self.dataset.samples[i].id for i in indices], dtype=object),
-                "counts": records.counts.cpu().numpy(), "scores": records.scores.cpu().numpy(),
-                "mean_entropy": records.mean_entropy.cpu().numpy(), "histograms": records.histograms.cpu().numpy()}
+                **out, "error": np.array([errors.get(i, "") for i in indices], dtype=object)}
+
+
+PATCH_COLUMNS = ("index", "sample_id", "image", "patch", "top", "left", "height", "width", "scale", "zoom_out",
+                 "label_png", "class_pixels", "ignored_pixels", "truth_pixels", "correct_pixels")
+
+
+@dataclass(frozen=True)
+class PatchSpec(PassSpec):
+    tau: tuple[float, ...] = ()
+    diagnose: bool = False  # compare pseudo-labels with the target's train labels (reporting only)
 
 
 class Patcher(ModelActor):
-    """{"id"} of selected images -> one row per scale-invariant example."""
+    """{"id"} of selected images -> one row per scale-invariant example: where it comes from, its
+    compressed uint8 label, and its label's pixels per class (and, with `diagnose`, how many of
+    them agree with the ground truth)."""
+
+    def __init__(self, spec: PatchSpec):
+        super().__init__(spec)
+        self.truth = open_target(self.cfg.data.target, "train", with_labels=True) if spec.diagnose else None
+        self.truth_index = {s.id: k for k, s in enumerate(self.truth.samples)} if self.truth else {}
+
+    def examples(self, index: int, image: torch.Tensor, probs: torch.Tensor) -> list:
+        lse = self.cfg.lse
+        prediction = probs.max(0).indices
+        normalised = normalise_per_class(pixel_entropy(probs[None]), prediction[None], NUM_CLASSES)[0]
+        keep = keep_mask(normalised, prediction, torch.tensor(self.spec.tau)).cpu()
+        generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, self.spec.round, index))
+        predict = None if lse.entropy_gap is None else (lambda patches: self.predict(patches).cpu())
+        return [example for zoom_out in ((False, True) if lse.zoom_out else (False,))
+                for example in scale_invariant_examples(image.float(), probs.cpu(), keep, [lse.scale],
+                                                        lse.patches_per_image, generator, zoom_out, predict,
+                                                        lse.entropy_gap or 0.0)]
+
+    def agreement(self, sample_id: str, box: Box, label: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Per pseudo-label class: pixels with a ground-truth label, and those where the two agree."""
+        truth = crop_and_scale_labels(self.truth.load_label(self.truth_index[sample_id], native=True), box,
+                                      tuple(label.shape))
+        checked = (label != IGNORE) & (truth != IGNORE)
+        return (np.bincount(label[checked].numpy(), minlength=NUM_CLASSES),
+                np.bincount(label[checked & (label == truth)].numpy(), minlength=NUM_CLASSES))
 
     def __call__(self, batch: dict) -> dict:
         indices = [int(i) for i in batch["id"]]
         images, probs = self.probabilities(indices)
-        lse = self.cfg.lse
-        tau = torch.tensor(self.spec.tau)
-        rows: dict[str, list] = {k: [] for k in ("index", "sample_id", "image", "patch", "top", "left", "height",
-                                                 "width", "scale", "zoom_out", "label_png")}
+        rows: dict[str, list] = {k: [] for k in PATCH_COLUMNS}
         for k, index in enumerate(indices):
-            prediction = probs[k].max(0).indices
-            normalised = normalise_per_class(pixel_entropy(probs[k:k + 1]), prediction[None], NUM_CLASSES)[0]
-            keep = keep_mask(normalised, prediction, tau)
-            generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, self.spec.round, index))
-            examples = scale_invariant_examples(images[k].float(), probs[k].cpu(), keep.cpu(), [lse.scale],
-                                                lse.patches_per_image, generator)
             sample = self.dataset.samples[index]
-            for p, example in enumerate(examples):
-                box = example.box
-                values = (index, sample.id, sample.image, p, box.top, box.left, box.height, box.width, box.scale,
-                          box.zoom_out, png_bytes(example.label.cpu().numpy().astype(np.uint8)))
+            for number, example in enumerate(self.examples(index, images[k], probs[k])):
+                box, label = example.box, example.label.cpu()
+                pixels = np.bincount(label.numpy().ravel(), minlength=IGNORE + 1)
+                values = [index, sample.id, sample.image, number, box.top, box.left, box.height, box.width,
+                          box.scale, box.zoom_out, png_bytes(label.numpy().astype(np.uint8)),
+                          pixels[:NUM_CLASSES], pixels[IGNORE]]
+                if self.truth is not None and sample.id in self.truth_index:
+                    values += self.agreement(sample.id, box, label)
+                else:
+                    values += [np.zeros(NUM_CLASSES, np.int64)] * 2
                 for key, value in zip(rows, values):
                     rows[key].append(value)
-        return {k: np.array(v, dtype=object if k in ("sample_id", "image", "label_png") else None)
-                for k, v in rows.items()}
+        out = {k: np.array(v, dtype=object if k in ("sample_id", "image", "label_png") else None)
+               for k, v in rows.items()}
+        for key in ("class_pixels", "truth_pixels", "correct_pixels"):
+            out[key] = out[key].reshape(-1, NUM_CLASSES).astype(np.int64)
+        return out
+
+
+def arrow_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A numpy batch as a plain Arrow table (2-D columns as lists), readable without Ray."""
+    return pa.table({k: pa.array(v.tolist() if v.ndim > 1 or v.dtype == object else v) for k, v in batch.items()})
 
 
 def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.ndarray]:
     """Score every target-train image; writes `out` (Parquet) atomically and returns the (N, C)
-    tables ordered by image index: counts, scores, mean_entropy, and the sample ids."""
+    tables ordered by image index: counts, scores, mean_entropy, the sample ids, and `skipped`
+    ({sample id: error} of images skipped as unreadable with `skip_bad_pairs`)."""
     import ray
 
     cfg = with_absolute_paths(cfg)
@@ -102,34 +157,42 @@ def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.n
     tables = {"counts": np.zeros((n, NUM_CLASSES), np.int64), "scores": np.zeros((n, NUM_CLASSES), np.float32),
               "mean_entropy": np.zeros((n, NUM_CLASSES), np.float32)}
     sample_ids = np.empty(n, dtype=object)
+    seen = np.zeros(n, bool)
+    skipped: dict[str, str] = {}
+    progress = Progress("scoring", n)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp")
     writer = None
-    seen = 0
     try:
         try:
             with stage_errors("scoring"):
                 for batch in results.iter_batches(batch_format="numpy", batch_size=None):
                     index = batch["index"]
+                    if seen[index].any():  # a retried actor must not count an image twice
+                        raise SisrayError(f"scoring returned image {int(index[seen[index]][0])} twice")
+                    seen[index] = True
                     for key in tables:
                         tables[key][index] = batch[key]
                     sample_ids[index] = batch["sample_id"]
-                    seen += len(index)
-                    table = pa.table({"index": index, "sample_id": batch["sample_id"].astype(str),
-                                      **{k: batch[k].tolist() for k in ("counts", "scores", "mean_entropy", "histograms")}})
+                    skipped.update((s, e) for s, e in zip(batch["sample_id"], batch["error"]) if e)
+                    table = arrow_table(batch)
                     writer = writer or pq.ParquetWriter(staging, table.schema)
                     writer.write_table(table)
+                    progress.advance(len(index))
         finally:
             if writer:
                 writer.close()
+        if not seen.all():
+            raise SisrayError(f"scoring returned no record for {int((~seen).sum())} of {n} images")
     except BaseException:
         staging.unlink(missing_ok=True)  # never leave half a scores file
         raise
-    if seen != n:
-        staging.unlink(missing_ok=True)
-        raise RuntimeError(f"scoring returned {seen} records for {n} images")
+    if skipped:
+        print(f"scoring: skipped {len(skipped)} unreadable image(s) (skip_bad_pairs), e.g. "
+              f"{next(iter(skipped.values()))}", flush=True)
     staging.replace(out)
     tables["sample_id"] = sample_ids
+    tables["skipped"] = skipped
     return tables
 
 
@@ -163,6 +226,15 @@ def select_and_threshold(cfg: Config, tables: dict, p: float, scores_file: Path,
     return selection.selected, tau
 
 
+def has_train_labels(cfg: Config) -> bool:
+    """Whether the target's train split has labels (then the patch pass reports pseudo-label accuracy)."""
+    try:
+        open_target(cfg.data.target, "train", with_labels=True)
+    except DatasetError:
+        return False
+    return True
+
+
 def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np.ndarray, round_: int,
                out: Path) -> int:
     """Write the patch records of the selected images as Parquet shards under `out`; returns the count."""
@@ -170,8 +242,8 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
 
     cfg = with_absolute_paths(cfg)
     actors, options = pool_options(cfg, max(1, len(selected)))
-    spec = PassSpec(config_to_dict(cfg), str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu,
-                    round_, tuple(float(t) for t in tau))
+    spec = PatchSpec(config_to_dict(cfg), str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu,
+                     round_, tuple(float(t) for t in tau), has_train_labels(cfg))
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     count = 0
@@ -179,11 +251,19 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     if selected:
         patches = ray.data.from_items([{"id": i} for i in selected]).map_batches(
             Patcher, fn_constructor_kwargs={"spec": spec}, **options)
+        progress = Progress("patch pass", len(selected))
+        done: set[int] = set()
         try:
             with stage_errors("patch pass"):
-                for shard, batch in enumerate(patches.iter_batches(batch_format="pyarrow", batch_size=None)):
-                    pq.write_table(batch, staging / f"part-{shard:05d}.parquet")
-                    count += batch.num_rows
+                for shard, batch in enumerate(patches.iter_batches(batch_format="numpy", batch_size=None)):
+                    images = set(batch["index"].tolist())
+                    if images & done:
+                        raise SisrayError(f"patch pass returned image {min(images & done)} twice")
+                    done |= images
+                    if len(batch["index"]):
+                        pq.write_table(arrow_table(batch), staging / f"part-{shard:05d}.parquet")
+                    count += len(batch["index"])
+                    progress.advance(len(images))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # never leave half a patch set
             raise
@@ -220,13 +300,29 @@ class PatchDataset(torch.utils.data.Dataset):
 
 
 def summary(tables: dict, selected: list[int], patches: Path, tau: np.ndarray) -> dict:
-    """Per round: images scored, selected, patches written, pseudo-label coverage per class."""
-    rows = read_patches(patches)
-    pixels = np.zeros(256, np.int64)
-    for row in rows:
-        pixels += np.bincount(png_array(row["label_png"]).ravel(), minlength=256)
-    total = max(int(pixels.sum()), 1)
-    return {"images_scored": int(len(tables["counts"])), "selected_images": len(selected), "patches": len(rows),
-            "ignored_share": float(pixels[IGNORE] / total),
-            "coverage": {CLASS_NAMES[c]: float(pixels[c] / total) for c in range(NUM_CLASSES)},
-            "tau": {CLASS_NAMES[c]: float(tau[c]) for c in range(NUM_CLASSES)}}
+    """Per round: images scored (and skipped), selected, patches written, pseudo-label coverage per
+    class; and, where the target's train labels exist, pseudo-label accuracy per class — a
+    diagnostic for the reader, never used for any decision."""
+    files = sorted(Path(patches).glob("*.parquet"))
+    columns = ["class_pixels", "ignored_pixels", "truth_pixels", "correct_pixels"]
+    pixels, truth, correct = (np.zeros(NUM_CLASSES, np.int64) for _ in range(3))
+    ignored = 0
+    rows = 0
+    for f in files:
+        table = pq.read_table(f, columns=columns)
+        rows += table.num_rows
+        pixels += np.asarray(table.column("class_pixels").to_pylist(), np.int64).sum(axis=0)
+        ignored += int(table.column("ignored_pixels").to_numpy().sum())
+        truth += np.asarray(table.column("truth_pixels").to_pylist(), np.int64).sum(axis=0)
+        correct += np.asarray(table.column("correct_pixels").to_pylist(), np.int64).sum(axis=0)
+    total = max(int(pixels.sum()) + ignored, 1)
+    block = {"images_scored": int(len(tables["counts"])), "images_skipped": len(tables.get("skipped", {})),
+             "selected_images": len(selected), "patches": rows, "ignored_share": ignored / total,
+             "coverage": {CLASS_NAMES[c]: float(pixels[c] / total) for c in range(NUM_CLASSES)},
+             "tau": {CLASS_NAMES[c]: float(tau[c]) for c in range(NUM_CLASSES)}}
+    if truth.sum() > 0:
+        block["pseudo_label_accuracy"] = {
+            "overall": float(correct.sum() / truth.sum()),
+            "per_class": {CLASS_NAMES[c]: (float(correct[c] / truth[c]) if truth[c] else None)
+                          for c in range(NUM_CLASSES)}}
+    return block
