@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from sisray.cli import add_config_arguments, add_run_dir_argument, evaluation_metrics, job_config, run  # noqa: E402
 from sisray.config import save_config  # noqa: E402
-from sisray.storage import atomic_write_json  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +29,7 @@ def main() -> None:
     from sisray.cluster import start_ray
     from sisray.datasets import open_target
     from sisray.metrics import format_iou_table
-    from sisray.stages.evaluate import evaluate, json_ready
+    from sisray.stages.evaluate import evaluate_into
     from sisray.stages.train import train_source, training_set
     from sisray.tracking import Tracking
 
@@ -43,11 +42,9 @@ def main() -> None:
     status = "FAILED"
     try:
         checkpoint = train_source(cfg, run_dir, tracking.logger)
-        figure = run_dir / "source" / "overlay.png"
-        summary = evaluate(cfg, checkpoint, figure=figure)
-        atomic_write_json(run_dir / "source" / "eval.json", json_ready(summary))
+        summary = evaluate_into(cfg, checkpoint, run_dir / "source")
         tracking.metrics(evaluation_metrics(summary, "source"))
-        for artifact in (run_dir / "config.yaml", run_dir / "source" / "eval.json", figure):
+        for artifact in (run_dir / "config.yaml", run_dir / "source" / "eval.json", run_dir / "source" / "overlay.png"):
             tracking.artifact(artifact)
         name = "oracle (target labels)" if cfg.train.oracle else "source-only"
         print(f"\n{name} model on target val (IoU %):")

@@ -57,6 +57,7 @@ class ModelConfig:
     name: Literal["fcn8s_vgg16", "deeplabv2_r101"] = "fcn8s_vgg16"
     width: float = bounded(1.0, 0.0, 1.0, lo_open=True)  # channel multiplier; 1 = the paper's
     init: str = "imagenet"  # "random", "imagenet", or the path of a checkpoint file
+    source_checkpoint: str | None = None  # a trained source model to adapt; None: the source stage trains one
 
 
 @dataclass
@@ -316,8 +317,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """The config with dataset roots, run_dir and a checkpoint `model.init` made absolute: Ray workers
-    and actors do not run in the driver's working directory."""
+    """The config with dataset roots, run_dir and checkpoint paths made absolute: Ray workers and
+    actors do not run in the driver's working directory."""
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve())
 
@@ -325,5 +326,6 @@ def with_absolute_paths(cfg: Config) -> Config:
         cfg.data, source=dataclasses.replace(cfg.data.source, root=absolute(cfg.data.source.root)),
         target=dataclasses.replace(cfg.data.target, root=absolute(cfg.data.target.root)))
     init = cfg.model.init if cfg.model.init in ("random", "imagenet") else absolute(cfg.model.init)
+    source = cfg.model.source_checkpoint and absolute(cfg.model.source_checkpoint)
     return dataclasses.replace(cfg, data=data, run_dir=absolute(cfg.run_dir),
-                               model=dataclasses.replace(cfg.model, init=init))
+                               model=dataclasses.replace(cfg.model, init=init, source_checkpoint=source))

@@ -88,7 +88,8 @@ def format_iou_table(columns: dict[str, dict], classes: Iterable[int] = EVAL_SET
     lines = [f"{'class':<16}" + "".join(f"{n:>{width}}" for n in names)]
 
     def cell(value: float) -> str:
-        return f"{'-':>{width}}" if value != value else f"{100 * value:>{width}.1f}"
+        missing = value is None or value != value  # no IoU: NaN, or null once read back from JSON
+        return f"{'-':>{width}}" if missing else f"{100 * value:>{width}.1f}"
 
     for c in classes:
         lines.append(f"{CLASS_NAMES[c]:<16}" + "".join(cell(columns[n]["per_class"][CLASS_NAMES[c]]) for n in names))

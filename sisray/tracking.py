@@ -69,9 +69,11 @@ class RunLogger:
 class Tracking:
     """The job's MLflow run (or nothing, with tracking disabled)."""
 
-    def __init__(self, cfg: Config, job: str):
+    def __init__(self, cfg: Config, job: str, resume_run_id: str | None = None):
+        """A new run, or with `resume_run_id` (a resumed job) that run, continued."""
         self.enabled = cfg.tracking.enabled
         self.logger: RunLogger | None = None
+        self.run_id: str | None = None
         if not self.enabled:
             return
         import mlflow
@@ -82,6 +84,11 @@ class Tracking:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (experiment.experiment_id if experiment
                               else client.create_experiment(cfg.tracking.experiment))
+        if resume_run_id and self._exists(client, resume_run_id):
+            self.run_id = resume_run_id
+            client.update_run(self.run_id, status="RUNNING")
+            self.logger = RunLogger(self.uri, self.run_id)
+            return
         run = client.create_run(self.experiment_id, run_name=f"{job}:{Path(cfg.run_dir).name}",
                                 tags={"sisray.job": job, "sisray.run_dir": str(Path(cfg.run_dir).resolve()),
                                       "mlflow.source.name": f"jobs/{job}.py"})
@@ -91,6 +98,12 @@ class Tracking:
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow's batch limit
             client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+
+    def _exists(self, client, run_id: str) -> bool:
+        try:
+            return client.get_run(run_id).info.experiment_id == self.experiment_id
+        except Exception:  # MLflow raises MlflowException for an unknown id
+            return False
 
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.logger:

@@ -9,12 +9,13 @@ from sisray.datasets.gta5 import GTA5
 from sisray.datasets.synthetic import SyntheticSource, SyntheticTarget
 from sisray.datasets.synthia import SYNTHIA
 from sisray.errors import DatasetError
+from sisray.labels import NUM_CLASSES
 
 SOURCE_DATASETS: dict[str, type[SegmentationDataset]] = {"gta5": GTA5, "synthia": SYNTHIA, "synthetic": SyntheticSource}
 TARGET_DATASETS: dict[str, type[SegmentationDataset]] = {"cityscapes": Cityscapes, "synthetic": SyntheticTarget}
 
 __all__ = ["Sample", "SegmentationDataset", "GTA5", "SYNTHIA", "Cityscapes", "SyntheticSource",
-           "SyntheticTarget", "open_source", "open_target"]
+           "SyntheticTarget", "open_source", "open_target", "unlabelled_source_classes"]
 
 
 def _lookup(registry: dict, name: str, role: str) -> type[SegmentationDataset]:
@@ -27,6 +28,12 @@ def open_source(cfg: DomainConfig) -> SegmentationDataset:
     """The labelled source training set at its working size."""
     cls = _lookup(SOURCE_DATASETS, cfg.name, "source")
     return cls(cfg.root, "train", cfg.size, with_labels=True, skip_bad_pairs=cfg.skip_bad_pairs)
+
+
+def unlabelled_source_classes(cfg: DomainConfig) -> tuple[int, ...]:
+    """The trainIds a source never labels (SYNTHIA: terrain, truck, train): selection skips them."""
+    labelled = _lookup(SOURCE_DATASETS, cfg.name, "source").eval_classes
+    return tuple(c for c in range(NUM_CLASSES) if c not in labelled)
 
 
 def open_target(cfg: TargetConfig, split: str, with_labels: bool) -> SegmentationDataset:

@@ -24,6 +24,7 @@ from sisray.labels import TRAINID_TO_CITYSCAPES_ID, colorize
 from sisray.metrics import ConfusionMatrix
 from sisray.models import checkpoint_file
 from sisray.stages.actors import ActorSpec, ModelActor, png_array, png_bytes, pool_options
+from sisray.storage import atomic_write_json
 
 OVERLAYS = 3  # val images shown in the overlay figure
 PREDICTION_SUFFIX = "_pred_labelIds.png"  # the official evaluator matches <city>_<seq>_<frame>*.png
@@ -118,3 +119,10 @@ def json_ready(summary: dict) -> dict:
             return None
         return value
     return clean(summary)
+
+
+def evaluate_into(cfg: Config, checkpoint: str | Path, folder: Path) -> dict:
+    """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png."""
+    summary = json_ready(evaluate(cfg, checkpoint, figure=folder / "overlay.png"))
+    atomic_write_json(folder / "eval.json", summary)
+    return summary

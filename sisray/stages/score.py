@@ -12,6 +12,7 @@ batch size or the order in which blocks finish.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from sisray.cluster import stage_errors
 from sisray.config import Config, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.errors import DatasetError, SisrayError
-from sisray.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
+from sisray.labels import CLASS_NAMES, IGNORE, NUM_CLASSES, colorize
 from sisray.lse.entropy import normalise_per_class, pixel_entropy
 from sisray.lse.patches import Box, crop_and_scale, crop_and_scale_labels, keep_mask, scale_invariant_examples
 from sisray.lse.records import image_records
@@ -142,10 +143,9 @@ def arrow_table(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table({k: pa.array(v.tolist() if v.ndim > 1 or v.dtype == object else v) for k, v in batch.items()})
 
 
-def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.ndarray]:
-    """Score every target-train image; writes `out` (Parquet) atomically and returns the (N, C)
-    tables ordered by image index: counts, scores, mean_entropy, the sample ids, and `skipped`
-    ({sample id: error} of images skipped as unreadable with `skip_bad_pairs`)."""
+def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict:
+    """Score every target-train image; writes `out` (Parquet) atomically and returns its tables
+    (`read_scores`)."""
     import ray
 
     cfg = with_absolute_paths(cfg)
@@ -154,11 +154,7 @@ def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.n
     spec = PassSpec(config_to_dict(cfg), str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu)
     results = ray.data.range(len(dataset)).map_batches(Scorer, fn_constructor_kwargs={"spec": spec}, **options)
     n = len(dataset)
-    tables = {"counts": np.zeros((n, NUM_CLASSES), np.int64), "scores": np.zeros((n, NUM_CLASSES), np.float32),
-              "mean_entropy": np.zeros((n, NUM_CLASSES), np.float32)}
-    sample_ids = np.empty(n, dtype=object)
     seen = np.zeros(n, bool)
-    skipped: dict[str, str] = {}
     progress = Progress("scoring", n)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp")
@@ -171,10 +167,6 @@ def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.n
                     if seen[index].any():  # a retried actor must not count an image twice
                         raise SisrayError(f"scoring returned image {int(index[seen[index]][0])} twice")
                     seen[index] = True
-                    for key in tables:
-                        tables[key][index] = batch[key]
-                    sample_ids[index] = batch["sample_id"]
-                    skipped.update((s, e) for s, e in zip(batch["sample_id"], batch["error"]) if e)
                     table = arrow_table(batch)
                     writer = writer or pq.ParquetWriter(staging, table.schema)
                     writer.write_table(table)
@@ -187,12 +179,24 @@ def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict[str, np.n
     except BaseException:
         staging.unlink(missing_ok=True)  # never leave half a scores file
         raise
-    if skipped:
-        print(f"scoring: skipped {len(skipped)} unreadable image(s) (skip_bad_pairs), e.g. "
-              f"{next(iter(skipped.values()))}", flush=True)
     staging.replace(out)
-    tables["sample_id"] = sample_ids
-    tables["skipped"] = skipped
+    tables = read_scores(out)
+    if tables["skipped"]:
+        print(f"scoring: skipped {len(tables['skipped'])} unreadable image(s) (skip_bad_pairs), e.g. "
+              f"{next(iter(tables['skipped'].values()))}", flush=True)
+    return tables
+
+
+def read_scores(scores_file: Path) -> dict:
+    """The (N, C) tables of a scores file ordered by image index (counts, scores, mean_entropy), the
+    sample ids, and `skipped` ({sample id: error} of images skipped with `skip_bad_pairs`)."""
+    table = pq.read_table(scores_file, columns=["index", "sample_id", "counts", "scores", "mean_entropy", "error"])
+    order = np.argsort(table.column("index").to_numpy())
+    tables = {key: np.asarray(table.column(key).to_pylist(), dtype)[order]
+              for key, dtype in (("counts", np.int64), ("scores", np.float32), ("mean_entropy", np.float32))}
+    tables["sample_id"] = np.asarray(table.column("sample_id").to_pylist(), dtype=object)[order]
+    errors = np.asarray(table.column("error").to_pylist(), dtype=object)[order]
+    tables["skipped"] = {str(i): str(e) for i, e in zip(tables["sample_id"], errors) if e}
     return tables
 
 
@@ -224,6 +228,13 @@ def select_and_threshold(cfg: Config, tables: dict, p: float, scores_file: Path,
         "estimator": threshold.estimator, "window": threshold.window, "quantile": threshold.quantile,
         "fallback": threshold.fallback, "tau": {CLASS_NAMES[c]: float(tau[c]) for c in range(NUM_CLASSES)}})
     return selection.selected, tau
+
+
+def read_selection(folder: Path) -> tuple[list[int], np.ndarray]:
+    """The selected image indices and tau of a round, from its selection.json and thresholds.json."""
+    selected = json.loads((folder / "selection.json").read_text())["selected_index"]
+    tau = json.loads((folder / "thresholds.json").read_text())["tau"]
+    return selected, np.array([tau[name] for name in CLASS_NAMES], np.float64)
 
 
 def has_train_labels(cfg: Config) -> bool:
@@ -326,3 +337,19 @@ def summary(tables: dict, selected: list[int], patches: Path, tau: np.ndarray) -
             "per_class": {CLASS_NAMES[c]: (float(correct[c] / truth[c]) if truth[c] else None)
                           for c in range(NUM_CLASSES)}}
     return block
+
+
+def pseudo_label_figure(folder: Path, size: tuple[int, int], out: Path, count: int = 3) -> Path | None:
+    """The first `count` examples of a patch set: patch image | its pseudo-label in the Cityscapes
+    palette (ignored pixels black), one per row."""
+    data = PatchDataset(folder, size)
+    if not len(data):
+        return None
+    rows = []
+    for i in range(min(count, len(data))):
+        image, label = data[i]
+        rows.append(np.concatenate([image.permute(1, 2, 0).clamp(0, 255).byte().numpy(),
+                                    colorize(label.numpy().astype(np.uint8))], axis=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    return out

@@ -9,6 +9,7 @@ exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -16,8 +17,10 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sisray.cluster import train_workers
@@ -25,8 +28,9 @@ from sisray.config import Config, config_from_dict, config_to_dict, with_absolut
 from sisray.datasets import SegmentationDataset, open_source, open_target
 from sisray.errors import SisrayError
 from sisray.labels import NUM_CLASSES
-from sisray.lse.losses import cross_entropy
-from sisray.models import build_model, load_state
+from sisray.lse.losses import cross_entropy, lse_target_loss
+from sisray.models import build_model, checkpoint_file, load_state
+from sisray.stages.score import PatchDataset, read_patches
 from sisray.tracking import RunLogger
 
 # Optimiser presets of METHOD.md; `train.lr` overrides the base rate.
@@ -37,11 +41,19 @@ VGG_LR, DEEPLAB_LR = 1e-6, 2.5e-4
 class TrainSpec:
     """Everything a worker needs (picklable)."""
     config: dict
-    stage: str  # "source"
+    stage: str  # "source", or "round_XX" for the retraining of a round
     steps: int
     init: str  # model init for this stage: random, imagenet or a checkpoint path
     threads: int
     logger: RunLogger | None
+    round: int = 0
+    patches: str | None = None  # a round's patch set: each step adds a pseudo-labelled batch
+    carried_state: str | None = None  # train_state.pt of the previous stage: its optimiser state carries over
+
+
+def stream_seed(seed: int, round_: int, stream: int) -> int:
+    """The seed of one sample stream (0: labelled, 1: patches) of one round."""
+    return int(np.random.SeedSequence([seed, round_, stream]).generate_state(1)[0]) if round_ else seed
 
 
 def steps_for(epochs: float, samples: int, batch_size: int) -> int:
@@ -60,22 +72,32 @@ def global_batch(step: int, batch_size: int, samples: int, seed: int) -> list[in
     return out
 
 
-def make_optimizer(model: torch.nn.Module, name: str, lr: float | None, total_steps: int):
-    """VGG16-FCN8s: Adam, biases at twice the rate, constant. DeepLab-v2: SGD, head at 10x, poly 0.9."""
+def make_optimizer(model: torch.nn.Module, name: str, lr: float | None, total_steps: int,
+                   carried: dict | None = None):
+    """VGG16-FCN8s: Adam, biases at twice the rate, constant. DeepLab-v2: SGD, head at 10x, poly 0.9
+    over `total_steps`. `carried` is the optimiser state of the previous stage (moments, momentum):
+    it is loaded, but every group starts again at its configured rate."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name == "fcn8s_vgg16":
         lr = lr or VGG_LR
         groups = [{"params": [p for n, p in trainable if not n.endswith("bias")], "lr": lr},
                   {"params": [p for n, p in trainable if n.endswith("bias")], "lr": 2 * lr}]
         optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), weight_decay=0.0)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    lr = lr or DEEPLAB_LR
-    head = {id(p) for p in model.head_parameters()}
-    groups = [{"params": [p for _, p in trainable if id(p) not in head], "lr": lr},
-              {"params": [p for _, p in trainable if id(p) in head], "lr": 10 * lr}]
-    optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
-    poly = lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9  # noqa: E731
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        schedule = lambda step: 1.0  # noqa: E731
+    else:
+        lr = lr or DEEPLAB_LR
+        head = {id(p) for p in model.head_parameters()}
+        groups = [{"params": [p for _, p in trainable if id(p) not in head], "lr": lr},
+                  {"params": [p for _, p in trainable if id(p) in head], "lr": 10 * lr}]
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
+        schedule = lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9  # noqa: E731
+    if carried:
+        rates = [g["lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(carried)
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+            group.pop("initial_lr", None)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def training_set(cfg: Config) -> SegmentationDataset:
@@ -110,8 +132,19 @@ def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, se
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _no_sync(net):
+    """Accumulate the first of two backward passes locally (DDP syncs once per step)."""
+    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
+
+
+def _forward(net, images, use_amp: bool):
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        return net(images)
+
+
 def train_loop(loop_config: dict) -> None:
-    """The per-worker loop of Ray Train."""
+    """The per-worker loop of Ray Train. Each step: a labelled batch (CE), and in a round also a
+    batch of scale-invariant examples with their pseudo-labels (CE + beta * FL, METHOD.md step 5)."""
     import ray.train
     import ray.train.torch
 
@@ -122,9 +155,11 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
     dataset = training_set(cfg)
+    patches = PatchDataset(Path(spec.patches), cfg.data.target.size) if spec.patches else None
     torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and every run
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.init)
-    optimizer, scheduler = make_optimizer(model, cfg.model.name, cfg.train.lr, spec.steps)
+    carried = torch.load(spec.carried_state, weights_only=True)["optimizer"] if spec.carried_state else None
+    optimizer, scheduler = make_optimizer(model, cfg.model.name, cfg.train.lr, spec.steps, carried)
     start = 0
     restored = ray.train.get_checkpoint()
     if restored:
@@ -136,33 +171,46 @@ def train_loop(loop_config: dict) -> None:
         start = state["step"]
     net = ray.train.torch.prepare_model(model)  # device placement, and DDP when world > 1
     per_worker = cfg.train.batch_size // world
+    mine = slice(rank * per_worker, (rank + 1) * per_worker)
     use_amp = device.type == "cuda"
-    losses: list[float] = []
+    logged: dict[str, list[float]] = {}
     step_times: list[float] = []
     for step in range(start, spec.steps):
         began = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)  # dropout draws: a function of (seed, step, rank)
-        indices = global_batch(step, cfg.train.batch_size, len(dataset), cfg.seed)
-        images, labels = load_batch(dataset, indices[rank * per_worker:(rank + 1) * per_worker], device)
+        # dropout draws: a function of (seed, round, step, rank)
+        torch.manual_seed(cfg.seed * 1_000_003 + spec.round * 104_729 + step * 7919 + rank)
         net.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = net(images)
-        loss = cross_entropy(logits, labels)
+        indices = global_batch(step, cfg.train.batch_size, len(dataset), stream_seed(cfg.seed, spec.round, 0))
+        images, labels = load_batch(dataset, indices[mine], device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if patches is None:
+            loss = cross_entropy(_forward(net, images, use_amp), labels)
+            loss.backward()
+            parts = {"loss": loss.item()}
+        else:
+            with _no_sync(net):
+                source_loss = cross_entropy(_forward(net, images, use_amp), labels)
+                source_loss.backward()
+            indices = global_batch(step, cfg.train.batch_size, len(patches), stream_seed(cfg.seed, spec.round, 1))
+            images, labels = load_batch(patches, indices[mine], device)
+            target_loss = lse_target_loss(_forward(net, images, use_amp), labels, cfg.lse.beta, cfg.lse.gamma)
+            target_loss.backward()
+            parts = {"loss": source_loss.item() + target_loss.item(), "source_ce": source_loss.item(),
+                     "target_loss": target_loss.item()}
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        for key, value in parts.items():
+            logged.setdefault(key, []).append(value)
         step_times.append(time.perf_counter() - began)
         done = step + 1
         if rank == 0 and spec.logger and (done % cfg.train.log_every == 0 or done == spec.steps):
-            spec.logger.metrics({f"{spec.stage}/loss": sum(losses) / len(losses),
+            spec.logger.metrics({**{f"{spec.stage}/{k}": sum(v) / len(v) for k, v in logged.items()},
                                  f"{spec.stage}/lr": scheduler.get_last_lr()[0]}, step=done)
-            losses = []
+            logged = {}
         if done % cfg.train.checkpoint_every == 0 or done == spec.steps:
             # steady-state throughput: the median step leaves out the warm-up of the first steps
             samples_per_s = cfg.train.batch_size / statistics.median(step_times)
-            metrics = {"step": done, "loss": loss.item(), "resumed_from": start, "samples_per_s": samples_per_s}
+            metrics = {"step": done, "loss": parts["loss"], "resumed_from": start, "samples_per_s": samples_per_s}
             _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed)
     if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
         metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
@@ -172,7 +220,8 @@ def train_loop(loop_config: dict) -> None:
 def fit(cfg: Config, spec: TrainSpec, run_dir: Path, name: str):
     """Run `train_loop` on Ray Train; returns Ray Train's result (final checkpoint and its metrics).
 
-    Re-running with the same run directory resumes from the last checkpoint Ray Train kept there.
+    Ray Train keeps its checkpoints in RUN/<name>/train/; re-running with the same run directory
+    resumes from the last one.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -186,7 +235,7 @@ def fit(cfg: Config, spec: TrainSpec, run_dir: Path, name: str):
         scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
                                                resources_per_worker={"CPU": workers.cpus_each}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(run_dir.resolve()),
+            name="train", storage_path=str((run_dir / name).resolve()),  # Ray Train's files: RUN/<stage>/train/
             failure_config=ray.train.FailureConfig(max_failures=1, controller_failure_limit=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
@@ -205,12 +254,12 @@ def finished_step(checkpoint: Path) -> int:
     return torch.load(state, weights_only=True)["step"] if state.is_file() else 0
 
 
-def publish_checkpoint(source: Path, destination: Path) -> None:
-    """Copy a checkpoint directory to `destination` atomically (copy beside it, then rename)."""
+def publish_checkpoint(files: Iterable[Path], destination: Path) -> None:
+    """Copy checkpoint files into the directory `destination` atomically (copy beside it, then rename)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
-        for item in source.iterdir():
+        for item in files:
             shutil.copy2(item, staging / item.name)
         if destination.exists():
             shutil.rmtree(destination)
@@ -229,5 +278,29 @@ def train_source(cfg: Config, run_dir: Path, logger: RunLogger | None) -> Path:
         return destination
     workers = train_workers(cfg)
     spec = TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, workers.threads_each, logger)
-    publish_checkpoint(Path(fit(cfg, spec, run_dir, "source").checkpoint.path), destination)
+    publish_checkpoint(Path(fit(cfg, spec, run_dir, "source").checkpoint.path).iterdir(), destination)
+    return destination
+
+
+def train_round(cfg: Config, run_dir: Path, round_: int, patches: Path, previous: Path,
+                logger: RunLogger | None) -> Path:
+    """Retraining of one round on the labelled set + the round's patch set, from the previous
+    round's model and optimiser state: writes RUN/round_XX/checkpoint/. Its length is
+    `train.epochs_per_round` passes over the patch set; a round without patches keeps the model."""
+    stage = f"round_{round_:02d}"
+    destination = run_dir / stage / "checkpoint"
+    samples = len(read_patches(patches))
+    steps = steps_for(cfg.train.epochs_per_round, samples, cfg.train.batch_size) if samples else 0
+    if finished_step(destination) >= steps and (destination / "model.pt").is_file():
+        return destination
+    model = checkpoint_file(previous)
+    # A sisray checkpoint directory carries its optimiser state; a bare state-dict file does not.
+    state = previous / "train_state.pt" if previous.is_dir() and (previous / "train_state.pt").is_file() else None
+    if not samples:
+        publish_checkpoint([f for f in (model, state) if f], destination)
+        return destination
+    workers = train_workers(cfg)
+    spec = TrainSpec(config_to_dict(cfg), stage, steps, str(model.resolve()), workers.threads_each, logger,
+                     round_, str(patches.resolve()), str(state.resolve()) if state else None)
+    publish_checkpoint(Path(fit(cfg, spec, run_dir, stage).checkpoint.path).iterdir(), destination)
     return destination

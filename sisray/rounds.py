@@ -1,0 +1,212 @@
+"""The self-training loop of LSE (METHOD.md): a source model, then for each p of the schedule
+score -> select + thresholds -> patches -> retrain -> evaluate (reporting only).
+
+Every stage reads its inputs from the run directory and writes its outputs there atomically;
+RUN/state.json records each finished stage with its wall time. Re-running the same command resumes
+after the last finished stage, and since every random choice is seeded by (seed, round, ...), it
+computes exactly what an uninterrupted run would. The reported model is always the last round's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from sisray.cli import evaluation_metrics
+from sisray.config import Config, LSEConfig, config_to_dict
+from sisray.datasets import unlabelled_source_classes
+from sisray.errors import ConfigError
+from sisray.storage import atomic_write_json
+from sisray.tracking import Tracking, flatten
+
+STATE = "state.json"
+SUMMARY = "summary.json"
+# Keys that change where or how fast a job runs, not what it computes: a run may resume with others.
+NOT_RESULT_KEYS = ("run_dir", "tracking.", "resources.", "train.log_every", "train.checkpoint_every")
+EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class")
+
+
+def schedule(lse: LSEConfig) -> list[float]:
+    """The portions p of the rounds: p0, p0 + step, ... up to p_max (one round if step is 0)."""
+    portions = [lse.p0]
+    while lse.p_step > 0 and portions[-1] + lse.p_step <= lse.p_max + 1e-9:
+        portions.append(round(portions[-1] + lse.p_step, 10))
+    return portions
+
+
+def fingerprint(cfg: Config) -> dict:
+    """The config keys that determine a run's results."""
+    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if not k.startswith(NOT_RESULT_KEYS)}
+
+
+class RunState:
+    """RUN/state.json: the config fingerprint, finished stages with their seconds, the MLflow run."""
+
+    def __init__(self, run_dir: Path, cfg: Config, force: bool = False):
+        self.path = run_dir / STATE
+        self.data = {"fingerprint": fingerprint(cfg), "finished": {}, "mlflow_run_id": None}
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            changed = {k for k in saved["fingerprint"].keys() | self.data["fingerprint"].keys()
+                       if saved["fingerprint"].get(k) != self.data["fingerprint"].get(k)}
+            if changed and not force:
+                listed = "; ".join(f"{k} = {saved['fingerprint'].get(k)!r} there, {self.data['fingerprint'].get(k)!r} now"
+                                   for k in sorted(changed)[:5])
+                raise ConfigError(f"{run_dir} holds a run made with another config ({listed}). Use another "
+                                  f"--run-dir, resume it with --resume {run_dir}, or pass --force to continue it anyway")
+            saved["fingerprint"] = self.data["fingerprint"]
+            self.data = saved
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.data["mlflow_run_id"]
+
+    @mlflow_run_id.setter
+    def mlflow_run_id(self, run_id: str | None) -> None:
+        self.data["mlflow_run_id"] = run_id
+        self.save()
+
+    def finished(self, stage: str) -> bool:
+        return stage in self.data["finished"]
+
+    def seconds(self, stage: str) -> float | None:
+        return self.data["finished"].get(stage)
+
+    def run(self, stage: str, work: Callable[[], object]) -> None:
+        """Run a stage unless it finished before; record it once it has."""
+        if self.finished(stage):
+            return
+        print(f"== {stage}", flush=True)
+        began = time.perf_counter()
+        work()
+        self.data["finished"][stage] = round(time.perf_counter() - began, 2)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def source_checkpoint(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.model.source_checkpoint) if cfg.model.source_checkpoint else run_dir / "source" / "checkpoint"
+
+
+def round_folder(run_dir: Path, r: int) -> Path:
+    return run_dir / f"round_{r:02d}"
+
+
+def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
+    """The whole method; returns (and writes) RUN/summary.json."""
+    from sisray.stages.evaluate import evaluate_into
+    from sisray.stages.score import (patch_pass, pseudo_label_figure, read_scores, read_selection, score_pass,
+                                     select_and_threshold, summary)
+    from sisray.stages.train import train_round, train_source
+
+    run_dir = Path(cfg.run_dir)
+    source = source_checkpoint(cfg, run_dir)
+    if not cfg.model.source_checkpoint:
+        state.run("source/train", lambda: train_source(cfg, run_dir, tracking.logger))
+
+    def evaluation(checkpoint: Path, folder: Path, step: int) -> None:
+        block = evaluate_into(cfg, checkpoint, folder)
+        tracking.metrics(evaluation_metrics(block, "target_val"), step=step)
+        tracking.artifact(folder / "overlay.png", folder.name)
+
+    state.run("source/eval", lambda: evaluation(source, run_dir / "source", 0))
+    previous = source
+    skip = unlabelled_source_classes(cfg.data.source)
+    for r, p in enumerate(schedule(cfg.lse), start=1):
+        folder = round_folder(run_dir, r)
+        scores = folder / "scores.parquet"
+        state.run(f"{folder.name}/score", lambda: score_pass(cfg, previous, scores))
+        state.run(f"{folder.name}/select", lambda: select_and_threshold(cfg, read_scores(scores), p, scores, folder, skip))
+        state.run(f"{folder.name}/patches",
+                  lambda: patch_pass(cfg, previous, *read_selection(folder), r, folder / "patches"))
+
+        def pseudo_labels() -> None:  # the round's pseudo-label report, before retraining
+            selected, tau = read_selection(folder)
+            atomic_write_json(folder / "pseudo_labels.json", summary(read_scores(scores), selected,
+                                                                      folder / "patches", tau))
+            figure = pseudo_label_figure(folder / "patches", cfg.data.target.size, folder / "pseudo_labels.png")
+            for artifact in (folder / "thresholds.json", folder / "pseudo_labels.json", figure):
+                if artifact:
+                    tracking.artifact(artifact, folder.name)
+        state.run(f"{folder.name}/report", pseudo_labels)
+        state.run(f"{folder.name}/train",
+                  lambda: train_round(cfg, run_dir, r, folder / "patches", previous, tracking.logger))
+        state.run(f"{folder.name}/eval", lambda: evaluation(folder / "checkpoint", folder, r))
+        previous = folder / "checkpoint"
+        if tracking.logger and state.seconds(f"{folder.name}/eval") is not None:
+            tracking.metrics(round_metrics(round_block(run_dir, state, r, p)), step=r)
+        write_summary(cfg, run_dir, state)
+    block = write_summary(cfg, run_dir, state)
+    tracking.artifact(run_dir / SUMMARY)
+    return block
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def evaluation_block(path: Path) -> dict:
+    return {k: v for k, v in _read(path).items() if k in EVAL_KEYS}
+
+
+ROUND_STAGES = ("score", "select", "patches", "report", "train", "eval")
+
+
+def round_block(run_dir: Path, state: RunState, r: int, p: float) -> dict:
+    """A finished round as in ARCHITECTURE.md: p, selection, patches, thresholds, evaluation, timings."""
+    folder = round_folder(run_dir, r)
+    report = _read(folder / "pseudo_labels.json")
+    thresholds = _read(folder / "thresholds.json")
+    block = {"round": r, "p": p, "selected_images": report["selected_images"], "patches": report["patches"],
+             "images_scored": report["images_scored"], "images_skipped": report["images_skipped"],
+             "thresholds": thresholds["tau"], "threshold_estimator": thresholds["estimator"],
+             "pseudo_label_coverage": 1.0 - report["ignored_share"], "coverage": report["coverage"],
+             "evaluation": evaluation_block(folder / "eval.json"),
+             "timings_s": {s: state.seconds(f"{folder.name}/{s}") for s in ROUND_STAGES}}
+    if "pseudo_label_accuracy" in report:
+        block["pseudo_label_accuracy"] = report["pseudo_label_accuracy"]  # diagnostic: target labels
+    return block
+
+
+def round_metrics(block: dict) -> dict[str, float]:
+    """One round as flat MLflow metrics (logged at step = round; the source model is step 0)."""
+    taus = [v for v in block["thresholds"].values() if v is not None]
+    metrics = {"round/p": block["p"], "round/selected_images": block["selected_images"],
+               "round/patches": block["patches"], "round/mean_threshold": float(np.mean(taus)),
+               "round/pseudo_label_coverage": block["pseudo_label_coverage"]}
+    metrics.update({f"round/time_s/{k}": v for k, v in block["timings_s"].items() if v is not None})
+    if "pseudo_label_accuracy" in block:
+        metrics["round/pseudo_label_accuracy"] = block["pseudo_label_accuracy"]["overall"]
+    return metrics
+
+
+def write_summary(cfg: Config, run_dir: Path, state: RunState) -> dict:
+    """RUN/summary.json from the finished stages: source_only, rounds, final (the last round's model)."""
+    rounds = [round_block(run_dir, state, r, p) for r, p in enumerate(schedule(cfg.lse), start=1)
+              if state.finished(f"{round_folder(run_dir, r).name}/eval")]
+    source_eval = run_dir / "source" / "eval.json"
+    block = {"source_only": evaluation_block(source_eval) if state.finished("source/eval") else None,
+             "rounds": rounds,
+             "final": rounds[-1]["evaluation"] if len(rounds) == len(schedule(cfg.lse)) else None,
+             "complete": len(rounds) == len(schedule(cfg.lse)),
+             "timings_s": dict(state.data["finished"]),
+             "wall_s": round(sum(state.data["finished"].values()), 2)}
+    atomic_write_json(run_dir / SUMMARY, block)
+    return block
+
+
+def stage_shares(summary: dict) -> dict[str, float]:
+    """The share of the wall time spent in each kind of stage (source training, scoring, ...)."""
+    totals: dict[str, float] = {}
+    for stage, seconds in summary["timings_s"].items():
+        where, kind = stage.split("/")
+        name = f"source {kind}" if where == "source" else kind
+        totals[name] = totals.get(name, 0.0) + seconds
+    wall = max(sum(totals.values()), 1e-9)
+    return {k: v / wall for k, v in totals.items()}
