@@ -49,10 +49,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(saved, [*args.overrides, f"run_dir={args.resume}"])
 
 
-def prepare_data(cfg: Config) -> None:
-    """Generate the built-in benchmark where a synthetic root is missing; check every split before work."""
+def check_inputs(cfg: Config) -> None:
+    """Generate the built-in benchmark where a synthetic root is missing; check every split and the
+    source model before any work."""
     from sisray.datasets import open_source, open_target
     from sisray.datasets.synthetic import MANIFEST, generate
+    from sisray.models import read_state_dict
+
+    if cfg.model.source_checkpoint:
+        read_state_dict(cfg.model.source_checkpoint)  # missing or not a checkpoint: stop now
 
     for domain in (cfg.data.source, cfg.data.target):
         if domain.name == "synthetic" and not (Path(domain.root) / MANIFEST).is_file():
@@ -74,7 +79,7 @@ def main() -> None:
 
     run_dir = Path(cfg.run_dir)
     state = rounds.RunState(run_dir, cfg, args.force)  # refuses a foreign run directory before any work
-    prepare_data(cfg)
+    check_inputs(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     state.save()

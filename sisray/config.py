@@ -232,7 +232,7 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError(f"lse.p0 = {cfg.lse.p0} is above lse.p_max = {cfg.lse.p_max}: the schedule would be empty")
     if not cfg.model.init:
         raise ConfigError("model.init is empty: expected 'random', 'imagenet' or a checkpoint path")
-    if cfg.model.init == "imagenet" and cfg.model.width != 1.0:
+    if cfg.model.init == "imagenet" and cfg.model.width != 1.0 and not cfg.model.source_checkpoint:
         raise ConfigError(f"model.init = imagenet needs model.width = 1 (got {cfg.model.width}): "
                           "ImageNet weights exist only at full width; use random or a checkpoint")
     if cfg.train.num_workers and cfg.train.batch_size % cfg.train.num_workers:

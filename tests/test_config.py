@@ -136,6 +136,21 @@ def test_every_preset_in_configs_loads():
         assert isinstance(yaml.safe_load(path.read_text()), dict)
 
 
+def test_paper_presets_use_the_reference_values():
+    sizes = {"gta5": (1280, 720), "synthia": (1280, 760)}
+    for source in ("gta5", "synthia"):
+        for model in ("vgg16", "deeplabv2"):
+            cfg = load_config(REPO / "configs" / f"{source}_{model}.yaml")
+            assert cfg.data.source.name == source and cfg.data.source.size == sizes[source]
+            assert cfg.data.target.name == "cityscapes" and cfg.data.target.size == (1024, 512)
+            assert cfg.model.name == {"vgg16": "fcn8s_vgg16", "deeplabv2": "deeplabv2_r101"}[model]
+            assert cfg.model.source_checkpoint  # only the roots and this checkpoint need setting
+            lse = cfg.lse
+            assert (lse.p0, lse.p_step, lse.p_max, lse.scale, lse.patches_per_image) == (0.1, 0.05, 0.4, 2.0, 4)
+            assert (lse.beta, lse.gamma, lse.selection, lse.threshold.estimator) == (0.1, 3.0, "classwise", "cutoff_image")
+            assert (cfg.train.epochs_per_round, cfg.train.batch_size) == (2.0, 1)
+
+
 def test_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
     from sisray.config import with_absolute_paths
 

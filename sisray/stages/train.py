@@ -132,14 +132,31 @@ def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, se
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _no_sync(net):
-    """Accumulate the first of two backward passes locally (DDP syncs once per step)."""
-    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
-
-
 def _forward(net, images, use_amp: bool):
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
         return net(images)
+
+
+def training_step(net, optimizer, labelled: tuple, patches: tuple | None, beta: float, gamma: float,
+                  use_amp: bool = False) -> dict[str, float]:
+    """One optimiser step on L = CE(labelled) [+ CE(patches) + beta * FL(patches)] (METHOD.md step 5).
+
+    The two terms are backpropagated one after the other into the same gradient (half the peak
+    memory of one graph holding both batches); under DDP the first backward skips the all-reduce,
+    so gradients are synchronised once per step."""
+    optimizer.zero_grad(set_to_none=True)
+    sync_later = net.no_sync() if patches is not None and hasattr(net, "no_sync") else contextlib.nullcontext()
+    with sync_later:
+        source_loss = cross_entropy(_forward(net, labelled[0], use_amp), labelled[1])
+        source_loss.backward()
+    parts = {"loss": source_loss.item()}
+    if patches is not None:
+        target_loss = lse_target_loss(_forward(net, patches[0], use_amp), patches[1], beta, gamma)
+        target_loss.backward()
+        parts = {"loss": parts["loss"] + target_loss.item(), "source_ce": source_loss.item(),
+                 "target_loss": target_loss.item()}
+    optimizer.step()
+    return parts
 
 
 def train_loop(loop_config: dict) -> None:
@@ -181,23 +198,12 @@ def train_loop(loop_config: dict) -> None:
         torch.manual_seed(cfg.seed * 1_000_003 + spec.round * 104_729 + step * 7919 + rank)
         net.train()
         indices = global_batch(step, cfg.train.batch_size, len(dataset), stream_seed(cfg.seed, spec.round, 0))
-        images, labels = load_batch(dataset, indices[mine], device)
-        optimizer.zero_grad(set_to_none=True)
-        if patches is None:
-            loss = cross_entropy(_forward(net, images, use_amp), labels)
-            loss.backward()
-            parts = {"loss": loss.item()}
-        else:
-            with _no_sync(net):
-                source_loss = cross_entropy(_forward(net, images, use_amp), labels)
-                source_loss.backward()
+        labelled = load_batch(dataset, indices[mine], device)
+        pseudo = None
+        if patches is not None:
             indices = global_batch(step, cfg.train.batch_size, len(patches), stream_seed(cfg.seed, spec.round, 1))
-            images, labels = load_batch(patches, indices[mine], device)
-            target_loss = lse_target_loss(_forward(net, images, use_amp), labels, cfg.lse.beta, cfg.lse.gamma)
-            target_loss.backward()
-            parts = {"loss": source_loss.item() + target_loss.item(), "source_ce": source_loss.item(),
-                     "target_loss": target_loss.item()}
-        optimizer.step()
+            pseudo = load_batch(patches, indices[mine], device)
+        parts = training_step(net, optimizer, labelled, pseudo, cfg.lse.beta, cfg.lse.gamma, use_amp)
         scheduler.step()
         for key, value in parts.items():
             logged.setdefault(key, []).append(value)

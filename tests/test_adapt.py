@@ -1,0 +1,196 @@
+"""The adaptation loop: schedule, retraining step, run state, resume, and the job as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sisray import rounds
+from sisray.config import load_config
+from sisray.errors import ConfigError
+from sisray.models import build_model
+from sisray.stages import train
+from sisray.stages.train import make_optimizer, training_step
+from sisray.tracking import Tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_schedule_of_portions():
+    assert rounds.schedule(load_config(None).lse) == [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]  # the reference: 7
+    assert rounds.schedule(load_config(None, ["lse.p0=0.2", "lse.p_step=0.1"]).lse) == [0.2, 0.3, 0.4]
+    assert rounds.schedule(load_config(None, ["lse.p0=0.3", "lse.p_step=0"]).lse) == [0.3]
+
+
+def test_training_step_matches_a_hand_computation():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 3, 1)  # 3 classes, one input channel: logits_k = w_k x + b_k
+    w, b = net.weight.detach().flatten().clone(), net.bias.detach().clone()
+    source = (torch.tensor([[[[0.5, -1.0]]]]), torch.tensor([[[2, 0]]]))
+    patches = (torch.tensor([[[[2.0, 1.0, -0.5]]]]), torch.tensor([[[1, 255, 2]]]))  # one ignored pixel
+    beta, gamma = 0.1, 3.0
+
+    def hand(weight, bias):
+        def ce(x, y):  # -log softmax_y(w x + b), written out
+            logits = weight * x + bias
+            return torch.log(torch.exp(logits).sum()) - logits[y]
+        source_ce = (ce(0.5, 2) + ce(-1.0, 0)) / 2
+        target = [ce(2.0, 1), ce(-0.5, 2)]
+        focal = [(1 - torch.exp(-c)) ** gamma * c for c in target]
+        return source_ce + sum(c + beta * f for c, f in zip(target, focal)) / 2
+
+    weight, bias = w.clone().requires_grad_(), b.clone().requires_grad_()
+    expected = hand(weight, bias)
+    expected.backward()
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    parts = training_step(net, optimizer, source, patches, beta, gamma)
+    assert parts["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert parts["source_ce"] + parts["target_loss"] == pytest.approx(parts["loss"])
+    assert torch.allclose(net.weight.detach().flatten(), w - weight.grad, atol=1e-6)  # SGD lr 1: minus the gradient
+    assert torch.allclose(net.bias.detach(), b - bias.grad, atol=1e-6)
+
+
+def test_optimiser_state_carries_over_but_rates_start_again():
+    model = build_model("deeplabv2_r101", width=0.0625)
+    sgd, poly = make_optimizer(model, "deeplabv2_r101", 1e-3, 4)
+    model(torch.rand(1, 3, 32, 32)).sum().backward()
+    for _ in range(4):
+        sgd.step()
+        poly.step()
+    assert sgd.param_groups[0]["lr"] == 0.0  # the end of the previous stage's poly schedule
+    carried, _ = make_optimizer(model, "deeplabv2_r101", 1e-3, 10, sgd.state_dict())
+    assert [g["lr"] for g in carried.param_groups] == [1e-3, 1e-2]
+    first = next(p for p in model.parameters() if p.grad is not None)
+    assert torch.equal(carried.state[first]["momentum_buffer"], sgd.state[first]["momentum_buffer"])
+
+
+def test_a_run_directory_of_another_config_is_refused_unless_forced(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    rounds.RunState(tmp_path, cfg).save()
+    rounds.RunState(tmp_path, load_config(None, [f"run_dir={tmp_path}", "resources.num_actors=3",
+                                                 "tracking.enabled=false"]))  # where/how, not what: fine
+    other = load_config(None, [f"run_dir={tmp_path}", "lse.p0=0.2"])
+    with pytest.raises(ConfigError, match=r"lse.p0 = 0.1 there, 0.2 now"):
+        rounds.RunState(tmp_path, other)
+    assert rounds.RunState(tmp_path, other, force=True).data["fingerprint"]["lse.p0"] == 0.2
+
+
+# ------------------------------------------------------------------ end to end (Ray)
+
+@pytest.fixture(scope="module")
+def source_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("fcn8s_vgg16", width=0.0625)
+    with torch.no_grad():  # a non-trivial prediction: the score layers start at zero
+        model.score_fr.weight.normal_(0, 0.05)
+        model.score_fr.bias.normal_(0, 1.0)
+    path = tmp_path_factory.mktemp("source") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _config(root, run_dir, source_model):
+    return load_config(None, [
+        "data.source.name=synthetic", f"data.source.root={root}", "data.source.size=[64, 36]",
+        "data.target.name=synthetic", f"data.target.root={root}", "data.target.size=[64, 32]",
+        "model.width=0.0625", f"model.source_checkpoint={source_model}", "train.batch_size=4",
+        "train.num_workers=2", "train.lr=1e-3", "train.epochs_per_round=1", "lse.selection=global",
+        "lse.p0=0.5", "lse.p_step=0.25", "lse.p_max=0.75", "lse.patches_per_image=2", "lse.threshold.bins=16",
+        f"run_dir={run_dir}", "tracking.enabled=false"])
+
+
+def _run(cfg):
+    return rounds.run(cfg, rounds.RunState(Path(cfg.run_dir), cfg), Tracking(cfg, "adapt"))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900, method="thread")
+def test_resume_after_an_interruption_between_stages_equals_an_uninterrupted_run(
+        ray_session, small_benchmark, source_model, tmp_path, monkeypatch):
+    whole = _run(_config(small_benchmark, tmp_path / "whole", source_model))
+    assert whole["complete"] and [r["p"] for r in whole["rounds"]] == [0.5, 0.75]
+
+    cut = _config(small_benchmark, tmp_path / "cut", source_model)
+    real_train_round = train.train_round
+
+    def interrupted(cfg, run_dir, round_, *args):
+        if round_ == 2:
+            raise KeyboardInterrupt  # Ctrl-C after round 2's patches were written
+        return real_train_round(cfg, run_dir, round_, *args)
+
+    monkeypatch.setattr(train, "train_round", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cut)
+    finished = json.loads((tmp_path / "cut" / "state.json").read_text())["finished"]
+    assert "round_02/patches" in finished and "round_02/train" not in finished
+    partial = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert not partial["complete"] and len(partial["rounds"]) == 1 and partial["final"] is None
+    stamp = (tmp_path / "cut" / "round_01" / "scores.parquet").stat().st_mtime_ns
+
+    monkeypatch.setattr(train, "train_round", real_train_round)
+    resumed = _run(cut)
+    assert (tmp_path / "cut" / "round_01" / "scores.parquet").stat().st_mtime_ns == stamp  # not redone
+    for r in ("round_01", "round_02"):
+        for name in ("selection.json", "thresholds.json"):
+            assert json.loads((tmp_path / "whole" / r / name).read_text()) == \
+                json.loads((tmp_path / "cut" / r / name).read_text()), (r, name)
+    assert [r["patches"] for r in resumed["rounds"]] == [r["patches"] for r in whole["rounds"]]
+    assert resumed["final"]["miou19"] == pytest.approx(whole["final"]["miou19"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1200, method="thread")
+def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp_path):
+    """`python jobs/adapt.py` as a user runs it (in an empty folder: it generates the benchmark),
+    shrunk through SISRAY_SET; then the same command again, and one with another config."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    small = ["data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
+             "train.source_epochs=0.1", "train.epochs_per_round=1", "lse.p0=0.2", "lse.p_max=0.3",
+             "lse.patches_per_image=2", f"tracking.uri={uri}"]
+    env = {**os.environ, "SISRAY_SET": ";".join(small), "RAY_AUTH_MODE": "disabled"}
+
+    def job(*args):
+        return subprocess.run([sys.executable, str(REPO / "jobs" / "adapt.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=1000)
+
+    done = job()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "data" / "synthetic" / "SYNTHETIC.json").is_file()
+    assert "final" in done.stdout and "round 2 (p=0.3)" in done.stdout
+    summary = json.loads((tmp_path / "runs" / "synthetic" / "summary.json").read_text())
+    assert summary["complete"] and set(summary["source_only"]) >= {"miou19", "miou16", "miou13", "per_class"}
+    assert [r["p"] for r in summary["rounds"]] == [0.2, 0.3]
+    for block in summary["rounds"]:
+        assert block["selected_images"] > 0 and block["patches"] == 2 * block["selected_images"]
+        assert len(block["thresholds"]) == 19 and "road" in block["thresholds"]
+        assert set(block["timings_s"]) == set(rounds.ROUND_STAGES) and all(block["timings_s"].values())
+        assert "pseudo_label_accuracy" in block  # the benchmark has train labels: reported, not used
+    assert summary["final"] == summary["rounds"][-1]["evaluation"]  # always the last round's model
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sisray").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["lse.p0"] == "0.2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "target_val/miou19")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "round/selected_images")] == [1, 2]
+    assert client.get_metric_history(run.info.run_id, "round_01/target_loss")
+    artifacts = {a.path for folder in ("", "round_01") for a in client.list_artifacts(run.info.run_id, folder or None)}
+    assert {"summary.json", "config.yaml", "round_01/thresholds.json", "round_01/pseudo_labels.png"} <= artifacts
+
+    again = job()  # a finished run: nothing is redone, the same MLflow run is continued
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== round" not in again.stdout
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    other = job("--set", "lse.scale=1.5")
+    assert other.returncode == 2 and "lse.scale = 2.0 there, 1.5 now" in other.stderr
+    assert "Traceback" not in other.stderr
