@@ -92,6 +92,7 @@ class TrainConfig:
     batch_size: int = bounded(1, 1)  # global batch, split evenly over the workers
     num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = one per GPU, else as the CPUs allow
     lr: float | None = bounded(None, 0.0, lo_open=True)  # None: the model's preset (METHOD.md)
+    round_lr: float | None = bounded(None, 0.0, lo_open=True)  # base rate of the retraining rounds; None: as lr
     log_every: int = bounded(10, 1)  # steps between logged losses
     checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
     oracle: bool = False  # train on the target's train labels instead of the source: the upper bound

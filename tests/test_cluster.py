@@ -59,7 +59,7 @@ def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_pat
         run_dir = tmp_path / "run"
         settings = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
                     "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
-                    f"model.source_checkpoint={source}", "lse.selection=global", "lse.p0=0.5", "lse.p_step=0",
+                    f"model.source_checkpoint={source}", "lse.selection=global", "lse.p0=0.5", "lse.p_max=0.5",
                     "train.epochs_per_round=1", "train.batch_size=2", "tracking.enabled=false"]
         deadline = time.monotonic() + 120
         while True:  # the dashboard's job API answers a few seconds after the head starts

@@ -176,7 +176,8 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and every run
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.init)
     carried = torch.load(spec.carried_state, weights_only=True)["optimizer"] if spec.carried_state else None
-    optimizer, scheduler = make_optimizer(model, cfg.model.name, cfg.train.lr, spec.steps, carried)
+    lr = cfg.train.round_lr if spec.round and cfg.train.round_lr else cfg.train.lr
+    optimizer, scheduler = make_optimizer(model, cfg.model.name, lr, spec.steps, carried)
     start = 0
     restored = ray.train.get_checkpoint()
     if restored:
