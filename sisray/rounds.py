@@ -51,13 +51,12 @@ class RunState:
         self.data = {"fingerprint": fingerprint(cfg), "finished": {}, "mlflow_run_id": None}
         if self.path.is_file():
             saved = json.loads(self.path.read_text())
-            changed = {k for k in saved["fingerprint"].keys() | self.data["fingerprint"].keys()
-                       if saved["fingerprint"].get(k) != self.data["fingerprint"].get(k)}
+            old, new = saved["fingerprint"], self.data["fingerprint"]
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             if changed and not force:
-                listed = "; ".join(f"{k} = {saved['fingerprint'].get(k)!r} there, {self.data['fingerprint'].get(k)!r} now"
-                                   for k in sorted(changed)[:5])
-                raise ConfigError(f"{run_dir} holds a run made with another config ({listed}). Use another "
-                                  f"--run-dir, resume it with --resume {run_dir}, or pass --force to continue it anyway")
+                listed = "; ".join(f"{k} = {old.get(k)!r} there, {new.get(k)!r} now" for k in changed[:5])
+                raise ConfigError(f"{run_dir} holds a run made with another config ({listed}). Use another --run-dir, "
+                                  f"resume it with --resume {run_dir}, or pass --force to continue it anyway")
             saved["fingerprint"] = self.data["fingerprint"]
             self.data = saved
 
@@ -122,7 +121,8 @@ def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
         folder = round_folder(run_dir, r)
         scores = folder / "scores.parquet"
         state.run(f"{folder.name}/score", lambda: score_pass(cfg, previous, scores))
-        state.run(f"{folder.name}/select", lambda: select_and_threshold(cfg, read_scores(scores), p, scores, folder, skip))
+        state.run(f"{folder.name}/select",
+                  lambda: select_and_threshold(cfg, read_scores(scores), p, scores, folder, skip))
         state.run(f"{folder.name}/patches",
                   lambda: patch_pass(cfg, previous, *read_selection(folder), r, folder / "patches"))
 

@@ -16,8 +16,8 @@ from sisray.config import load_config
 from sisray.models import build_model
 from sisray.stages import score
 from sisray.stages.actors import png_array
-from sisray.stages.score import (PatchDataset, Scorer, patch_pass, read_patches, score_pass, select_and_threshold,
-                                 summary)
+from sisray.stages.score import (PatchDataset, Scorer, count_patches, patch_pass, read_patches, score_pass,
+                                 select_and_threshold, summary)
 
 pytestmark = pytest.mark.ray
 
@@ -60,6 +60,7 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
     assert json.loads((fa / "thresholds.json").read_text()) == json.loads((fb / "thresholds.json").read_text())
     assert ca == 2 * len(sa) > 0
     rows_a, rows_b = read_patches(fa / "patches"), read_patches(fb / "patches")
+    assert count_patches(fa / "patches") == len(rows_a) == ca
     assert [(r["index"], r["top"], r["left"], r["label_png"]) for r in rows_a] == \
         [(r["index"], r["top"], r["left"], r["label_png"]) for r in rows_b]
 

@@ -289,6 +289,11 @@ def read_patches(folder: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["index"], r["patch"]))
 
 
+def count_patches(folder: Path) -> int:
+    """The number of patch records under `folder`, from the Parquet footers alone."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in Path(folder).glob("*.parquet"))
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Training examples rebuilt from the full-resolution target images and the patch records:
     (float image (3, H, W) in [0, 255], int64 pseudo-label (H, W)) at the working size."""

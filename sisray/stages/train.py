@@ -30,7 +30,7 @@ from sisray.errors import SisrayError
 from sisray.labels import NUM_CLASSES
 from sisray.lse.losses import cross_entropy, lse_target_loss
 from sisray.models import build_model, checkpoint_file, load_state
-from sisray.stages.score import PatchDataset, read_patches
+from sisray.stages.score import PatchDataset, count_patches
 from sisray.tracking import RunLogger
 
 # Optimiser presets of METHOD.md; `train.lr` overrides the base rate.
@@ -296,7 +296,7 @@ def train_round(cfg: Config, run_dir: Path, round_: int, patches: Path, previous
     `train.epochs_per_round` passes over the patch set; a round without patches keeps the model."""
     stage = f"round_{round_:02d}"
     destination = run_dir / stage / "checkpoint"
-    samples = len(read_patches(patches))
+    samples = count_patches(patches)
     steps = steps_for(cfg.train.epochs_per_round, samples, cfg.train.batch_size) if samples else 0
     if finished_step(destination) >= steps and (destination / "model.pt").is_file():
         return destination
