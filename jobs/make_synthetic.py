@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-source", type=int, default=d.n_source)
     p.add_argument("--n-target-train", type=int, default=d.n_target_train)
     p.add_argument("--n-target-val", type=int, default=d.n_target_val)
+    p.add_argument("--appearance-gap", type=float, default=d.appearance_gap,
+                   help="0: the target looks like the source (only the scale gap); 1: the full photo-like look")
     p.add_argument("--processes", type=int, default=None, help="generator processes (default: one per core)")
     p.add_argument("--no-stats", action="store_true", help="skip the statistics table")
     add_config_arguments(p)  # the working sizes the statistics are read at
@@ -66,7 +68,7 @@ def print_stats(out: str, config: str, overrides: list[str]) -> None:
 def main() -> None:
     args = parse_args()
     spec = SyntheticSpec(seed=args.seed, n_source=args.n_source, n_target_train=args.n_target_train,
-                         n_target_val=args.n_target_val)
+                         n_target_val=args.n_target_val, appearance_gap=args.appearance_gap)
     manifest = generate(args.out, spec, processes=args.processes)
     counts = manifest["counts"]
     print(f"synthetic benchmark at {args.out}: {counts['source']} source, {counts['target_train']} target-train, "

@@ -24,6 +24,19 @@ def test_render_is_a_pure_function_of_seed_domain_and_index():
     assert not np.array_equal(a_rgb, d_rgb)
 
 
+def test_appearance_gap_changes_the_look_not_the_scene():
+    plain, plain_ids = render(SyntheticSpec(appearance_gap=0.0), "train", 4)
+    photo, photo_ids = render(SyntheticSpec(), "train", 4)
+    source, _ = render(SyntheticSpec(), "source", 4)
+    assert np.array_equal(plain_ids, photo_ids)  # the same scene and camera: only the look differs
+
+    def roughness(rgb):  # mean absolute difference of horizontal neighbours: texture and noise
+        return float(np.abs(np.diff(rgb.astype(np.float32), axis=1)).mean())
+
+    assert roughness(plain) < 0.8 * roughness(photo)
+    assert roughness(plain) < 1.25 * roughness(source)
+
+
 def test_output_does_not_depend_on_the_number_of_processes(tmp_path, small_benchmark):
     generate(tmp_path / "two", SyntheticSpec(**SMALL_SPEC), processes=2)
     files = sorted(p.relative_to(small_benchmark) for p in small_benchmark.rglob("*.png"))
@@ -93,6 +106,8 @@ def test_bad_spec_is_refused(tmp_path):
         generate(tmp_path, SyntheticSpec(n_source=0))
     with pytest.raises(DatasetError, match="zoom"):
         generate(tmp_path, SyntheticSpec(zoom=(2.0, 1.5)))
+    with pytest.raises(DatasetError, match="appearance_gap = 1.5"):
+        generate(tmp_path, SyntheticSpec(appearance_gap=1.5))
 
 
 def test_class_statistics_are_plausible():

@@ -94,6 +94,9 @@ class SyntheticSpec:
     source_size: tuple[int, int] = (384, 216)  # GTA5-like 16:9
     target_size: tuple[int, int] = (512, 256)  # Cityscapes-like 2:1
     zoom: tuple[float, float] = (1.6, 2.1)  # target focal length / source focal length
+    # How far the target's look departs from the source's: 0 = the source's colours, no texture, haze,
+    # blur or noise (only the scale gap is left); 1 = the full photo-like look.
+    appearance_gap: float = 1.0
     version: int = GENERATOR_VERSION
 
     def validate(self) -> None:
@@ -106,6 +109,8 @@ class SyntheticSpec:
                 raise DatasetError(f"synthetic benchmark: {name} = {w}x{h}: expected at least 32x32")
         if not 1.0 <= self.zoom[0] <= self.zoom[1]:
             raise DatasetError(f"synthetic benchmark: zoom = {self.zoom}: expected 1 <= low <= high")
+        if not 0.0 <= self.appearance_gap <= 1.0:
+            raise DatasetError(f"synthetic benchmark: appearance_gap = {self.appearance_gap}: expected 0 to 1")
 
 
 # ------------------------------------------------------------------------------- scene model
@@ -451,8 +456,12 @@ def shade_source(cv: Canvas, rng: np.random.Generator) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def shade_target(cv: Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Photo-like: textured surfaces, haze, other colour statistics, blur and sensor noise."""
+def shade_target(cv: Canvas, rng: np.random.Generator, gap: float = 1.0) -> np.ndarray:
+    """Photo-like: textured surfaces, haze, other colour statistics, blur and sensor noise; each
+    effect scaled by `gap` (0: the source's look). The random draws do not depend on `gap`."""
+    def toward(plain, photo):  # the source's value at gap 0, the photo-like value at gap 1
+        return plain + gap * (photo - plain)
+
     detail = np.ones(cv.material.shape, np.float32)
     for index in np.unique(cv.material):
         _, _, _, texture, strength, px_per_m = _MATERIALS[list(MATERIAL)[index]]
@@ -461,16 +470,20 @@ def shade_target(cv: Canvas, rng: np.random.Generator) -> np.ndarray:
         offset = rng.uniform(0, 512, 2)
         iy = (cv.t[mask] * px_per_m + offset[0]).astype(np.int64) % tex.shape[0]
         ix = (cv.s[mask] * px_per_m + offset[1]).astype(np.int64) % tex.shape[1]
-        detail[mask] = 1 + strength * (tex[iy, ix] - 1)
-    rgb = _TARGET_RGB[cv.material] * cv.tint * (detail * cv.shade)[..., None]
+        detail[mask] = 1 + gap * strength * (tex[iy, ix] - 1)
+    rgb = toward(_SOURCE_RGB, _TARGET_RGB)[cv.material] * cv.tint * (detail * cv.shade)[..., None]
     haze = 1 - np.exp(-np.minimum(cv.depth, 400) / rng.uniform(120, 250))
-    rgb = rgb + (np.array([185, 188, 192], np.float32) - rgb) * (0.4 * haze)[..., None]
+    rgb = rgb + (np.array([185, 188, 192], np.float32) - rgb) * (gap * 0.4 * haze)[..., None]
     grey = rgb.mean(axis=2, keepdims=True)
-    rgb = grey + rng.uniform(0.65, 0.9) * (rgb - grey)  # muted colours
-    rgb = rgb * np.array([rng.uniform(1.0, 1.1), 1.0, rng.uniform(0.82, 0.95)], np.float32)  # warm balance
-    rgb = 255 * (np.clip(rgb, 0, 255) / 255) ** rng.uniform(1.05, 1.3) * rng.uniform(0.8, 1.05)
-    rgb = cv2.GaussianBlur(rgb, (0, 0), rng.uniform(0.7, 1.2))
-    rgb = rgb + rng.normal(0, rng.uniform(2.0, 5.0), rgb.shape).astype(np.float32)
+    rgb = grey + toward(1.0, rng.uniform(0.65, 0.9)) * (rgb - grey)  # muted colours
+    warm = np.array([rng.uniform(1.0, 1.1), 1.0, rng.uniform(0.82, 0.95)], np.float32)
+    rgb = rgb * toward(np.ones(3, np.float32), warm)  # warm balance
+    gamma, exposure = toward(1.0, rng.uniform(1.05, 1.3)), toward(1.0, rng.uniform(0.8, 1.05))
+    rgb = 255 * (np.clip(rgb, 0, 255) / 255) ** gamma * exposure
+    sigma = gap * rng.uniform(0.7, 1.2)
+    if sigma > 0:
+        rgb = cv2.GaussianBlur(rgb, (0, 0), sigma)
+    rgb = rgb + gap * rng.normal(0, rng.uniform(2.0, 5.0), rgb.shape).astype(np.float32)
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
@@ -485,7 +498,7 @@ def render(spec: SyntheticSpec, domain: str, index: int) -> tuple[np.ndarray, np
     cam = Camera(width, height, focal=0.5 * width * zoom, horizon=height * rng.uniform(0.42, 0.5),
                  x0=rng.uniform(-0.5, 0.5) * scene.road_half)
     cv = render_geometry(scene, cam, ego_hood=target)
-    rgb = shade_target(cv, rng) if target else shade_source(cv, rng)
+    rgb = shade_target(cv, rng, spec.appearance_gap) if target else shade_source(cv, rng)
     return rgb, _LABEL_ID[cv.material]
 
 
