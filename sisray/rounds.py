@@ -100,8 +100,7 @@ def round_folder(run_dir: Path, r: int) -> Path:
 def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
     """The whole method; returns (and writes) RUN/summary.json."""
     from sisray.stages.evaluate import evaluate_into
-    from sisray.stages.score import (patch_pass, pseudo_label_figure, read_scores, read_selection, score_pass,
-                                     select_and_threshold, summary)
+    from sisray.stages.score import patch_pass, read_scores, read_selection, score_pass, select_and_threshold, summary
     from sisray.stages.train import train_round, train_source
 
     run_dir = Path(cfg.run_dir)
@@ -124,16 +123,16 @@ def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
         state.run(f"{folder.name}/select",
                   lambda: select_and_threshold(cfg, read_scores(scores), p, scores, folder, skip))
         state.run(f"{folder.name}/patches",
-                  lambda: patch_pass(cfg, previous, *read_selection(folder), r, folder / "patches"))
+                  lambda: patch_pass(cfg, previous, *read_selection(folder), r, folder / "patches",
+                                     folder / "pseudo_labels.png"))
 
         def pseudo_labels() -> None:  # the round's pseudo-label report, before retraining
             selected, tau = read_selection(folder)
             atomic_write_json(folder / "pseudo_labels.json", summary(read_scores(scores), selected,
                                                                       folder / "patches", tau))
-            figure = pseudo_label_figure(folder / "patches", cfg.data.target.size, folder / "pseudo_labels.png")
-            for artifact in (folder / "thresholds.json", folder / "pseudo_labels.json", figure):
-                if artifact:
-                    tracking.artifact(artifact, folder.name)
+            for artifact in ("thresholds.json", "pseudo_labels.json", "pseudo_labels.png"):
+                if (folder / artifact).is_file():
+                    tracking.artifact(folder / artifact, folder.name)
         state.run(f"{folder.name}/report", pseudo_labels)
         state.run(f"{folder.name}/train",
                   lambda: train_round(cfg, run_dir, r, folder / "patches", previous, tracking.logger))

@@ -49,7 +49,7 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
         folder = tmp_path / f"a{actors}b{batch}"
         tables = score_pass(cfg, checkpoint, folder / "scores.parquet")
         selected, tau = select_and_threshold(cfg, tables, 0.5, folder / "scores.parquet", folder)
-        count = patch_pass(cfg, checkpoint, selected, tau, 1, folder / "patches")
+        count = patch_pass(cfg, checkpoint, selected, tau, 1, folder / "patches", folder / "figure.png")
         outcomes.append((folder, tables, selected, tau, count))
     (fa, ta, sa, taua, ca), (fb, tb, sb, taub, cb) = outcomes
     for key in ("counts", "scores", "mean_entropy"):
@@ -63,6 +63,11 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
     assert count_patches(fa / "patches") == len(rows_a) == ca
     assert [(r["index"], r["top"], r["left"], r["label_png"]) for r in rows_a] == \
         [(r["index"], r["top"], r["left"], r["label_png"]) for r in rows_b]
+
+    figure = png_array((fa / "figure.png").read_bytes())  # patch | own prediction | pseudo-label, per image
+    assert figure.shape == (32 * min(3, len(sa)), 3 * 64, 3)
+    assert np.array_equal(figure, png_array((fb / "figure.png").read_bytes()))
+    assert "figure_png" not in pq.read_schema(next((fa / "patches").glob("*.parquet"))).names
 
     data = PatchDataset(fa / "patches", (64, 32))
     image, label = data[0]

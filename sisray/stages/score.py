@@ -12,6 +12,7 @@ batch size or the order in which blocks finish.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from sisray.lse.selection import select
 from sisray.lse.thresholds import class_thresholds
 from sisray.models import checkpoint_file
 from sisray.stages.actors import ActorSpec, ModelActor, Progress, png_array, png_bytes, pool_options
-from sisray.storage import atomic_write_json
+from sisray.storage import atomic_write_bytes, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Scorer(ModelActor):
                 **out, "error": np.array([errors.get(i, "") for i in indices], dtype=object)}
 
 
+FIGURE_IMAGES = 3
 PATCH_COLUMNS = ("index", "sample_id", "image", "patch", "top", "left", "height", "width", "scale", "zoom_out",
                  "label_png", "class_pixels", "ignored_pixels", "truth_pixels", "correct_pixels")
 
@@ -81,6 +83,7 @@ PATCH_COLUMNS = ("index", "sample_id", "image", "patch", "top", "left", "height"
 class PatchSpec(PassSpec):
     tau: tuple[float, ...] = ()
     diagnose: bool = False  # compare pseudo-labels with the target's train labels (reporting only)
+    figure: tuple[int, ...] = ()  # images whose first patch goes into the round's figure
 
 
 class Patcher(ModelActor):
@@ -113,10 +116,17 @@ class Patcher(ModelActor):
         return (np.bincount(label[checked].numpy(), minlength=NUM_CLASSES),
                 np.bincount(label[checked & (label == truth)].numpy(), minlength=NUM_CLASSES))
 
+    def figure_row(self, example) -> bytes:
+        """patch | the model's own prediction on it | its pseudo-label, in the Cityscapes palette (PNG)."""
+        own = self.predict(example.image[None]).argmax(1)[0].cpu().numpy().astype(np.uint8)
+        image = example.image.permute(1, 2, 0).clamp(0, 255).byte().cpu().numpy()
+        label = example.label.cpu().numpy().astype(np.uint8)
+        return png_bytes(np.concatenate([image, colorize(own), colorize(label)], axis=1))
+
     def __call__(self, batch: dict) -> dict:
         indices = [int(i) for i in batch["id"]]
         images, probs = self.probabilities(indices)
-        rows: dict[str, list] = {k: [] for k in PATCH_COLUMNS}
+        rows: dict[str, list] = {k: [] for k in (*PATCH_COLUMNS, "figure_png")}
         for k, index in enumerate(indices):
             sample = self.dataset.samples[index]
             for number, example in enumerate(self.examples(index, images[k], probs[k])):
@@ -129,9 +139,10 @@ class Patcher(ModelActor):
                     values += self.agreement(sample.id, box, label)
                 else:
                     values += [np.zeros(NUM_CLASSES, np.int64)] * 2
+                values.append(self.figure_row(example) if number == 0 and index in self.spec.figure else b"")
                 for key, value in zip(rows, values):
                     rows[key].append(value)
-        out = {k: np.array(v, dtype=object if k in ("sample_id", "image", "label_png") else None)
+        out = {k: np.array(v, dtype=object if k in ("sample_id", "image", "label_png", "figure_png") else None)
                for k, v in rows.items()}
         for key in ("class_pixels", "truth_pixels", "correct_pixels"):
             out[key] = out[key].reshape(-1, NUM_CLASSES).astype(np.int64)
@@ -247,14 +258,17 @@ def has_train_labels(cfg: Config) -> bool:
 
 
 def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np.ndarray, round_: int,
-               out: Path) -> int:
-    """Write the patch records of the selected images as Parquet shards under `out`; returns the count."""
+               out: Path, figure: Path | None = None) -> int:
+    """Write the patch records of the selected images as Parquet shards under `out`; returns the count.
+    With `figure`, also a PNG of the first patch of the first FIGURE_IMAGES selected images: patch |
+    the model's own prediction on it | its pseudo-label."""
     import ray
 
     cfg = with_absolute_paths(cfg)
     actors, options = pool_options(cfg, max(1, len(selected)))
     spec = PatchSpec(config_to_dict(cfg), str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu,
-                     round_, tuple(float(t) for t in tau), has_train_labels(cfg))
+                     round_, tuple(float(t) for t in tau), has_train_labels(cfg),
+                     tuple(selected[:FIGURE_IMAGES]) if figure else ())
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     count = 0
@@ -264,6 +278,7 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
             Patcher, fn_constructor_kwargs={"spec": spec}, **options)
         progress = Progress("patch pass", len(selected))
         done: set[int] = set()
+        rows: dict[int, bytes] = {}  # figure rows by image
         try:
             with stage_errors("patch pass"):
                 for shard, batch in enumerate(patches.iter_batches(batch_format="numpy", batch_size=None)):
@@ -271,6 +286,7 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
                     if images & done:
                         raise SisrayError(f"patch pass returned image {min(images & done)} twice")
                     done |= images
+                    rows.update((int(i), png) for i, png in zip(batch["index"], batch.pop("figure_png")) if png)
                     if len(batch["index"]):
                         pq.write_table(arrow_table(batch), staging / f"part-{shard:05d}.parquet")
                     count += len(batch["index"])
@@ -280,6 +296,10 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
             raise
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
+    if figure and rows:
+        buffer = io.BytesIO()
+        Image.fromarray(np.concatenate([png_array(rows[i]) for i in sorted(rows)], axis=0)).save(buffer, "PNG")
+        atomic_write_bytes(figure, buffer.getvalue())
     return count
 
 
@@ -323,17 +343,17 @@ def summary(tables: dict, selected: list[int], patches: Path, tau: np.ndarray) -
     columns = ["class_pixels", "ignored_pixels", "truth_pixels", "correct_pixels"]
     pixels, truth, correct = (np.zeros(NUM_CLASSES, np.int64) for _ in range(3))
     ignored = 0
-    rows = 0
+    patches = 0
     for f in files:
         table = pq.read_table(f, columns=columns)
-        rows += table.num_rows
+        patches += table.num_rows
         pixels += np.asarray(table.column("class_pixels").to_pylist(), np.int64).sum(axis=0)
         ignored += int(table.column("ignored_pixels").to_numpy().sum())
         truth += np.asarray(table.column("truth_pixels").to_pylist(), np.int64).sum(axis=0)
         correct += np.asarray(table.column("correct_pixels").to_pylist(), np.int64).sum(axis=0)
     total = max(int(pixels.sum()) + ignored, 1)
     block = {"images_scored": int(len(tables["counts"])), "images_skipped": len(tables.get("skipped", {})),
-             "selected_images": len(selected), "patches": rows, "ignored_share": ignored / total,
+             "selected_images": len(selected), "patches": patches, "ignored_share": ignored / total,
              "coverage": {CLASS_NAMES[c]: float(pixels[c] / total) for c in range(NUM_CLASSES)},
              "tau": {CLASS_NAMES[c]: float(tau[c]) for c in range(NUM_CLASSES)}}
     if truth.sum() > 0:
@@ -343,18 +363,3 @@ def summary(tables: dict, selected: list[int], patches: Path, tau: np.ndarray) -
                           for c in range(NUM_CLASSES)}}
     return block
 
-
-def pseudo_label_figure(folder: Path, size: tuple[int, int], out: Path, count: int = 3) -> Path | None:
-    """The first `count` examples of a patch set: patch image | its pseudo-label in the Cityscapes
-    palette (ignored pixels black), one per row."""
-    data = PatchDataset(folder, size)
-    if not len(data):
-        return None
-    rows = []
-    for i in range(min(count, len(data))):
-        image, label = data[i]
-        rows.append(np.concatenate([image.permute(1, 2, 0).clamp(0, 255).byte().numpy(),
-                                    colorize(label.numpy().astype(np.uint8))], axis=1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
-    return out
