@@ -191,6 +191,9 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
     assert "== round" not in again.stdout
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
+    resumed = job("--resume", "runs/synthetic")  # the config saved in the run directory
+    assert resumed.returncode == 0 and "== round" not in resumed.stdout, resumed.stderr[-3000:]
+
     other = job("--set", "lse.scale=1.5")
     assert other.returncode == 2 and "lse.scale = 2.0 there, 1.5 now" in other.stderr
     assert "Traceback" not in other.stderr
