@@ -69,10 +69,14 @@ def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_pat
                 break
             time.sleep(2)
         assert probe.returncode == 0, probe.stderr[-2000:]
-        submitted = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "jobs/adapt.py", "--run-dir", str(run_dir), *[a for s in settings for a in ("--set", s)]],
-            env=env, capture_output=True, text=True, timeout=700)  # follows the job's logs until it ends
+        for _ in range(20):  # the head's job agent can come up some seconds after its job API
+            submitted = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                 "python", "jobs/adapt.py", "--run-dir", str(run_dir), *[a for s in settings for a in ("--set", s)]],
+                env=env, capture_output=True, text=True, timeout=700)  # follows the job's logs until it ends
+            if "No available agent" not in submitted.stderr:
+                break
+            time.sleep(3)
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
         assert "succeeded" in submitted.stdout.lower() and "final" in submitted.stdout
         summary = json.loads((run_dir / "summary.json").read_text())
