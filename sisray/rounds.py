@@ -100,7 +100,8 @@ def round_folder(run_dir: Path, r: int) -> Path:
 def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
     """The whole method; returns (and writes) RUN/summary.json."""
     from sisray.stages.evaluate import evaluate_into
-    from sisray.stages.score import patch_pass, read_scores, read_selection, score_pass, select_and_threshold, summary
+    from sisray.stages.score import (patch_pass, read_scores, read_selection, score_pass, select_and_threshold,
+                                     summary)
     from sisray.stages.train import train_round, train_source
 
     run_dir = Path(cfg.run_dir)
@@ -137,9 +138,10 @@ def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
         state.run(f"{folder.name}/train",
                   lambda: train_round(cfg, run_dir, r, folder / "patches", previous, tracking.logger))
         state.run(f"{folder.name}/eval", lambda: evaluation(folder / "checkpoint", folder, r))
+        # once per round (a resumed job does not log it twice), with the eval stage's time known
+        state.run(f"{folder.name}/log",
+                  lambda: tracking.metrics(round_metrics(round_block(run_dir, state, r, p)), step=r))
         previous = folder / "checkpoint"
-        if tracking.logger and state.seconds(f"{folder.name}/eval") is not None:
-            tracking.metrics(round_metrics(round_block(run_dir, state, r, p)), step=r)
         write_summary(cfg, run_dir, state)
     block = write_summary(cfg, run_dir, state)
     tracking.artifact(run_dir / SUMMARY)
@@ -205,6 +207,8 @@ def stage_shares(summary: dict) -> dict[str, float]:
     totals: dict[str, float] = {}
     for stage, seconds in summary["timings_s"].items():
         where, kind = stage.split("/")
+        if kind == "log":
+            continue
         name = f"source {kind}" if where == "source" else kind
         totals[name] = totals.get(name, 0.0) + seconds
     wall = max(sum(totals.values()), 1e-9)

@@ -47,7 +47,10 @@ def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_pat
     dashboard = free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(free_port()), "--ray-client-server-port", str(free_port()), "--num-cpus", "2",
+         # every port Ray would otherwise take by default: another Ray (the test session's) may hold it
+         "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()), "--num-cpus", "2",
          "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
          "--temp-dir", str(Path("/tmp") / f"srh{os.getpid()}"), "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
