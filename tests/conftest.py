@@ -51,3 +51,21 @@ def small_benchmark(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, SyntheticSpec(**SMALL_SPEC), processes=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def fcn_checkpoint(tmp_path_factory) -> Path:
+    """A small random VGG16-FCN8s state dict whose prediction is not uniform (its score layers,
+    zero at initialisation, get random weights): a stand-in source model."""
+    import torch
+
+    from sisray.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fcn8s_vgg16", width=0.0625)
+    with torch.no_grad():
+        model.score_fr.weight.normal_(0, 0.05)
+        model.score_fr.bias.normal_(0, 1.0)
+    path = tmp_path_factory.mktemp("fcn") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path

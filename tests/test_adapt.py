@@ -83,23 +83,11 @@ def test_a_run_directory_of_another_config_is_refused_unless_forced(tmp_path):
 
 # ------------------------------------------------------------------ end to end (Ray)
 
-@pytest.fixture(scope="module")
-def source_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("fcn8s_vgg16", width=0.0625)
-    with torch.no_grad():  # a non-trivial prediction: the score layers start at zero
-        model.score_fr.weight.normal_(0, 0.05)
-        model.score_fr.bias.normal_(0, 1.0)
-    path = tmp_path_factory.mktemp("source") / "model.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def _config(root, run_dir, source_model):
+def _config(root, run_dir, fcn_checkpoint):
     return load_config(None, [
         "data.source.name=synthetic", f"data.source.root={root}", "data.source.size=[64, 36]",
         "data.target.name=synthetic", f"data.target.root={root}", "data.target.size=[64, 32]",
-        "model.width=0.0625", f"model.source_checkpoint={source_model}", "train.batch_size=4",
+        "model.width=0.0625", f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4",
         "train.num_workers=2", "train.lr=1e-3", "train.epochs_per_round=1", "lse.selection=global",
         "lse.p0=0.5", "lse.p_step=0.25", "lse.p_max=0.75", "lse.patches_per_image=2", "lse.threshold.bins=16",
         f"run_dir={run_dir}", "tracking.enabled=false"])
@@ -113,11 +101,11 @@ def _run(cfg):
 @pytest.mark.ray
 @pytest.mark.timeout(900, method="thread")
 def test_resume_after_an_interruption_between_stages_equals_an_uninterrupted_run(
-        ray_session, small_benchmark, source_model, tmp_path, monkeypatch):
-    whole = _run(_config(small_benchmark, tmp_path / "whole", source_model))
+        ray_session, small_benchmark, fcn_checkpoint, tmp_path, monkeypatch):
+    whole = _run(_config(small_benchmark, tmp_path / "whole", fcn_checkpoint))
     assert whole["complete"] and [r["p"] for r in whole["rounds"]] == [0.5, 0.75]
 
-    cut = _config(small_benchmark, tmp_path / "cut", source_model)
+    cut = _config(small_benchmark, tmp_path / "cut", fcn_checkpoint)
     real_train_round = train.train_round
 
     def interrupted(cfg, run_dir, round_, *args):

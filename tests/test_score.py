@@ -10,10 +10,8 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from sisray.config import load_config
-from sisray.models import build_model
 from sisray.stages import score
 from sisray.stages.actors import png_array
 from sisray.stages.score import (PatchDataset, Scorer, count_patches, patch_pass, read_patches, score_pass,
@@ -30,16 +28,9 @@ def _config(root, *extra):
         "tracking.enabled=false", *extra])
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("fcn8s_vgg16", width=0.0625)
-    with torch.no_grad():  # a non-trivial prediction: the score layers start at zero
-        model.score_fr.weight.normal_(0, 0.05)
-        model.score_fr.bias.normal_(0, 1.0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(model.state_dict(), path)
-    return path
+@pytest.fixture
+def checkpoint(fcn_checkpoint):
+    return fcn_checkpoint
 
 
 def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, small_benchmark, checkpoint, tmp_path):
