@@ -73,7 +73,7 @@ def main() -> None:
 
     from sisray import rounds
     from sisray.cluster import start_ray
-    from sisray.datasets import open_target
+    from sisray.datasets import target_eval_classes
     from sisray.metrics import format_iou_table
     from sisray.tracking import Tracking
 
@@ -97,7 +97,7 @@ def main() -> None:
     columns.update({f"round {b['round']} (p={b['p']:g})": b["evaluation"] for b in summary["rounds"]})
     columns["final"] = summary["final"]
     print("\nLSE on target val (IoU %; the final model is the last round's):")
-    print(format_iou_table(columns, open_target(cfg.data.target, "val", True).eval_classes))
+    print(format_iou_table(columns, target_eval_classes(cfg.data.target)))
     shares = rounds.stage_shares(summary)
     print(f"\nwall time of the stages {summary['wall_s']:.0f} s: " +
           ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))

@@ -27,7 +27,7 @@ def main() -> None:
     cfg = job_config(parser.parse_args())
 
     from sisray.cluster import start_ray
-    from sisray.datasets import open_target
+    from sisray.datasets import open_target, target_eval_classes
     from sisray.metrics import format_iou_table
     from sisray.stages.evaluate import evaluate_into
     from sisray.stages.train import train_source, training_set
@@ -48,7 +48,7 @@ def main() -> None:
             tracking.artifact(artifact)
         name = "oracle (target labels)" if cfg.train.oracle else "source-only"
         print(f"\n{name} model on target val (IoU %):")
-        print(format_iou_table({name: summary}, open_target(cfg.data.target, "val", True).eval_classes))
+        print(format_iou_table({name: summary}, target_eval_classes(cfg.data.target)))
         status = "FINISHED"
     finally:
         tracking.finish(status)

@@ -15,7 +15,7 @@ SOURCE_DATASETS: dict[str, type[SegmentationDataset]] = {"gta5": GTA5, "synthia"
 TARGET_DATASETS: dict[str, type[SegmentationDataset]] = {"cityscapes": Cityscapes, "synthetic": SyntheticTarget}
 
 __all__ = ["Sample", "SegmentationDataset", "GTA5", "SYNTHIA", "Cityscapes", "SyntheticSource",
-           "SyntheticTarget", "open_source", "open_target", "unlabelled_source_classes"]
+           "SyntheticTarget", "open_source", "open_target", "target_eval_classes", "unlabelled_source_classes"]
 
 
 def _lookup(registry: dict, name: str, role: str) -> type[SegmentationDataset]:
@@ -34,6 +34,11 @@ def unlabelled_source_classes(cfg: DomainConfig) -> tuple[int, ...]:
     """The trainIds a source never labels (SYNTHIA: terrain, truck, train): selection skips them."""
     labelled = _lookup(SOURCE_DATASETS, cfg.name, "source").eval_classes
     return tuple(c for c in range(NUM_CLASSES) if c not in labelled)
+
+
+def target_eval_classes(cfg: TargetConfig) -> tuple[int, ...]:
+    """The trainIds a target benchmark evaluates (without opening and checking the dataset again)."""
+    return _lookup(TARGET_DATASETS, cfg.name, "target").eval_classes
 
 
 def open_target(cfg: TargetConfig, split: str, with_labels: bool) -> SegmentationDataset:
