@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sisray.config import load_config  # noqa: E402
 from sisray.stages.evaluate import evaluate  # noqa: E402
 from sisray.stages.train import steps_for, train_source, training_set  # noqa: E402
+from sisray.storage import RunStore  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in (("source_only", source_cfg), ("oracle", oracle_cfg)):
             began = time.perf_counter()
-            checkpoint = train_source(cfg, Path(tmp) / name, None)
+            checkpoint = train_source(cfg, RunStore(Path(tmp) / name), None)
             results[f"{name}_miou"] = round(100 * evaluate(cfg, checkpoint)["miou"], 2)
             print(f"{name}: mIoU {results[f'{name}_miou']:.2f} on target val after {steps} steps "
                   f"({time.perf_counter() - began:.0f} s)", flush=True)

@@ -27,6 +27,7 @@ from sisray.datasets import open_source  # noqa: E402
 from sisray.labels import NUM_CLASSES  # noqa: E402
 from sisray.models import build_model  # noqa: E402
 from sisray.stages.train import TrainSpec, cross_entropy, fit, global_batch, load_batch, make_optimizer  # noqa: E402
+from sisray.storage import RunStore  # noqa: E402
 
 
 def plain_loop(cfg, steps: int, threads: int) -> float:
@@ -68,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         spec = TrainSpec(config_to_dict(cfg), "bench", args.steps, "random", max(1, threads // 2), None)
         began = time.perf_counter()
-        result = fit(cfg, spec, Path(run_dir), "bench")
+        result = fit(cfg, spec, RunStore(run_dir), "bench")
         seconds = time.perf_counter() - began
     ray.shutdown()
     distributed = result.metrics["samples_per_s"]

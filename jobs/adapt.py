@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from sisray.cli import add_config_arguments, add_run_dir_argument, job_config, run  # noqa: E402
 from sisray.config import Config, load_config, save_config  # noqa: E402
 from sisray.errors import ConfigError  # noqa: E402
+from sisray.storage import RunStore, join  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,9 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace) -> Config:
     if not args.resume:
         return job_config(args)
-    saved = Path(args.resume) / "config.yaml"
+    store = RunStore(args.resume)
+    store.pull()
+    saved = store.local / "config.yaml"
     if not saved.is_file():
-        raise ConfigError(f"--resume {args.resume}: {saved} not found (not a sisray run directory)")
+        raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a sisray run directory)")
     return load_config(saved, [*args.overrides, f"run_dir={args.resume}"])
 
 
@@ -77,8 +80,10 @@ def main() -> None:
     from sisray.metrics import format_iou_table
     from sisray.tracking import Tracking
 
-    run_dir = Path(cfg.run_dir)
-    state = rounds.RunState(run_dir, cfg, args.force)  # refuses a foreign run directory before any work
+    store = RunStore(cfg.run_dir)  # a path, or a URI (s3://...) worked on through a local copy
+    store.pull()
+    run_dir = store.local
+    state = rounds.RunState(store, cfg, args.force)  # refuses a foreign run directory before any work
     check_inputs(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -101,7 +106,7 @@ def main() -> None:
     shares = rounds.stage_shares(summary)
     print(f"\nwall time of the stages {summary['wall_s']:.0f} s: " +
           ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
-    print(f"summary: {run_dir.resolve() / rounds.SUMMARY}\n{tracking.where()}")
+    print(f"summary: {join(store.location, rounds.SUMMARY)}\n{tracking.where()}")
 
 
 if __name__ == "__main__":

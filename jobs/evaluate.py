@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from sisray.cli import add_config_arguments, evaluation_metrics, job_config, run  # noqa: E402
 from sisray.errors import ConfigError  # noqa: E402
-from sisray.storage import atomic_write_json  # noqa: E402
+from sisray.storage import atomic_write_json, is_uri  # noqa: E402
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -52,7 +52,9 @@ def main() -> None:
     checkpoint = checkpoint_file(args.checkpoint)
     read_state_dict(checkpoint)  # a bad checkpoint stops here, before Ray starts
     val = open_target(cfg.data.target, "val", with_labels=True)
-    base = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else checkpoint.parent
+    if is_uri(checkpoint) and not args.out:
+        raise ConfigError(f"--checkpoint {args.checkpoint} is remote: pass --out for eval.json")
+    base = Path(checkpoint).parent
     out = Path(args.out) if args.out else (base.parent if base.name == "checkpoint" else base) / "eval.json"
     start_ray()
     tracking = Tracking(cfg, "evaluate")

@@ -31,18 +31,22 @@ def main() -> None:
     from sisray.metrics import format_iou_table
     from sisray.stages.evaluate import evaluate_into
     from sisray.stages.train import train_source, training_set
+    from sisray.storage import RunStore
     from sisray.tracking import Tracking
 
     training_set(cfg), open_target(cfg.data.target, "val", with_labels=True)  # bad data: stop now
-    run_dir = Path(cfg.run_dir)
+    store = RunStore(cfg.run_dir)  # a path, or a URI (s3://...) worked on through a local copy
+    store.pull()
+    run_dir = store.local
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     start_ray()
     tracking = Tracking(cfg, "train_source")
     status = "FAILED"
     try:
-        checkpoint = train_source(cfg, run_dir, tracking.logger)
-        summary = evaluate_into(cfg, checkpoint, run_dir / "source")
+        checkpoint = train_source(cfg, store, tracking.logger)
+        summary = evaluate_into(cfg, store.shared(checkpoint), run_dir / "source")
+        store.push()
         tracking.metrics(evaluation_metrics(summary, "source"))
         for artifact in (run_dir / "config.yaml", run_dir / "source" / "eval.json", run_dir / "source" / "overlay.png"):
             tracking.artifact(artifact)
@@ -52,7 +56,7 @@ def main() -> None:
         status = "FINISHED"
     finally:
         tracking.finish(status)
-    print(f"\ncheckpoint: {checkpoint}\nrun directory: {run_dir.resolve()}\n{tracking.where()}")
+    print(f"\ncheckpoint: {store.shared(checkpoint)}\nrun directory: {store.location}\n{tracking.where()}")
 
 
 if __name__ == "__main__":

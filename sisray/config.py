@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from sisray.errors import ConfigError
+from sisray.storage import is_uri
 
 SOURCE_DATASETS = ("gta5", "synthia", "synthetic")
 TARGET_DATASETS = ("cityscapes", "synthetic")
@@ -321,7 +322,7 @@ def with_absolute_paths(cfg: Config) -> Config:
     """The config with dataset roots, run_dir and checkpoint paths made absolute: Ray workers and
     actors do not run in the driver's working directory."""
     def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve())
+        return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
     data = dataclasses.replace(
         cfg.data, source=dataclasses.replace(cfg.data.source, root=absolute(cfg.data.source.root)),

@@ -15,3 +15,7 @@ class DatasetError(SisrayError):
 
 class ModelError(SisrayError):
     """A model name, checkpoint or weight file that cannot be used."""
+
+
+class StorageError(SisrayError):
+    """A run directory or file location that cannot be opened, read or written."""

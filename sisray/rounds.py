@@ -20,7 +20,7 @@ from sisray.cli import evaluation_metrics
 from sisray.config import Config, LSEConfig, config_to_dict
 from sisray.datasets import unlabelled_source_classes
 from sisray.errors import ConfigError
-from sisray.storage import atomic_write_json
+from sisray.storage import RunStore, atomic_write_json
 from sisray.tracking import Tracking, flatten
 
 STATE = "state.json"
@@ -46,8 +46,9 @@ def fingerprint(cfg: Config) -> dict:
 class RunState:
     """RUN/state.json: the config fingerprint, finished stages with their seconds, the MLflow run."""
 
-    def __init__(self, run_dir: Path, cfg: Config, force: bool = False):
-        self.path = run_dir / STATE
+    def __init__(self, store: RunStore, cfg: Config, force: bool = False):
+        self.store = store
+        self.path = store.local / STATE
         self.data = {"fingerprint": fingerprint(cfg), "finished": {}, "mlflow_run_id": None}
         if self.path.is_file():
             saved = json.loads(self.path.read_text())
@@ -55,8 +56,8 @@ class RunState:
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             if changed and not force:
                 listed = "; ".join(f"{k} = {old.get(k)!r} there, {new.get(k)!r} now" for k in changed[:5])
-                raise ConfigError(f"{run_dir} holds a run made with another config ({listed}). Use another --run-dir, "
-                                  f"resume it with --resume {run_dir}, or pass --force to continue it anyway")
+                raise ConfigError(f"{store.location} holds a run made with another config ({listed}). Use another --run-dir, "
+                                  f"resume it with --resume {store.location}, or pass --force to continue it anyway")
             saved["fingerprint"] = self.data["fingerprint"]
             self.data = saved
 
@@ -86,11 +87,14 @@ class RunState:
         self.save()
 
     def save(self) -> None:
+        """Write state.json; a remote run directory receives the stage's files first, then it."""
         atomic_write_json(self.path, self.data)
+        self.store.push()
 
 
-def source_checkpoint(cfg: Config, run_dir: Path) -> Path:
-    return Path(cfg.model.source_checkpoint) if cfg.model.source_checkpoint else run_dir / "source" / "checkpoint"
+def source_checkpoint(cfg: Config, store: RunStore) -> str:
+    """Where workers read the source model: the given checkpoint, or the source stage's."""
+    return cfg.model.source_checkpoint or store.shared(store.local / "source" / "checkpoint")
 
 
 def round_folder(run_dir: Path, r: int) -> Path:
@@ -104,12 +108,13 @@ def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
                                      summary)
     from sisray.stages.train import train_round, train_source
 
-    run_dir = Path(cfg.run_dir)
-    source = source_checkpoint(cfg, run_dir)
+    store = state.store
+    run_dir = store.local
+    source = source_checkpoint(cfg, store)
     if not cfg.model.source_checkpoint:
-        state.run("source/train", lambda: train_source(cfg, run_dir, tracking.logger))
+        state.run("source/train", lambda: train_source(cfg, store, tracking.logger))
 
-    def evaluation(checkpoint: Path, folder: Path, step: int) -> None:
+    def evaluation(checkpoint: str, folder: Path, step: int) -> None:
         block = evaluate_into(cfg, checkpoint, folder)
         tracking.metrics(evaluation_metrics(block, "target_val"), step=step)
         tracking.artifact(folder / "overlay.png", folder.name)
@@ -136,14 +141,15 @@ def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
                     tracking.artifact(folder / artifact, folder.name)
         state.run(f"{folder.name}/report", pseudo_labels)
         state.run(f"{folder.name}/train",
-                  lambda: train_round(cfg, run_dir, r, folder / "patches", previous, tracking.logger))
-        state.run(f"{folder.name}/eval", lambda: evaluation(folder / "checkpoint", folder, r))
+                  lambda: train_round(cfg, store, r, previous, tracking.logger))
+        previous = store.shared(folder / "checkpoint")
+        state.run(f"{folder.name}/eval", lambda: evaluation(previous, folder, r))
         # once per round (a resumed job does not log it twice), with the eval stage's time known
         state.run(f"{folder.name}/log",
                   lambda: tracking.metrics(round_metrics(round_block(run_dir, state, r, p)), step=r))
-        previous = folder / "checkpoint"
         write_summary(cfg, run_dir, state)
     block = write_summary(cfg, run_dir, state)
+    store.push()
     tracking.artifact(run_dir / SUMMARY)
     return block
 

@@ -1,12 +1,26 @@
-"""Files in the run directory are written atomically: a killed job leaves the old file or the new one."""
+"""Where a job's files live: a local (or NFS) path, or a URI that pyarrow.fs opens (s3://, gs://...).
+
+Files in the run directory are written atomically: a killed job leaves the old file or the new one.
+A run directory at a URI is worked on through a local copy (`RunStore`): pulled when the job
+starts, pushed after every finished stage, state.json last, so the remote copy never records a
+stage whose files it lacks. Ray workers on other nodes read a stage's inputs (checkpoints, patch
+sets) from the remote copy, and Ray Train writes its checkpoints there directly.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from sisray.errors import StorageError
+
+STATE_FILE = "state.json"  # a run's record of finished stages: uploaded last
+CACHE_ENV = "SISRAY_CACHE_DIR"  # where local copies of remote run directories are kept
+TRAIN_FOLDER = "train"  # RUN/<stage>/train/: Ray Train's own files, at the remote location directly
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -31,3 +45,175 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ------------------------------------------------------------------------------- locations
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def join(location: str | Path, *parts: str) -> str:
+    """A location below `location`; a URI keeps its query (e.g. ?endpoint_override=...)."""
+    if not is_uri(location):
+        return str(Path(location).joinpath(*parts))
+    base, mark, query = str(location).partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
+
+
+def resolve(location: str | Path):
+    """(pyarrow filesystem, path inside it) of a location."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(str(location))
+    except (ValueError, OSError) as exc:
+        raise StorageError(f"{location}: cannot open this location ({exc})") from None
+
+
+def _info(location: str | Path):
+    fs, path = resolve(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(f"{location}: cannot read ({exc})") from None
+
+
+def is_file(location: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(location).type == pafs.FileType.File
+
+
+def is_dir(location: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(location).type == pafs.FileType.Directory
+
+
+def read_bytes(location: str | Path) -> bytes:
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, FileNotFoundError) as exc:
+        raise StorageError(f"{location}: cannot read ({exc})") from None
+
+
+def list_files(location: str | Path, suffix: str = "") -> list[str]:
+    """The files directly in a folder whose names end with `suffix`, sorted, as locations."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"{location}: cannot list ({exc})") from None
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    return [join(location, name) for name in names]
+
+
+# ------------------------------------------------------------------------------- run directories
+
+def _synced(relative: str) -> bool:
+    """Files the local copy and the remote run directory exchange: not Ray Train's folders (remote
+    already) and not staging files (names starting with a dot)."""
+    parts = relative.split("/")
+    return not any(p.startswith(".") for p in parts) and not (len(parts) > 2 and parts[1] == TRAIN_FOLDER)
+
+
+class RunStore:
+    """A run directory: `local` is where the driver reads and writes it. For a URI, `local` is a
+    copy under $SISRAY_CACHE_DIR (default ~/.cache/sisray) kept in step with `pull` and `push`."""
+
+    def __init__(self, location: str | Path):
+        self.location = str(location)
+        self.remote = resolve(self.location) if is_uri(self.location) else None
+        if self.remote is None:
+            self.local = Path(self.location).expanduser().resolve()
+        else:
+            digest = hashlib.sha1(self.location.partition("?")[0].encode()).hexdigest()[:16]
+            cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sisray")
+            self.local = cache / "runs" / digest
+
+    def shared(self, path: str | Path) -> str:
+        """Where workers on any node find `path` (a path in the local copy)."""
+        path = Path(path).resolve()
+        if self.remote is None:
+            return str(path)
+        return join(self.location, *path.relative_to(self.local).parts)
+
+    def train_storage(self, stage: str) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for Ray Train's files of a stage: RUN/<stage>/."""
+        if self.remote is None:
+            return str(self.local / stage), None
+        fs, root = self.remote
+        return f"{root}/{stage}", fs
+
+    def _remote_files(self) -> dict[str, Any]:
+        import pyarrow.fs as pafs
+
+        fs, root = self.remote
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(f"{self.location}: cannot list ({exc})") from None
+        files = {i.path[len(root) + 1:]: i for i in infos if i.type == pafs.FileType.File}
+        return {k: v for k, v in files.items() if _synced(k)}
+
+    def _local_files(self) -> dict[str, os.stat_result]:
+        if not self.local.is_dir():
+            return {}
+        files = {p.relative_to(self.local).as_posix(): p.stat() for p in self.local.rglob("*") if p.is_file()}
+        return {k: v for k, v in files.items() if _synced(k)}
+
+    @staticmethod
+    def _same(stat: os.stat_result, info) -> bool:
+        return stat.st_size == info.size and info.mtime_ns is not None and stat.st_mtime_ns == info.mtime_ns
+
+    def pull(self) -> None:
+        """Make the local copy equal to the remote run directory (nothing to do for a local path)."""
+        if self.remote is None:
+            return
+        fs = self.remote[0]
+        remote, local = self._remote_files(), self._local_files()
+        for name in local.keys() - remote.keys():
+            (self.local / name).unlink()
+        try:
+            for name, info in remote.items():
+                if name in local and self._same(local[name], info):
+                    continue
+                with fs.open_input_stream(info.path) as f:
+                    atomic_write_bytes(self.local / name, f.read())
+                os.utime(self.local / name, ns=(info.mtime_ns, info.mtime_ns))
+        except OSError as exc:
+            raise StorageError(f"{self.location}: cannot read ({exc})") from None
+
+    def push(self) -> None:
+        """Upload what changed in the local copy, delete remote files the copy no longer has (a re-run
+        stage may write fewer shards), and upload state.json last."""
+        if self.remote is None:
+            return
+        remote, local = self._remote_files(), self._local_files()
+        changed = [n for n, s in local.items() if n not in remote or not self._same(s, remote[n])]
+        try:
+            for name in changed:
+                if name != STATE_FILE:
+                    self._upload(name)
+            for stale in remote.keys() - local.keys():
+                self.remote[0].delete_file(f"{self.remote[1]}/{stale}")
+            if STATE_FILE in changed:
+                self._upload(STATE_FILE)
+        except OSError as exc:
+            raise StorageError(f"{self.location}: cannot write ({exc})") from None
+
+    def _upload(self, name: str) -> None:
+        fs, root = self.remote
+        target = f"{root}/{name}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target) as f:
+            f.write((self.local / name).read_bytes())
+        mtime = fs.get_file_info(target).mtime_ns  # the local copy takes the remote time: in step
+        os.utime(self.local / name, ns=(mtime, mtime))

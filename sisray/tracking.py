@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sisray.config import Config, config_to_dict
+from sisray.storage import is_uri
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -89,8 +90,10 @@ class Tracking:
             client.update_run(self.run_id, status="RUNNING")
             self.logger = RunLogger(self.uri, self.run_id)
             return
-        run = client.create_run(self.experiment_id, run_name=f"{job}:{Path(cfg.run_dir).name}",
-                                tags={"sisray.job": job, "sisray.run_dir": str(Path(cfg.run_dir).resolve()),
+        where = cfg.run_dir if is_uri(cfg.run_dir) else str(Path(cfg.run_dir).resolve())
+        name = where.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]  # the run directory's own name
+        run = client.create_run(self.experiment_id, run_name=f"{job}:{name}",
+                                tags={"sisray.job": job, "sisray.run_dir": where,
                                       "mlflow.source.name": f"jobs/{job}.py"})
         self.run_id = run.info.run_id
         self.logger = RunLogger(self.uri, self.run_id)

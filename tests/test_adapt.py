@@ -17,6 +17,7 @@ from sisray.errors import ConfigError
 from sisray.models import build_model
 from sisray.stages import train
 from sisray.stages.train import make_optimizer, training_step
+from sisray.storage import RunStore
 from sisray.tracking import Tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,13 +73,13 @@ def test_optimiser_state_carries_over_but_rates_start_again():
 
 def test_a_run_directory_of_another_config_is_refused_unless_forced(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}"])
-    rounds.RunState(tmp_path, cfg).save()
-    rounds.RunState(tmp_path, load_config(None, [f"run_dir={tmp_path}", "resources.num_actors=3",
+    rounds.RunState(RunStore(tmp_path), cfg).save()
+    rounds.RunState(RunStore(tmp_path), load_config(None, [f"run_dir={tmp_path}", "resources.num_actors=3",
                                                  "tracking.enabled=false"]))  # where/how, not what: fine
     other = load_config(None, [f"run_dir={tmp_path}", "lse.p0=0.2"])
     with pytest.raises(ConfigError, match=r"lse.p0 = 0.1 there, 0.2 now"):
-        rounds.RunState(tmp_path, other)
-    assert rounds.RunState(tmp_path, other, force=True).data["fingerprint"]["lse.p0"] == 0.2
+        rounds.RunState(RunStore(tmp_path), other)
+    assert rounds.RunState(RunStore(tmp_path), other, force=True).data["fingerprint"]["lse.p0"] == 0.2
 
 
 # ------------------------------------------------------------------ end to end (Ray)
@@ -94,7 +95,7 @@ def _config(root, run_dir, fcn_checkpoint):
 
 
 def _run(cfg):
-    return rounds.run(cfg, rounds.RunState(Path(cfg.run_dir), cfg), Tracking(cfg, "adapt"))
+    return rounds.run(cfg, rounds.RunState(RunStore(cfg.run_dir), cfg), Tracking(cfg, "adapt"))
 
 
 @pytest.mark.slow
@@ -108,10 +109,10 @@ def test_resume_after_an_interruption_between_stages_equals_an_uninterrupted_run
     cut = _config(small_benchmark, tmp_path / "cut", fcn_checkpoint)
     real_train_round = train.train_round
 
-    def interrupted(cfg, run_dir, round_, *args):
+    def interrupted(cfg, store, round_, *args):
         if round_ == 2:
             raise KeyboardInterrupt  # Ctrl-C after round 2's patches were written
-        return real_train_round(cfg, run_dir, round_, *args)
+        return real_train_round(cfg, store, round_, *args)
 
     monkeypatch.setattr(train, "train_round", interrupted)
     with pytest.raises(KeyboardInterrupt):

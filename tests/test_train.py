@@ -12,6 +12,7 @@ from sisray.datasets import open_source
 from sisray.models import build_model
 from sisray.stages.train import (TrainSpec, cross_entropy, fit, global_batch, make_optimizer, steps_for,
                                  train_source)
+from sisray.storage import RunStore
 
 
 def test_every_sample_once_per_epoch_and_batches_are_seeded():
@@ -67,7 +68,7 @@ def _spec(cfg, steps: int) -> TrainSpec:
 @pytest.mark.ray
 def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(ray_session, small_benchmark, tmp_path):
     whole = _config(small_benchmark, tmp_path / "whole")
-    result = fit(whole, _spec(whole, 4), tmp_path / "whole", "source")
+    result = fit(whole, _spec(whole, 4), RunStore(tmp_path / "whole"), "source")
     folder = Path(result.checkpoint.path)
     final = torch.load(folder / "model.pt", weights_only=True)  # a plain state dict
     assert torch.load(folder / "train_state.pt", weights_only=True)["step"] == 4
@@ -86,8 +87,8 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
 
     # Interrupted after step 2, then the same command again: continues from the saved step.
     part = _config(small_benchmark, tmp_path / "part")
-    fit(part, _spec(part, 2), tmp_path / "part", "source")
-    resumed = fit(part, _spec(part, 4), tmp_path / "part", "source")
+    fit(part, _spec(part, 2), RunStore(tmp_path / "part"), "source")
+    resumed = fit(part, _spec(part, 4), RunStore(tmp_path / "part"), "source")
     assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == 4
     again = torch.load(Path(resumed.checkpoint.path) / "model.pt", weights_only=True)
     for key in final:
@@ -97,11 +98,11 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
 @pytest.mark.ray
 def test_train_source_publishes_the_checkpoint_and_skips_a_finished_run(ray_session, small_benchmark, tmp_path):
     cfg = _config(small_benchmark, tmp_path / "run", "train.source_epochs=0.5")  # 6 images, batch 4: 1 step
-    out = train_source(cfg, tmp_path / "run", None)
+    out = train_source(cfg, RunStore(tmp_path / "run"), None)
     assert out == tmp_path / "run" / "source" / "checkpoint"
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "train_state.pt"]
     stamp = (out / "model.pt").stat().st_mtime_ns
-    assert train_source(cfg, tmp_path / "run", None) == out  # finished: not trained again
+    assert train_source(cfg, RunStore(tmp_path / "run"), None) == out  # finished: not trained again
     assert (out / "model.pt").stat().st_mtime_ns == stamp
 
 

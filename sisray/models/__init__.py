@@ -7,11 +7,13 @@ logits (N, C, H, W) at the input resolution. The Caffe-style input of METHOD.md 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sisray import storage
 from sisray.errors import ModelError
 from sisray.models.common import CAFFE_BGR_MEAN
 from sisray.models.deeplabv2 import DeepLabV2, from_torchvision_resnet101
@@ -39,29 +41,32 @@ def build_model(name: str, num_classes: int = 19, width: float = 1.0, init: str 
 
 # ------------------------------------------------------------------------------- checkpoints
 
-def checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint directory's model.pt, or the file itself."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path} (expected a state-dict file or a directory holding model.pt)")
-    return path
+def checkpoint_file(location: str | Path) -> str:
+    """A checkpoint directory's model.pt, or the file itself (a path or a URI such as s3://...)."""
+    if not storage.is_uri(location):
+        location = Path(location).expanduser().resolve()  # Ray workers do not share the driver's cwd
+    if storage.is_dir(location):
+        location = storage.join(location, "model.pt")
+    if not storage.is_file(location):
+        raise ModelError(f"checkpoint not found: {location} (expected a state-dict file or a directory "
+                         "holding model.pt)")
+    return str(location)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(location: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a file, loaded with weights_only=True: a file holding code is refused."""
-    path = checkpoint_file(path)
+    location = checkpoint_file(location)
+    data = storage.read_bytes(location)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # the restricted unpickler raises many types for foreign or broken files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a loadable PyTorch state dict (only plain tensors are accepted): "
+        raise ModelError(f"{location}: not a loadable PyTorch state dict (only plain tensors are accepted): "
                          f"{first_line}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"{path}: expected a state dict (parameter name -> tensor), got {type(obj).__name__}")
+        raise ModelError(f"{location}: expected a state dict (parameter name -> tensor), got {type(obj).__name__}")
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DDP-saved checkpoints
 
 
@@ -97,7 +102,7 @@ def _num_classes(model: nn.Module) -> int:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    load_state(model, read_state_dict(path), str(checkpoint_file(path)))
+    load_state(model, read_state_dict(path), checkpoint_file(path))
 
 
 # ------------------------------------------------------------------------------- ImageNet

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from sisray import storage
 from sisray.cluster import stage_errors
 from sisray.config import Config, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
@@ -272,13 +273,13 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     count = 0
+    rows: dict[int, bytes] = {}  # figure rows by image
     staging.mkdir(parents=True)
     if selected:
         patches = ray.data.from_items([{"id": i} for i in selected]).map_batches(
             Patcher, fn_constructor_kwargs={"spec": spec}, **options)
         progress = Progress("patch pass", len(selected))
         done: set[int] = set()
-        rows: dict[int, bytes] = {}  # figure rows by image
         try:
             with stage_errors("patch pass"):
                 for shard, batch in enumerate(patches.iter_batches(batch_format="numpy", batch_size=None)):
@@ -303,9 +304,10 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     return count
 
 
-def read_patches(folder: Path) -> list[dict]:
-    """Every patch record under `folder`, ordered by (image index, patch number)."""
-    rows = [row for f in sorted(folder.glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+def read_patches(folder: str | Path) -> list[dict]:
+    """Every patch record under `folder` (a path or a URI), ordered by (image index, patch number)."""
+    rows = [row for f in storage.list_files(folder, ".parquet")
+            for row in pq.read_table(io.BytesIO(storage.read_bytes(f))).to_pylist()]
     return sorted(rows, key=lambda r: (r["index"], r["patch"]))
 
 
@@ -318,8 +320,8 @@ class PatchDataset(torch.utils.data.Dataset):
     """Training examples rebuilt from the full-resolution target images and the patch records:
     (float image (3, H, W) in [0, 255], int64 pseudo-label (H, W)) at the working size."""
 
-    def __init__(self, folder: Path, size: tuple[int, int]):
-        self.rows = read_patches(Path(folder))
+    def __init__(self, folder: str | Path, size: tuple[int, int]):
+        self.rows = read_patches(folder)
         self.size = (size[1], size[0])  # (H, W)
 
     def __len__(self) -> int:

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sisray import storage
 from sisray.cluster import train_workers
 from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
 from sisray.datasets import SegmentationDataset, open_source, open_target
@@ -31,6 +33,7 @@ from sisray.labels import NUM_CLASSES
 from sisray.lse.losses import cross_entropy, lse_target_loss
 from sisray.models import build_model, checkpoint_file, load_state
 from sisray.stages.score import PatchDataset, count_patches
+from sisray.storage import RunStore
 from sisray.tracking import RunLogger
 
 # Optimiser presets of METHOD.md; `train.lr` overrides the base rate.
@@ -172,10 +175,10 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
     dataset = training_set(cfg)
-    patches = PatchDataset(Path(spec.patches), cfg.data.target.size) if spec.patches else None
+    patches = PatchDataset(spec.patches, cfg.data.target.size) if spec.patches else None
     torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and every run
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.init)
-    carried = torch.load(spec.carried_state, weights_only=True)["optimizer"] if spec.carried_state else None
+    carried = read_train_state(spec.carried_state)["optimizer"] if spec.carried_state else None
     lr = cfg.train.round_lr if spec.round and cfg.train.round_lr else cfg.train.lr
     optimizer, scheduler = make_optimizer(model, cfg.model.name, lr, spec.steps, carried)
     start = 0
@@ -224,17 +227,18 @@ def train_loop(loop_config: dict) -> None:
         _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed)
 
 
-def fit(cfg: Config, spec: TrainSpec, run_dir: Path, name: str):
+def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str):
     """Run `train_loop` on Ray Train; returns Ray Train's result (final checkpoint and its metrics).
 
-    Ray Train keeps its checkpoints in RUN/<name>/train/; re-running with the same run directory
-    resumes from the last one.
+    Ray Train keeps its checkpoints in RUN/<name>/train/ (at the remote location for a remote run
+    directory); re-running with the same run directory resumes from the last one.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = train_workers(cfg)
     spec = dataclasses.replace(spec, config=config_to_dict(with_absolute_paths(config_from_dict(spec.config))))
+    storage_path, storage_filesystem = store.train_storage(name)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
@@ -242,7 +246,7 @@ def fit(cfg: Config, spec: TrainSpec, run_dir: Path, name: str):
         scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
                                                resources_per_worker={"CPU": workers.cpus_each}),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=str((run_dir / name).resolve()),  # Ray Train's files: RUN/<stage>/train/
+            name="train", storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=1, controller_failure_limit=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
@@ -251,23 +255,29 @@ def fit(cfg: Config, spec: TrainSpec, run_dir: Path, name: str):
     except ray.train.TrainingFailedError as exc:
         raise SisrayError(f"training failed: {exc}") from exc
     if result.checkpoint is None:
-        raise SisrayError(f"training of {name} finished without a checkpoint in {run_dir}")
+        raise SisrayError(f"training of {name} finished without a checkpoint in {store.location}")
     return result
+
+
+def read_train_state(location: str | Path) -> dict:
+    """train_state.pt (optimiser, scheduler, step) from a path or a URI."""
+    return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
 
 
 def finished_step(checkpoint: Path) -> int:
     """The step a published checkpoint was saved at (0 if there is none)."""
     state = checkpoint / "train_state.pt"
-    return torch.load(state, weights_only=True)["step"] if state.is_file() else 0
+    return read_train_state(state)["step"] if state.is_file() else 0
 
 
-def publish_checkpoint(files: Iterable[Path], destination: Path) -> None:
-    """Copy checkpoint files into the directory `destination` atomically (copy beside it, then rename)."""
+def publish_checkpoint(files: Iterable[str | Path], destination: Path) -> None:
+    """Copy checkpoint files (paths or URIs) into the directory `destination` atomically (copy
+    beside it, then rename)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
         for item in files:
-            shutil.copy2(item, staging / item.name)
+            (staging / Path(str(item).partition("?")[0]).name).write_bytes(storage.read_bytes(item))
         if destination.exists():
             shutil.rmtree(destination)
         staging.rename(destination)
@@ -276,38 +286,45 @@ def publish_checkpoint(files: Iterable[Path], destination: Path) -> None:
         raise
 
 
-def train_source(cfg: Config, run_dir: Path, logger: RunLogger | None) -> Path:
+def publish_result(result, destination: Path) -> None:
+    """Ray Train's final checkpoint (local or remote) as RUN/<stage>/checkpoint/."""
+    with result.checkpoint.as_directory() as folder:
+        publish_checkpoint(sorted(Path(folder).iterdir()), destination)
+
+
+def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path:
     """Source-only training: writes RUN/source/checkpoint/ (model.pt + train_state.pt)."""
     dataset = training_set(cfg)  # validated here, before any worker starts
     steps = steps_for(cfg.train.source_epochs, len(dataset), cfg.train.batch_size)
-    destination = run_dir / "source" / "checkpoint"
+    destination = store.local / "source" / "checkpoint"
     if finished_step(destination) >= steps:
         return destination
     workers = train_workers(cfg)
     spec = TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, workers.threads_each, logger)
-    publish_checkpoint(Path(fit(cfg, spec, run_dir, "source").checkpoint.path).iterdir(), destination)
+    publish_result(fit(cfg, spec, store, "source"), destination)
     return destination
 
 
-def train_round(cfg: Config, run_dir: Path, round_: int, patches: Path, previous: Path,
-                logger: RunLogger | None) -> Path:
-    """Retraining of one round on the labelled set + the round's patch set, from the previous
-    round's model and optimiser state: writes RUN/round_XX/checkpoint/. Its length is
-    `train.epochs_per_round` passes over the patch set; a round without patches keeps the model."""
+def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger: RunLogger | None) -> Path:
+    """Retraining of one round on the labelled set + the round's patch set (RUN/round_XX/patches/),
+    from the previous model (a location workers can read) and its optimiser state: writes
+    RUN/round_XX/checkpoint/. Its length is `train.epochs_per_round` passes over the patch set; a
+    round without patches keeps the model."""
     stage = f"round_{round_:02d}"
-    destination = run_dir / stage / "checkpoint"
+    destination, patches = store.local / stage / "checkpoint", store.local / stage / "patches"
     samples = count_patches(patches)
     steps = steps_for(cfg.train.epochs_per_round, samples, cfg.train.batch_size) if samples else 0
     if finished_step(destination) >= steps and (destination / "model.pt").is_file():
         return destination
     model = checkpoint_file(previous)
     # A sisray checkpoint directory carries its optimiser state; a bare state-dict file does not.
-    state = previous / "train_state.pt" if previous.is_dir() and (previous / "train_state.pt").is_file() else None
+    state = storage.join(previous, "train_state.pt") if storage.is_dir(previous) else None
+    state = state if state and storage.is_file(state) else None
     if not samples:
         publish_checkpoint([f for f in (model, state) if f], destination)
         return destination
     workers = train_workers(cfg)
-    spec = TrainSpec(config_to_dict(cfg), stage, steps, str(model.resolve()), workers.threads_each, logger,
-                     round_, str(patches.resolve()), str(state.resolve()) if state else None)
-    publish_checkpoint(Path(fit(cfg, spec, run_dir, stage).checkpoint.path).iterdir(), destination)
+    spec = TrainSpec(config_to_dict(cfg), stage, steps, model, workers.threads_each, logger, round_,
+                     store.shared(patches), state)
+    publish_result(fit(cfg, spec, store, stage), destination)
     return destination

@@ -1,0 +1,201 @@
+"""Run directories on S3 (a moto server on loopback stands in for it): push/pull, stale shards,
+state.json last, readers of remote checkpoints and patch sets, and the adaptation job end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sisray import storage
+from sisray.errors import StorageError
+from sisray.models import build_model, read_state_dict
+from sisray.stages.score import read_patches
+from sisray.storage import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on loopback in its own process group, with a bucket `sisray`."""
+    import pyarrow.fs as pafs
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, **CREDENTIALS})
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fs.create_dir("sisray")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _uri(endpoint: str, path: str) -> str:
+    return f"s3://sisray/{path}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_uri_keeps_its_query_when_joined():
+    assert storage.join("s3://b/run?endpoint_override=h:1", "round_01", "model.pt") == \
+        "s3://b/run/round_01/model.pt?endpoint_override=h:1"
+    assert storage.join("runs/x", "a") == str(Path("runs/x/a"))
+
+
+def test_push_and_pull_keep_a_remote_run_directory_in_step(s3_endpoint, tmp_path, monkeypatch):
+    location = _uri(s3_endpoint, "step")
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "machine_a"))
+    store = RunStore(location)
+    store.pull()  # nothing there yet
+    (store.local / "round_01" / "patches").mkdir(parents=True)
+    for shard in range(3):
+        (store.local / "round_01" / "patches" / f"part-{shard:05d}.parquet").write_bytes(b"shard %d" % shard)
+    (store.local / "round_01" / "train").mkdir()
+    (store.local / "round_01" / "train" / "ray.json").write_text("Ray Train's own: never copied")
+    (store.local / "round_01" / ".scores.parquet.tmp").write_text("staging: never copied")
+    (store.local / "state.json").write_text('{"finished": {"round_01/patches": 1.0}}')
+    store.push()
+
+    # a re-run stage writes fewer shards and another state of the same size
+    (store.local / "round_01" / "patches" / "part-00002.parquet").unlink()
+    (store.local / "round_01" / "patches" / "part-00001.parquet").write_bytes(b"SHARD 1")
+    (store.local / "state.json").write_text('{"finished": {"round_01/patches": 2.0}}')
+    store.push()
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "machine_b"))
+    other = RunStore(location)
+    assert other.local != store.local
+    other.pull()
+    assert _tree(other.local) == {"round_01/patches/part-00000.parquet": b"shard 0",
+                                  "round_01/patches/part-00001.parquet": b"SHARD 1",
+                                  "state.json": b'{"finished": {"round_01/patches": 2.0}}'}
+    assert other.shared(other.local / "round_01" / "patches") == _uri(s3_endpoint, "step/round_01/patches")
+    assert storage.list_files(other.shared(other.local / "round_01" / "patches"), ".parquet") == [
+        _uri(s3_endpoint, f"step/round_01/patches/part-0000{i}.parquet") for i in (0, 1)]
+
+    # a stale local copy (same sizes, older content) is replaced on pull
+    (other.local / "state.json").write_text('{"finished": {"round_01/patches": 9.0}}')
+    (other.local / "leftover.json").write_text("{}")
+    other.pull()
+    assert (other.local / "state.json").read_text() == '{"finished": {"round_01/patches": 2.0}}'
+    assert not (other.local / "leftover.json").exists()
+
+
+def test_a_failed_push_never_uploads_the_new_state(s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path))
+    store = RunStore(_uri(s3_endpoint, "failing"))
+    store.local.mkdir(parents=True)
+    (store.local / "state.json").write_text('{"finished": {}}')
+    store.push()
+    (store.local / "round_01").mkdir()
+    (store.local / "round_01" / "selection.json").write_text("[1, 2]")
+    (store.local / "state.json").write_text('{"finished": {"round_01/select": 0.1}}')
+    real_upload = RunStore._upload
+
+    def upload(self, name):
+        if name == "round_01/selection.json":
+            raise OSError("simulated: the connection dropped")
+        real_upload(self, name)
+
+    monkeypatch.setattr(RunStore, "_upload", upload)
+    with pytest.raises(StorageError, match="failing.*cannot write.*connection dropped"):
+        store.push()
+    assert storage.read_bytes(storage.join(store.location, "state.json")) == b'{"finished": {}}'
+
+
+def test_workers_read_checkpoints_and_patch_sets_from_a_remote_run_directory(s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path))
+    store = RunStore(_uri(s3_endpoint, "readers"))
+    model = build_model("fcn8s_vgg16", width=0.0625)
+    (store.local / "source" / "checkpoint").mkdir(parents=True)
+    torch.save(model.state_dict(), store.local / "source" / "checkpoint" / "model.pt")
+    (store.local / "round_01" / "patches").mkdir(parents=True)
+    rows = [{"index": i, "patch": p, "label_png": b"x"} for i in (3, 1) for p in (1, 0)]
+    pq.write_table(pa.Table.from_pylist(rows[:2]), store.local / "round_01" / "patches" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[2:]), store.local / "round_01" / "patches" / "part-00001.parquet")
+    store.push()
+
+    state = read_state_dict(store.shared(store.local / "source" / "checkpoint"))  # a folder holding model.pt
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    patches = read_patches(store.shared(store.local / "round_01" / "patches"))
+    assert [(r["index"], r["patch"]) for r in patches] == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    from sisray.errors import ModelError
+    with pytest.raises(ModelError, match="checkpoint not found: s3://sisray/readers/nothing"):
+        read_state_dict(storage.join(store.location, "nothing"))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1200, method="thread")
+def test_the_adaptation_job_runs_and_resumes_with_its_run_directory_on_s3(s3_endpoint, small_benchmark,
+                                                                         fcn_checkpoint, tmp_path):
+    """`jobs/adapt.py --run-dir s3://...`: the run directory, Ray Train's checkpoints included, ends up
+    in the bucket; the same command on a machine without the local copy redoes nothing."""
+    location = _uri(s3_endpoint, "job")
+    small = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
+             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
+             f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "train.epochs_per_round=1",
+             "lse.selection=global", "lse.p0=0.5", "lse.p_max=0.5", "lse.patches_per_image=2",
+             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+    def job(cache: str):
+        env = {**os.environ, **CREDENTIALS, "SISRAY_SET": ";".join(small), "RAY_AUTH_MODE": "disabled",
+               storage.CACHE_ENV: str(tmp_path / cache)}
+        return subprocess.run([sys.executable, str(REPO / "jobs" / "adapt.py"), "--run-dir", location],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1000)
+
+    done = job("machine_a")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(storage.read_bytes(storage.join(location, "summary.json")))
+    assert summary["complete"] and summary["rounds"][0]["selected_images"] > 0
+    assert summary["rounds"][0]["patches"] == 2 * summary["rounds"][0]["selected_images"]
+    assert storage.is_file(storage.join(location, "round_01", "checkpoint", "model.pt"))
+    assert storage.list_files(storage.join(location, "round_01", "patches"), ".parquet")
+    ray_train = storage.join(location, "round_01", "train")
+    assert storage.is_file(storage.join(ray_train, "checkpoint_manager_snapshot.json"))  # written there directly
+    state = json.loads(storage.read_bytes(storage.join(location, "state.json")))
+    assert "round_01/eval" in state["finished"]
+
+    again = job("machine_b")  # another machine: pulls the run, finds it finished
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== " not in again.stdout and "final" in again.stdout
