@@ -27,7 +27,7 @@ STATE = "state.json"
 SUMMARY = "summary.json"
 # Keys that change where or how fast a job runs, not what it computes: a run may resume with others.
 NOT_RESULT_KEYS = ("run_dir", "tracking.", "resources.", "train.log_every", "train.checkpoint_every")
-EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class")
+EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class", "label_free")
 
 
 def schedule(lse: LSEConfig) -> list[float]:

@@ -9,7 +9,7 @@ from layouts import CITYSCAPES_TO_TRAIN, H, W, expected_train_ids, make_cityscap
 from sisray.config import load_config
 from sisray.labels import TRAINID_TO_CITYSCAPES_ID
 from sisray.models import build_model
-from sisray.stages.evaluate import PREDICTION_SUFFIX, evaluate, json_ready
+from sisray.stages.evaluate import PREDICTION_SUFFIX, evaluate, json_ready, label_free
 
 CAR = 13
 
@@ -43,6 +43,14 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix_and_exports(ray_ses
     assert summary["per_class"]["road"] == 0.0
     assert summary["miou19"] == pytest.approx(iou.mean())
     assert summary["images"] == 3
+    branches = len(build_model("deeplabv2_r101", width=0.0625).layer5.conv2d_list)
+    p = np.full(19, 1.0)  # the same softmax at every pixel: the ASPP branches' biases add up for car
+    p[CAR] = np.exp(branches)
+    p /= p.sum()
+    entropy = -(p * np.log(p)).sum() / np.log(19)
+    assert summary["label_free"]["mean_entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert summary["label_free"]["class_entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert summary["label_free"]["information"] == pytest.approx(0.0, abs=1e-5)  # one answer for every pixel
 
     for sample_id in truth:
         city = sample_id.split("_")[0]
@@ -54,3 +62,14 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix_and_exports(ray_ses
 
 def test_json_ready_turns_nan_into_null():
     assert json_ready({"a": float("nan"), "b": {"c": 1.0}}) == {"a": None, "b": {"c": 1.0}}
+
+
+def test_label_free_statistics_reward_confident_and_diverse_predictions():
+    one_hot = np.eye(19)
+    confident_diverse = label_free(0.0, one_hot[0] + one_hot[1], 2)  # two sure pixels, two classes
+    assert confident_diverse == pytest.approx({"mean_entropy": 0.0, "class_entropy": np.log(2) / np.log(19),
+                                              "information": np.log(2) / np.log(19)}, abs=1e-9)
+    collapsed = label_free(0.0, 2 * one_hot[0], 2)  # as sure, but one class: no information
+    assert collapsed["mean_entropy"] == 0.0 and collapsed["information"] == pytest.approx(0.0, abs=1e-9)
+    uniform = label_free(2 * np.log(19), np.full(19, 2 / 19), 2)
+    assert uniform == pytest.approx({"mean_entropy": 1.0, "class_entropy": 1.0, "information": 0.0}, abs=1e-9)

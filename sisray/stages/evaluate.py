@@ -20,7 +20,8 @@ from PIL import Image
 from sisray.cluster import stage_errors
 from sisray.config import Config, config_to_dict, with_absolute_paths
 from sisray.datasets import open_target
-from sisray.labels import TRAINID_TO_CITYSCAPES_ID, colorize
+from sisray.labels import NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
+from sisray.lse.entropy import pixel_entropy
 from sisray.metrics import ConfusionMatrix
 from sisray.models import checkpoint_file
 from sisray.stages.actors import ActorSpec, ModelActor, png_array, png_bytes, pool_options
@@ -61,7 +62,8 @@ def overlay(image: torch.Tensor, prediction: np.ndarray, label: np.ndarray) -> n
 
 
 class Evaluator(ModelActor):
-    """Ray Data actor: {"id": indices} -> {"id", "counts": (n, 19, 19), "overlay": PNG bytes or b""}."""
+    """Ray Data actor: {"id": indices} -> {"id", "counts": (n, 19, 19), "overlay": PNG bytes or b"",
+    and the label-free sums of `label_free`: "entropy" (n,), "probs" (n, 19), "pixels" (n,)}."""
     split = "val"
     with_labels = True
 
@@ -69,6 +71,8 @@ class Evaluator(ModelActor):
         indices = [int(i) for i in batch["id"]]
         images, probs = self.probabilities(indices, self.spec.scales, self.spec.flip)
         counts, overlays = [], []
+        entropy = pixel_entropy(probs).sum(dim=(1, 2)).cpu().numpy()  # at the working size: no label involved
+        probs_sum = probs.sum(dim=(2, 3)).cpu().numpy()
         for k, index in enumerate(indices):
             label = self.dataset.load_label(index, native=True)
             full = F.interpolate(probs[k:k + 1], size=label.shape, mode="bilinear", align_corners=False)
@@ -79,7 +83,24 @@ class Evaluator(ModelActor):
             if self.spec.export:
                 export_prediction(self.spec.export, self.dataset.samples[index].id, prediction.numpy().astype(np.uint8))
             overlays.append(png_bytes(overlay(images[k], prediction.numpy(), label.numpy())) if index < OVERLAYS else b"")
-        return {"id": batch["id"], "counts": np.stack(counts), "overlay": np.array(overlays, dtype=object)}
+        return {"id": batch["id"], "counts": np.stack(counts), "overlay": np.array(overlays, dtype=object),
+                "entropy": entropy.astype(np.float64), "probs": probs_sum.astype(np.float64),
+                "pixels": np.full(len(indices), probs.shape[2] * probs.shape[3], np.int64)}
+
+
+def label_free(entropy: float, probs: np.ndarray, pixels: int) -> dict:
+    """Statistics of the softmax on target images that read no label, for choosing hyperparameters
+    without target labels, in [0, 1] (entropies divided by log C):
+    - mean_entropy: the mean pixel entropy H(p) (lower: more confident);
+    - class_entropy: the entropy of the mean prediction H(mean p) (lower: fewer classes predicted);
+    - information: class_entropy - mean_entropy, the input-prediction mutual information of
+      information-maximisation objectives (higher: confident *and* diverse; a model that collapses
+      onto a few confident classes scores low, which plain entropy would reward)."""
+    scale = math.log(len(probs))
+    mean = probs / max(pixels, 1)
+    class_entropy = float(-(mean * np.log(mean + 1e-12)).sum()) / scale
+    mean_entropy = entropy / max(pixels, 1) / scale
+    return {"mean_entropy": mean_entropy, "class_entropy": class_entropy, "information": class_entropy - mean_entropy}
 
 
 def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = None,
@@ -96,11 +117,16 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
     results = ray.data.range(len(dataset)).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
     total = ConfusionMatrix()
     pictures = {}
+    entropy, probs, pixels = 0.0, np.zeros(NUM_CLASSES), 0
     with stage_errors("evaluation"):
         for batch in results.iter_batches(batch_format="numpy", batch_size=None):
             total.counts += batch["counts"].sum(axis=0)
             pictures.update({int(i): png for i, png in zip(batch["id"], batch["overlay"]) if png})
+            entropy += float(batch["entropy"].sum())
+            probs += batch["probs"].sum(axis=0)
+            pixels += int(batch["pixels"].sum())
     summary = total.summary(dataset.eval_classes)
+    summary["label_free"] = label_free(entropy, probs, pixels)
     summary["images"] = len(dataset)
     summary["checkpoint"] = checkpoint
     if figure and pictures:
