@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from sisray.cli import add_config_arguments, add_run_dir_argument, job_config, run  # noqa: E402
+from sisray.cli import add_config_arguments, add_run_dir_argument, check_inputs, job_config, run  # noqa: E402
 from sisray.config import Config, load_config, save_config  # noqa: E402
 from sisray.errors import ConfigError  # noqa: E402
 from sisray.storage import RunStore, join  # noqa: E402
@@ -50,24 +50,6 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if not saved.is_file():
         raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a sisray run directory)")
     return load_config(saved, [*args.overrides, f"run_dir={args.resume}"])
-
-
-def check_inputs(cfg: Config) -> None:
-    """Generate the built-in benchmark where a synthetic root is missing; check every split and the
-    source model before any work."""
-    from sisray.datasets import open_source, open_target
-    from sisray.datasets.synthetic import MANIFEST, generate
-    from sisray.models import read_state_dict
-
-    if cfg.model.source_checkpoint:
-        read_state_dict(cfg.model.source_checkpoint)  # missing or not a checkpoint: stop now
-
-    for domain in (cfg.data.source, cfg.data.target):
-        if domain.name == "synthetic" and not (Path(domain.root) / MANIFEST).is_file():
-            print(f"generating the built-in synthetic benchmark in {domain.root} ...", flush=True)
-            generate(domain.root)
-    open_source(cfg.data.source), open_target(cfg.data.target, "train", with_labels=False)
-    open_target(cfg.data.target, "val", with_labels=True)
 
 
 def main() -> None:

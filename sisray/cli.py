@@ -53,3 +53,21 @@ def evaluation_metrics(summary: dict, prefix: str) -> dict[str, float]:
     metrics.update({f"{prefix}/iou/{name}": value for name, value in summary["per_class"].items()})
     metrics.update({f"{prefix}/label_free/{name}": value for name, value in summary.get("label_free", {}).items()})
     return metrics
+
+
+def check_inputs(cfg) -> None:
+    """Generate the built-in benchmark where a synthetic root is missing; check every split and the
+    source model before any work."""
+    from sisray.datasets import open_source, open_target
+    from sisray.datasets.synthetic import MANIFEST, generate
+    from sisray.models import read_state_dict
+
+    if cfg.model.source_checkpoint:
+        read_state_dict(cfg.model.source_checkpoint)  # missing or not a checkpoint: stop now
+
+    for domain in (cfg.data.source, cfg.data.target):
+        if domain.name == "synthetic" and not (Path(domain.root) / MANIFEST).is_file():
+            print(f"generating the built-in synthetic benchmark in {domain.root} ...", flush=True)
+            generate(domain.root)
+    open_source(cfg.data.source), open_target(cfg.data.target, "train", with_labels=False)
+    open_target(cfg.data.target, "val", with_labels=True)

@@ -8,6 +8,7 @@ unknown key, a wrong type or an out-of-range value is a `ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from sisray.errors import ConfigError
-from sisray.storage import is_uri
+from sisray.storage import absolute
 
 SOURCE_DATASETS = ("gta5", "synthia", "synthetic")
 TARGET_DATASETS = ("cityscapes", "synthetic")
@@ -244,6 +245,28 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError("run_dir is empty: expected a directory path")
 
 
+def key_type(dotted: str) -> Any:
+    """The type of a dotted config key's value; an unknown key or a section is a ConfigError."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "the configuration"
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown key {dotted!r}: {where} is a value, not a section")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(f"unknown key {dotted!r}; {where} allows: {', '.join(hints)}")
+        cls = hints[part]
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{dotted!r} is a section, not a value")
+    return cls
+
+
+def set_value(raw: dict, dotted: str, value: Any) -> None:
+    """Set a dotted key in a raw config dict to an already-parsed value."""
+    apply_override(raw, f"{dotted}={json.dumps(value)}")  # JSON is YAML: the value round-trips exactly
+
+
 def config_from_dict(raw: Any) -> Config:
     cfg = _build(Config, raw, "")
     _check_relations(cfg)
@@ -321,9 +344,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def with_absolute_paths(cfg: Config) -> Config:
     """The config with dataset roots, run_dir and checkpoint paths made absolute: Ray workers and
     actors do not run in the driver's working directory."""
-    def absolute(path: str) -> str:
-        return path if is_uri(path) else str(Path(path).expanduser().resolve())
-
     data = dataclasses.replace(
         cfg.data, source=dataclasses.replace(cfg.data.source, root=absolute(cfg.data.source.root)),
         target=dataclasses.replace(cfg.data.target, root=absolute(cfg.data.target.root)))

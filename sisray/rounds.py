@@ -20,7 +20,7 @@ from sisray.cli import evaluation_metrics
 from sisray.config import Config, LSEConfig, config_to_dict
 from sisray.datasets import unlabelled_source_classes
 from sisray.errors import ConfigError
-from sisray.storage import RunStore, atomic_write_json
+from sisray.storage import RunStore, absolute, atomic_write_json
 from sisray.tracking import Tracking, flatten
 
 STATE = "state.json"
@@ -94,15 +94,18 @@ class RunState:
 
 def source_checkpoint(cfg: Config, store: RunStore) -> str:
     """Where workers read the source model: the given checkpoint, or the source stage's."""
-    return cfg.model.source_checkpoint or store.shared(store.local / "source" / "checkpoint")
+    if cfg.model.source_checkpoint:
+        return absolute(cfg.model.source_checkpoint)
+    return store.shared(store.local / "source" / "checkpoint")
 
 
 def round_folder(run_dir: Path, r: int) -> Path:
     return run_dir / f"round_{r:02d}"
 
 
-def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
-    """The whole method; returns (and writes) RUN/summary.json."""
+def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[dict], None] | None = None) -> dict:
+    """The whole method; returns (and writes) RUN/summary.json. `on_round` receives each finished
+    round's block, in order, those finished before a resume included (a Tune trial reports them)."""
     from sisray.stages.evaluate import evaluate_into
     from sisray.stages.score import (patch_pass, read_scores, read_selection, score_pass, select_and_threshold,
                                      summary)
@@ -148,6 +151,8 @@ def run(cfg: Config, state: RunState, tracking: Tracking) -> dict:
         state.run(f"{folder.name}/log",
                   lambda: tracking.metrics(round_metrics(round_block(run_dir, state, r, p)), step=r))
         write_summary(cfg, run_dir, state)
+        if on_round:
+            on_round(round_block(run_dir, state, r, p))
     block = write_summary(cfg, run_dir, state)
     store.push()
     tracking.artifact(run_dir / SUMMARY)

@@ -53,6 +53,11 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def absolute(location: str | Path) -> str:
+    """A path made absolute (Ray workers do not share the driver's cwd); a URI as it is."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
 def join(location: str | Path, *parts: str) -> str:
     """A location below `location`; a URI keeps its query (e.g. ?endpoint_override=...)."""
     if not is_uri(location):
@@ -66,7 +71,7 @@ def resolve(location: str | Path):
     import pyarrow.fs as pafs
 
     if not is_uri(location):
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+        return pafs.LocalFileSystem(), absolute(location)
     try:
         return pafs.FileSystem.from_uri(str(location))
     except (ValueError, OSError) as exc:

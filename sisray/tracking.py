@@ -70,14 +70,15 @@ class RunLogger:
 class Tracking:
     """The job's MLflow run (or nothing, with tracking disabled)."""
 
-    def __init__(self, cfg: Config, job: str, resume_run_id: str | None = None):
-        """A new run, or with `resume_run_id` (a resumed job) that run, continued."""
+    def __init__(self, cfg: Config, job: str, resume_run_id: str | None = None, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None):
+        """A new run, or with `resume_run_id` (a resumed job) that run, continued. With
+        `parent_run_id`, the run is nested under it (a sweep's trial under the sweep)."""
         self.enabled = cfg.tracking.enabled
         self.logger: RunLogger | None = None
         self.run_id: str | None = None
         if not self.enabled:
             return
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(cfg.tracking.uri)
@@ -94,13 +95,21 @@ class Tracking:
         name = where.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]  # the run directory's own name
         run = client.create_run(self.experiment_id, run_name=f"{job}:{name}",
                                 tags={"sisray.job": job, "sisray.run_dir": where,
-                                      "mlflow.source.name": f"jobs/{job}.py"})
+                                      "mlflow.source.name": f"jobs/{job}.py", **(tags or {}),
+                                      **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
         self.run_id = run.info.run_id
         self.logger = RunLogger(self.uri, self.run_id)
-        params = {k: str(v) for k, v in flatten(config_to_dict(cfg)).items()}
-        items = list(params.items())
+        self.params(flatten(config_to_dict(cfg)))
+
+    def params(self, params: dict[str, Any]) -> None:
+        """Log params (values as strings, MLflow's length and batch limits respected)."""
+        if not self.logger:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+            self.logger.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def _exists(self, client, run_id: str) -> bool:
         try:

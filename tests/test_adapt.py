@@ -187,3 +187,11 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
     other = job("--set", "lse.scale=1.5")
     assert other.returncode == 2 and "lse.scale = 2.0 there, 1.5 now" in other.stderr
     assert "Traceback" not in other.stderr
+
+
+def test_a_relative_source_checkpoint_reaches_workers_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Ray workers run elsewhere: a relative path would name another file
+    cfg = load_config(None, ["model.source_checkpoint=models/source", f"run_dir={tmp_path / 'run'}"])
+    assert rounds.source_checkpoint(cfg, RunStore(cfg.run_dir)) == str(tmp_path / "models" / "source")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])  # trained by the source stage of the run
+    assert rounds.source_checkpoint(cfg, RunStore("run")) == str(tmp_path / "run" / "source" / "checkpoint")

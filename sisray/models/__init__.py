@@ -43,8 +43,7 @@ def build_model(name: str, num_classes: int = 19, width: float = 1.0, init: str 
 
 def checkpoint_file(location: str | Path) -> str:
     """A checkpoint directory's model.pt, or the file itself (a path or a URI such as s3://...)."""
-    if not storage.is_uri(location):
-        location = Path(location).expanduser().resolve()  # Ray workers do not share the driver's cwd
+    location = storage.absolute(location)  # Ray workers do not share the driver's cwd
     if storage.is_dir(location):
         location = storage.join(location, "model.pt")
     if not storage.is_file(location):

@@ -1,0 +1,176 @@
+"""Sweeps: search spaces validated against the config schema, trial resources, the rank
+correlation; and a smoke sweep on Ray Tune end to end (interrupted, resumed, best config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sisray.config import config_to_dict, load_config
+from sisray.errors import ConfigError
+from sisray.sweep import load_space, param_space, spearman, trial_config, trial_metrics, trial_slots
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = config_to_dict(load_config(REPO / "configs" / "synthetic.yaml"))
+
+
+def _space(tmp_path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_space_in_the_repository_is_valid():
+    spaces = sorted((REPO / "tune_spaces").glob("*.yaml"))
+    assert {p.stem for p in spaces} >= {"smoke", "lse_thresholds", "lse_scales"}
+    for path in spaces:
+        space = load_space(path, BASE)
+        assert space.dimensions and param_space(space, "random")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("space:\n  lse.scael: {uniform: [1.5, 3]}\n", r"space.lse.scael: unknown key 'lse.scael'; lse allows: p0"),
+    ("space:\n  lse: {choice: [1, 2]}\n", r"'lse' is a section, not a value"),
+    ("space:\n  model.width: {choice: [0.5, 1]}\n", r"space.model.width: this key cannot be swept"),
+    ("space:\n  lse.scale: {normal: [2, 1]}\n", r"space.lse.scale: expected one of \{choice: ..., grid"),
+    ("space:\n  lse.scale: {uniform: [3, 1.5]}\n", r"uniform needs \[low, high\] with low < high, got \[3, 1.5\]"),
+    ("space:\n  train.lr: {loguniform: [0, 0.1]}\n", r"loguniform needs low > 0, got 0"),
+    ("space:\n  lse.patches_per_image: {uniform: [2, 8]}\n", r"lse.patches_per_image takes int values; use randint"),
+    ("space:\n  lse.scale: {uniform: [0.5, 2]}\n", r"space.lse.scale: 0.5 is not a valid value: lse.scale = 0.5 is out of range"),
+    ("space:\n  lse.threshold.estimator: {choice: [cutoff_image, median]}\n",
+     r"space.lse.threshold.estimator: 'median' is not a valid value"),
+    ("space:\n  lse.scale: {choice: []}\n", r"choice needs a non-empty list"),
+    ("space: {}\n", r"expected a non-empty mapping `space:`"),
+    ("space:\n  lse.scale: {choice: [2]}\nrounds: 2\n", r"unknown top-level key\(s\) rounds; expected space, trial"),
+    ("space:\n  lse.scale: {choice: [2]}\ntrial:\n  lse.pmax: 0.3\n", r"trial.lse.pmax: unknown key 'lse.pmax'"),
+    ("space:\n  lse.scale: {choice: [2]}\ntrial:\n  lse.p0: 0.9\n", r"the trial overrides: lse.p0 = 0.9 is above"),
+])
+def test_a_bad_space_is_refused_naming_the_file_and_key(tmp_path, text, message):
+    path = _space(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_space(path, BASE)
+    assert str(path) in str(caught.value)
+
+
+def test_search_algorithms_take_the_distributions_they_can_sample(tmp_path):
+    from ray import tune
+
+    mixed = load_space(_space(tmp_path, "space:\n  lse.scale: {uniform: [1.5, 3]}\n"
+                                        "  lse.threshold.estimator: {choice: [cutoff_image, window]}\n"
+                                        "  lse.patches_per_image: {randint: [2, 8]}\n"), BASE)
+    space = param_space(mixed, "random")
+    assert isinstance(space["lse.scale"], tune.search.sample.Float)
+    assert space["lse.patches_per_image"].upper == 9  # randint's high is included; Tune's is not
+    with pytest.raises(ConfigError, match="space.lse.scale is uniform: --search grid needs choice or grid"):
+        param_space(mixed, "grid")
+    grid = load_space(_space(tmp_path, "space:\n  lse.scale: {grid: [1.5, 2]}\n"), BASE)
+    assert param_space(grid, "random")["lse.scale"] == {"grid_search": [1.5, 2]}
+    with pytest.raises(ConfigError, match="space.lse.scale is a grid: use choice with --search optuna"):
+        param_space(grid, "optuna")
+
+
+def test_a_trial_config_applies_the_trial_overrides_then_the_sampled_values():
+    cfg = trial_config(BASE, {"lse.p_max": 0.3, "lse.scale": 1.25}, {"lse.scale": 2.5}, "/sweep/trials/t1")
+    assert (cfg.lse.p_max, cfg.lse.scale, cfg.run_dir) == (0.3, 2.5, "/sweep/trials/t1")
+    assert BASE["lse"]["p_max"] == 0.4  # the base is not modified
+
+
+def test_trials_share_the_cluster_without_starving_each_other():
+    cfg = load_config(None)
+    slots = trial_slots(cfg, cpus=2, gpus=0)  # 0.5 CPU trial + 1 actor at 0.5 + 1 CPU for Ray Data's tasks
+    assert (slots.concurrent, slots.actors, slots.workers) == (1, 1, 2)
+    slots = trial_slots(cfg, cpus=16, gpus=0, concurrent=4)  # 4 CPUs each
+    assert (slots.concurrent, slots.actors, slots.workers) == (4, 5, 4)
+    slots = trial_slots(cfg, cpus=64, gpus=8)  # one GPU per trial
+    assert (slots.concurrent, slots.actors, slots.workers) == (8, 1, 1)
+    with pytest.raises(ConfigError, match="4 concurrent trial\\(s\\) on 2 CPUs leave 0.5 CPUs each"):
+        trial_slots(cfg, cpus=2, gpus=0, concurrent=4)
+
+
+def test_rank_correlation():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)  # ties share ranks
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_a_round_reports_its_label_free_statistics_and_target_miou():
+    block = {"round": 2, "selected_images": 5, "patches": 20,
+             "evaluation": {"miou": 0.3, "miou19": 0.25, "label_free": {"information": 0.1, "mean_entropy": 0.4,
+                                                                       "class_entropy": 0.5}}}
+    assert trial_metrics(block) == {"round": 2, "target_val_miou19": 0.25, "target_val_miou": 0.3,
+                                    "selected_images": 5, "patches": 20, "information": 0.1,
+                                    "mean_entropy": 0.4, "class_entropy": 0.5}
+
+
+def test_the_job_refuses_a_bad_space_before_starting_anything(tmp_path):
+    space = _space(tmp_path, "space:\n  lse.scale: {uniform: [1.5, 3]}\n")
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space), "--search", "grid",
+                           "--run-dir", str(tmp_path / "sweep")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--search grid needs choice or grid values" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1500, method="thread")
+def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_benchmark, fcn_checkpoint, tmp_path):
+    """`jobs/tune.py --space tune_spaces/smoke.yaml`: Ctrl-C once a trial has finished, the same
+    command again; 3 trials in all, the finished one not run again, MLflow parent and child runs,
+    and a best config that loads as `jobs/adapt.py` loads it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = tmp_path / "sweep"
+    small = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
+             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
+             f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "lse.selection=global",
+             "lse.patches_per_image=2", f"tracking.uri={uri}"]
+    command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+               "--num-samples", "3", "--run-dir", str(sweep), *[a for o in small for a in ("--set", o)]]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    finished_trial = None
+    while finished_trial is None and first.poll() is None:
+        time.sleep(2)
+        for state in sweep.glob("trials/*/state.json"):
+            if "round_02/eval" in json.loads(state.read_text())["finished"]:
+                finished_trial = state
+    assert finished_trial is not None, first.communicate()[1][-3000:]
+    os.killpg(first.pid, signal.SIGINT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 130 and "sweep interrupted" in err, err[-3000:]
+    stamp = finished_trial.stat().st_mtime_ns
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert finished_trial.stat().st_mtime_ns == stamp  # the finished trial was not run again
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert len(summary["trials"]) == 3 and not any(t["error"] for t in summary["trials"])
+    assert summary["best"]["rounds"] == 2 and "information" in summary["best"]
+    assert {t["params"]["lse.scale"] for t in summary["trials"]} <= {1.5, 2.0}
+
+    best = load_config(sweep / "best_config.yaml")  # what jobs/adapt.py --config does
+    assert (best.lse.scale, best.lse.threshold.estimator) == (summary["best"]["params"]["lse.scale"],
+                                                             summary["best"]["params"]["lse.threshold.estimator"])
+    assert best.lse.p_max == 0.4 and best.model.source_checkpoint == str(fcn_checkpoint)  # not the trial's 0.3
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("sisray").experiment_id
+    (parent,) = client.search_runs([experiment], filter_string="tags.`sisray.job` = 'tune'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["sisray.uses_target_labels"] == "false"
+    assert parent.data.params["sweep.objective"] == "information"
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    for child in children:
+        assert child.data.params["lse.scale"] in ("1.5", "2.0") and child.data.params["lse.p_max"] == "0.3"
+        assert len(client.get_metric_history(child.info.run_id, "target_val/label_free/information")) >= 2
