@@ -76,6 +76,34 @@ def test_search_algorithms_take_the_distributions_they_can_sample(tmp_path):
         param_space(grid, "optuna")
 
 
+def _proposals(search: str, space, seed: int, tmp_path) -> list[dict]:
+    from ray import tune
+
+    from sisray.sweep import search_algorithm
+
+    def trial(params):
+        tune.report({"score": float(params["lse.scale"])})
+
+    tuner = tune.Tuner(trial, param_space=param_space(space, search),
+                       tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=4,
+                                                   search_alg=search_algorithm(search, seed, 1)),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    return sorted((r.config for r in tuner.fit()), key=lambda c: json.dumps(c, sort_keys=True))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300, method="thread")
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_the_same_seed_proposes_the_same_trials(ray_session, tmp_path, search):
+    space = load_space(_space(tmp_path, "space:\n  lse.scale: {uniform: [1.5, 3]}\n"
+                                        "  lse.threshold.estimator: {choice: [cutoff_image, window, quantile]}\n"),
+                       BASE)
+    first = _proposals(search, space, 7, tmp_path / "a")
+    assert first == _proposals(search, space, 7, tmp_path / "b")
+    assert first != _proposals(search, space, 8, tmp_path / "c")
+    assert all(1.5 <= c["lse.scale"] <= 3 for c in first)
+
+
 def test_a_trial_config_applies_the_trial_overrides_then_the_sampled_values():
     cfg = trial_config(BASE, {"lse.p_max": 0.3, "lse.scale": 1.25}, {"lse.scale": 2.5}, "/sweep/trials/t1")
     assert (cfg.lse.p_max, cfg.lse.scale, cfg.run_dir) == (0.3, 2.5, "/sweep/trials/t1")
