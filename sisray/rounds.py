@@ -9,6 +9,7 @@ computes exactly what an uninterrupted run would. The reported model is always t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -20,13 +21,15 @@ from sisray.cli import evaluation_metrics
 from sisray.config import Config, LSEConfig, config_to_dict
 from sisray.datasets import unlabelled_source_classes
 from sisray.errors import ConfigError
-from sisray.storage import RunStore, absolute, atomic_write_json
+from sisray.storage import TRAIN_FOLDER, RunStore, absolute, atomic_write_json
 from sisray.tracking import Tracking, flatten
 
 STATE = "state.json"
 SUMMARY = "summary.json"
 # Keys that change where or how fast a job runs, not what it computes: a run may resume with others.
 NOT_RESULT_KEYS = ("run_dir", "tracking.", "resources.", "train.log_every", "train.checkpoint_every")
+DIGEST_WHOLE = 64 << 20  # files up to this size are hashed whole
+DIGEST_PART = 8 << 20
 EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class", "label_free")
 
 
@@ -43,13 +46,44 @@ def fingerprint(cfg: Config) -> dict:
     return {k: v for k, v in flatten(config_to_dict(cfg)).items() if not k.startswith(NOT_RESULT_KEYS)}
 
 
+def _recorded(relative: str) -> bool:
+    """Files a stage's record covers: not the run's own bookkeeping, staging files or Ray Train's."""
+    parts = relative.split("/")
+    return (relative not in (STATE, SUMMARY, "config.yaml") and not any(p.startswith(".") for p in parts)
+            and not (len(parts) > 2 and parts[1] == TRAIN_FOLDER))
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    if not folder.is_dir():
+        return {}
+    files = {p.relative_to(folder).as_posix(): p.stat() for p in folder.rglob("*") if p.is_file()}
+    return {k: (v.st_size, v.st_mtime_ns) for k, v in files.items() if _recorded(k)}
+
+
+def file_digest(path: Path) -> str:
+    """size:sha256 of the file; past 64 MB (checkpoints) of its first and last 8 MB, which a partial
+    write changes (and torch.load checks the rest)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= DIGEST_WHOLE:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(DIGEST_PART))
+            f.seek(size - DIGEST_PART)
+            digest.update(f.read())
+    return f"{size}:{digest.hexdigest()}"
+
+
 class RunState:
-    """RUN/state.json: the config fingerprint, finished stages with their seconds, the MLflow run."""
+    """RUN/state.json: the config fingerprint, finished stages with their seconds and the digests of
+    the files each wrote, the MLflow run. A finished stage whose files no longer match (a partial
+    write, a deleted or edited file) is redone, with every stage after it."""
 
     def __init__(self, store: RunStore, cfg: Config, force: bool = False):
         self.store = store
         self.path = store.local / STATE
-        self.data = {"fingerprint": fingerprint(cfg), "finished": {}, "mlflow_run_id": None}
+        self.data = {"fingerprint": fingerprint(cfg), "finished": {}, "outputs": {}, "mlflow_run_id": None}
         if self.path.is_file():
             saved = json.loads(self.path.read_text())
             old, new = saved["fingerprint"], self.data["fingerprint"]
@@ -59,7 +93,9 @@ class RunState:
                 raise ConfigError(f"{store.location} holds a run made with another config ({listed}). Use another --run-dir, "
                                   f"resume it with --resume {store.location}, or pass --force to continue it anyway")
             saved["fingerprint"] = self.data["fingerprint"]
+            saved.setdefault("outputs", {})
             self.data = saved
+            self._drop_unverified()
 
     @property
     def mlflow_run_id(self) -> str | None:
@@ -81,10 +117,29 @@ class RunState:
         if self.finished(stage):
             return
         print(f"== {stage}", flush=True)
+        before = _listing(self.store.local)
         began = time.perf_counter()
         work()
         self.data["finished"][stage] = round(time.perf_counter() - began, 2)
+        written = sorted(k for k, v in _listing(self.store.local).items() if before.get(k) != v)
+        self.data["outputs"][stage] = {k: file_digest(self.store.local / k) for k in written}
         self.save()
+
+    def _drop_unverified(self) -> None:
+        """Forget the first finished stage whose files do not match their digests, and every later one."""
+        stages = list(self.data["finished"])
+        for i, stage in enumerate(stages):
+            for name, digest in self.data["outputs"].get(stage, {}).items():
+                path = self.store.local / name
+                found = file_digest(path) if path.is_file() else "missing"
+                if found != digest:
+                    problem = "is missing" if found == "missing" else "differs from what it wrote"
+                    print(f"warning: {path} {problem} ({stage}): redoing {stage} and the "
+                          f"{len(stages) - i - 1} stage(s) after it", flush=True)
+                    for later in stages[i:]:
+                        self.data["finished"].pop(later)
+                        self.data["outputs"].pop(later, None)
+                    return
 
     def save(self) -> None:
         """Write state.json; a remote run directory receives the stage's files first, then it."""

@@ -124,8 +124,11 @@ def test_resume_after_an_interruption_between_stages_equals_an_uninterrupted_run
     stamp = (tmp_path / "cut" / "round_01" / "scores.parquet").stat().st_mtime_ns
 
     monkeypatch.setattr(train, "train_round", real_train_round)
+    shard = sorted((tmp_path / "cut" / "round_02" / "patches").glob("*.parquet"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])  # as if cut short: detected, the patch stage redone
     resumed = _run(cut)
     assert (tmp_path / "cut" / "round_01" / "scores.parquet").stat().st_mtime_ns == stamp  # not redone
+    assert len(shard.read_bytes()) > 100
     for r in ("round_01", "round_02"):
         for name in ("selection.json", "thresholds.json"):
             assert json.loads((tmp_path / "whole" / r / name).read_text()) == \
@@ -195,3 +198,32 @@ def test_a_relative_source_checkpoint_reaches_workers_as_an_absolute_path(tmp_pa
     assert rounds.source_checkpoint(cfg, RunStore(cfg.run_dir)) == str(tmp_path / "models" / "source")
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])  # trained by the source stage of the run
     assert rounds.source_checkpoint(cfg, RunStore("run")) == str(tmp_path / "run" / "source" / "checkpoint")
+
+
+def test_a_stage_whose_files_changed_is_redone_with_every_later_stage(tmp_path, capsys):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    state = rounds.RunState(RunStore(tmp_path), cfg)
+    (tmp_path / "round_01").mkdir()
+    state.run("round_01/score", lambda: (tmp_path / "round_01" / "scores.parquet").write_bytes(b"s" * 100))
+    state.run("round_01/select", lambda: (tmp_path / "round_01" / "selection.json").write_text("[1, 2]"))
+    state.run("round_01/patches", lambda: (tmp_path / "round_01" / "patches").mkdir()
+              or (tmp_path / "round_01" / "patches" / "part-00000.parquet").write_bytes(b"p" * 50))
+    assert list(state.data["outputs"]) == ["round_01/score", "round_01/select", "round_01/patches"]
+    assert list(state.data["outputs"]["round_01/patches"]) == ["round_01/patches/part-00000.parquet"]
+    assert rounds.RunState(RunStore(tmp_path), cfg).data["finished"] == state.data["finished"]  # intact: kept
+
+    with open(tmp_path / "round_01" / "selection.json", "r+b") as f:
+        f.truncate(3)  # a partial write
+    again = rounds.RunState(RunStore(tmp_path), cfg)
+    assert list(again.data["finished"]) == ["round_01/score"]
+    assert "selection.json differs from what it wrote (round_01/select): redoing round_01/select and the 1 " \
+           "stage(s) after it" in capsys.readouterr().out
+    redone = []
+    again.run("round_01/score", lambda: redone.append("score"))
+    again.run("round_01/select", lambda: redone.append("select")
+              or (tmp_path / "round_01" / "selection.json").write_text("[1, 2]"))
+    assert redone == ["select"]
+
+    (tmp_path / "round_01" / "scores.parquet").unlink()
+    assert rounds.RunState(RunStore(tmp_path), cfg).data["finished"] == {}
+    assert "scores.parquet is missing (round_01/score)" in capsys.readouterr().out
