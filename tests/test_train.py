@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -91,6 +92,51 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
     resumed = fit(part, _spec(part, 4), RunStore(tmp_path / "part"), "source")
     assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == 4
     again = torch.load(Path(resumed.checkpoint.path) / "model.pt", weights_only=True)
+    for key in final:
+        assert torch.allclose(final[key], again[key], atol=1e-6), key
+
+
+DYING = {"marker": ""}  # read inside the Train workers: this module is pickled by value
+
+
+def dying_loop(loop_config):
+    """train_loop, but the rank-1 worker kills its own process when it comes to report its second
+    checkpoint (the first is saved), once: a marker file remembers it across the restart."""
+    import os
+
+    import ray.train
+
+    from sisray.stages import train as module
+
+    marker = Path(DYING["marker"])
+    if ray.train.get_context().get_world_rank() == 1 and not marker.exists():
+        report, reports = module._report, []
+
+        def die_at_the_second_report(*args, **kwargs):
+            reports.append(1)
+            if len(reports) == 2:
+                marker.touch()
+                os._exit(1)
+            report(*args, **kwargs)
+        module._report = die_at_the_second_report
+    module.train_loop(loop_config)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600, method="thread")
+def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_session, small_benchmark, tmp_path):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    DYING["marker"] = str(tmp_path / "died")
+    whole = _config(small_benchmark, tmp_path / "whole")
+    final = torch.load(Path(fit(whole, _spec(whole, 4), RunStore(tmp_path / "whole"), "source").checkpoint.path)
+                       / "model.pt", weights_only=True)
+    hit = _config(small_benchmark, tmp_path / "hit")
+    result = fit(hit, _spec(hit, 4), RunStore(tmp_path / "hit"), "source", loop=dying_loop)
+    assert (tmp_path / "died").exists()  # the worker did die, at step 4, after the step-2 checkpoint
+    assert result.metrics["step"] == 4 and result.metrics["resumed_from"] == 2
+    again = torch.load(Path(result.checkpoint.path) / "model.pt", weights_only=True)
     for key in final:
         assert torch.allclose(final[key], again[key], atol=1e-6), key
 

@@ -231,8 +231,10 @@ def train_loop(loop_config: dict) -> None:
         _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed)
 
 
-def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str):
-    """Run `train_loop` on Ray Train; returns Ray Train's result (final checkpoint and its metrics).
+def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
+    """Run `train_loop` (or `loop`, which wraps it: the fault tests) on Ray Train; returns Ray
+    Train's result (final checkpoint and its metrics). A worker that dies is restarted once, from
+    the last checkpoint (FailureConfig(max_failures=1)).
 
     Ray Train keeps its checkpoints in RUN/<name>/train/ (at the remote location for a remote run
     directory); re-running with the same run directory resumes from the last one.
@@ -247,7 +249,7 @@ def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str):
     # after its last step; 0.25 s polls cost nothing measurable (passed on to the controller).
     os.environ.setdefault(HEALTH_CHECK_ENV, "0.25")
     trainer = TorchTrainer(
-        train_loop,
+        loop or train_loop,
         train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
