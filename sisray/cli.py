@@ -60,10 +60,11 @@ def check_inputs(cfg) -> None:
     source model before any work."""
     from sisray.datasets import open_source, open_target
     from sisray.datasets.synthetic import MANIFEST, generate
-    from sisray.models import read_state_dict
+    from sisray.labels import NUM_CLASSES
+    from sisray.models import build_model
 
-    if cfg.model.source_checkpoint:
-        read_state_dict(cfg.model.source_checkpoint)  # missing or not a checkpoint: stop now
+    if cfg.model.source_checkpoint:  # missing, not a checkpoint, or another model / class count: stop now
+        build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, cfg.model.source_checkpoint)
 
     for domain in (cfg.data.source, cfg.data.target):
         if domain.name == "synthetic" and not (Path(domain.root) / MANIFEST).is_file():

@@ -21,7 +21,7 @@ from sisray.cli import evaluation_metrics
 from sisray.config import Config, LSEConfig, config_to_dict
 from sisray.datasets import unlabelled_source_classes
 from sisray.errors import ConfigError
-from sisray.storage import TRAIN_FOLDER, RunStore, absolute, atomic_write_json
+from sisray.storage import TRAIN_FOLDER, RunStore, absolute, atomic_write_json, disk_full_as_error
 from sisray.tracking import Tracking, flatten
 
 STATE = "state.json"
@@ -119,7 +119,8 @@ class RunState:
         print(f"== {stage}", flush=True)
         before = _listing(self.store.local)
         began = time.perf_counter()
-        work()
+        with disk_full_as_error(f"stage {stage}", self.store.local):  # its partial files are removed on the way
+            work()
         self.data["finished"][stage] = round(time.perf_counter() - began, 2)
         written = sorted(k for k, v in _listing(self.store.local).items() if before.get(k) != v)
         self.data["outputs"][stage] = {k: file_digest(self.store.local / k) for k in written}
@@ -143,7 +144,8 @@ class RunState:
 
     def save(self) -> None:
         """Write state.json; a remote run directory receives the stage's files first, then it."""
-        atomic_write_json(self.path, self.data)
+        with disk_full_as_error("recording the run's state", self.path):  # the previous state.json stays
+            atomic_write_json(self.path, self.data)
         self.store.push()
 
 

@@ -9,6 +9,8 @@ sets) from the remote copy, and Ray Train writes its checkpoints there directly.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +39,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(what: str, folder: str | Path):
+    """A write that fails for want of space or quota becomes a StorageError naming what and where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = exc.filename or folder
+        raise StorageError(f"{what}: no space left writing to {where} ({exc.strerror or exc}). Free space and run "
+                           "the same command again: it resumes from the last finished stage") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
