@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from sisray.cli import add_config_arguments, evaluation_metrics, job_config, run  # noqa: E402
+from sisray.cli import add_config_arguments, check_checkpoint, evaluation_metrics, job_config, run  # noqa: E402
 from sisray.errors import ConfigError  # noqa: E402
 from sisray.storage import atomic_write_json, is_uri  # noqa: E402
 
@@ -45,12 +45,12 @@ def main() -> None:
     from sisray.cluster import start_ray
     from sisray.datasets import open_target
     from sisray.metrics import format_iou_table
-    from sisray.models import checkpoint_file, read_state_dict
+    from sisray.models import checkpoint_file
     from sisray.stages.evaluate import evaluate, json_ready
     from sisray.tracking import Tracking
 
     checkpoint = checkpoint_file(args.checkpoint)
-    read_state_dict(checkpoint)  # a bad checkpoint stops here, before Ray starts
+    check_checkpoint(cfg, checkpoint)  # a bad checkpoint stops here, before Ray starts
     val = open_target(cfg.data.target, "val", with_labels=True)
     if is_uri(checkpoint) and not args.out:
         raise ConfigError(f"--checkpoint {args.checkpoint} is remote: pass --out for eval.json")

@@ -55,16 +55,22 @@ def evaluation_metrics(summary: dict, prefix: str) -> dict[str, float]:
     return metrics
 
 
+def check_checkpoint(cfg, location: str) -> None:
+    """Stop before any work if `location` is missing, not a checkpoint, or of another model or class count."""
+    from sisray.labels import NUM_CLASSES
+    from sisray.models import build_model
+
+    build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, location)
+
+
 def check_inputs(cfg) -> None:
     """Generate the built-in benchmark where a synthetic root is missing; check every split and the
     source model before any work."""
     from sisray.datasets import open_source, open_target
     from sisray.datasets.synthetic import MANIFEST, generate
-    from sisray.labels import NUM_CLASSES
-    from sisray.models import build_model
 
-    if cfg.model.source_checkpoint:  # missing, not a checkpoint, or another model / class count: stop now
-        build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, cfg.model.source_checkpoint)
+    if cfg.model.source_checkpoint:
+        check_checkpoint(cfg, cfg.model.source_checkpoint)
 
     for domain in (cfg.data.source, cfg.data.target):
         if domain.name == "synthetic" and not (Path(domain.root) / MANIFEST).is_file():
