@@ -21,10 +21,9 @@ from sisray.cli import evaluation_metrics
 from sisray.config import Config, LSEConfig, config_to_dict
 from sisray.datasets import unlabelled_source_classes
 from sisray.errors import ConfigError
-from sisray.storage import TRAIN_FOLDER, RunStore, absolute, atomic_write_json, disk_full_as_error
+from sisray.storage import STATE_FILE, RunStore, absolute, atomic_write_json, disk_full_as_error, run_files
 from sisray.tracking import Tracking, flatten
 
-STATE = "state.json"
 SUMMARY = "summary.json"
 # Keys that change where or how fast a job runs, not what it computes: a run may resume with others.
 NOT_RESULT_KEYS = ("run_dir", "tracking.", "resources.", "train.log_every", "train.checkpoint_every")
@@ -46,18 +45,10 @@ def fingerprint(cfg: Config) -> dict:
     return {k: v for k, v in flatten(config_to_dict(cfg)).items() if not k.startswith(NOT_RESULT_KEYS)}
 
 
-def _recorded(relative: str) -> bool:
-    """Files a stage's record covers: not the run's own bookkeeping, staging files or Ray Train's."""
-    parts = relative.split("/")
-    return (relative not in (STATE, SUMMARY, "config.yaml") and not any(p.startswith(".") for p in parts)
-            and not (len(parts) > 2 and parts[1] == TRAIN_FOLDER))
-
-
 def _listing(folder: Path) -> dict[str, tuple[int, int]]:
-    if not folder.is_dir():
-        return {}
-    files = {p.relative_to(folder).as_posix(): p.stat() for p in folder.rglob("*") if p.is_file()}
-    return {k: (v.st_size, v.st_mtime_ns) for k, v in files.items() if _recorded(k)}
+    """(size, mtime) of the files a stage's record covers: the run's files but its bookkeeping."""
+    return {k: (v.st_size, v.st_mtime_ns) for k, v in run_files(folder).items()
+            if k not in (STATE_FILE, SUMMARY, "config.yaml")}
 
 
 def file_digest(path: Path) -> str:
@@ -82,7 +73,7 @@ class RunState:
 
     def __init__(self, store: RunStore, cfg: Config, force: bool = False):
         self.store = store
-        self.path = store.local / STATE
+        self.path = store.local / STATE_FILE
         self.data = {"fingerprint": fingerprint(cfg), "finished": {}, "outputs": {}, "mlflow_run_id": None}
         if self.path.is_file():
             saved = json.loads(self.path.read_text())

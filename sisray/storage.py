@@ -141,10 +141,18 @@ def list_files(location: str | Path, suffix: str = "") -> list[str]:
 # ------------------------------------------------------------------------------- run directories
 
 def _synced(relative: str) -> bool:
-    """Files the local copy and the remote run directory exchange: not Ray Train's folders (remote
-    already) and not staging files (names starting with a dot)."""
+    """A run directory's own files: not Ray Train's folders (remote already, or its own business)
+    and not staging files (names starting with a dot)."""
     parts = relative.split("/")
     return not any(p.startswith(".") for p in parts) and not (len(parts) > 2 and parts[1] == TRAIN_FOLDER)
+
+
+def run_files(folder: Path) -> dict[str, os.stat_result]:
+    """The run directory's own files under `folder` (relative POSIX path -> stat)."""
+    if not folder.is_dir():
+        return {}
+    files = {p.relative_to(folder).as_posix(): p.stat() for p in folder.rglob("*") if p.is_file()}
+    return {k: v for k, v in files.items() if _synced(k)}
 
 
 class RunStore:
@@ -187,10 +195,7 @@ class RunStore:
         return {k: v for k, v in files.items() if _synced(k)}
 
     def _local_files(self) -> dict[str, os.stat_result]:
-        if not self.local.is_dir():
-            return {}
-        files = {p.relative_to(self.local).as_posix(): p.stat() for p in self.local.rglob("*") if p.is_file()}
-        return {k: v for k, v in files.items() if _synced(k)}
+        return run_files(self.local)
 
     @staticmethod
     def _same(stat: os.stat_result, info) -> bool:

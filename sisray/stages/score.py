@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,8 @@ def select_and_threshold(cfg: Config, tables: dict, p: float, scores_file: Path,
     """Selection and thresholds of one round; writes selection.json and thresholds.json."""
     threshold = cfg.lse.threshold
     selection = select(tables["counts"], tables["scores"], p, cfg.lse.selection, skip)
+    if not selection.selected:
+        warn_nothing_selected(cfg, tables, p)
     histograms = read_histograms(scores_file, selection.selected, threshold.bins) if selection.selected else \
         np.zeros((len(tables["counts"]), NUM_CLASSES, threshold.bins), np.int64)
     tau = class_thresholds(selection, tables["mean_entropy"], histograms, threshold.estimator, threshold.window,
@@ -240,6 +243,17 @@ def select_and_threshold(cfg: Config, tables: dict, p: float, scores_file: Path,
         "estimator": threshold.estimator, "window": threshold.window, "quantile": threshold.quantile,
         "fallback": threshold.fallback, "tau": {CLASS_NAMES[c]: float(tau[c]) for c in range(NUM_CLASSES)}})
     return selection.selected, tau
+
+
+def warn_nothing_selected(cfg: Config, tables: dict, p: float) -> None:
+    """Say why a round has no pseudo-labels: the reference's class-wise quota floor(N_c p / 19) is 0 for
+    every class below 19 / p candidate images."""
+    largest = int((np.asarray(tables["counts"]) > 0).sum(axis=0).max(initial=0))
+    why = (f"class-wise selection takes floor(N_c x {p:g} / {NUM_CLASSES}) images per class and the most "
+           f"frequent class is predicted in {largest} image(s) (needs {math.ceil(NUM_CLASSES / p)})"
+           if cfg.lse.selection == "classwise" else f"global selection takes {p:g} of {len(tables['counts'])} scored image(s)")
+    print(f"warning: the round with p = {p:g} selected no image, so it has no pseudo-labels to train on: {why}. "
+          "Use more target images, a larger lse.p0, or lse.selection: global", flush=True)
 
 
 def read_selection(folder: Path) -> tuple[list[int], np.ndarray]:

@@ -1,0 +1,102 @@
+"""How the cost of an adaptation round grows with the number of target images: N, 2N and 4N.
+    python bench/growth.py [--n 300] [--checkpoint runs/synthetic/source/checkpoint]
+
+Each size is one real `jobs/adapt.py` run (its own process and Ray instance) of one round (p = 0.2,
+the demo's first) from the same source model, on a synthetic benchmark with that many target-train
+images and the same 50 target-val images: source evaluation, scoring, selection, patches, focal-loss
+retraining (2 epochs over the round's patch set, as in the demo) and evaluation. Scoring, patches and
+retraining should grow linearly, evaluation not at all; the fit gives seconds per target image and
+the fixed cost. Last line: {"n", "wall_s", "stage_s", "growth_2n", "growth_4n", "per_image_s",
+"fixed_s", "selected", "patches", "driver_rss_mb"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import runpy
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+KINDS = ("score", "select", "patches", "train", "eval")
+
+
+def make_set(folder: Path, images: int) -> Path:
+    from sisray.datasets.synthetic import SyntheticSpec, generate
+
+    generate(folder, SyntheticSpec(seed=1, n_source=1, n_target_train=images, n_target_val=50))
+    return folder
+
+
+def child(args: list[str]) -> None:
+    """jobs/adapt.py in this process, then this process's peak RSS (the driver's) as the last line."""
+    sys.argv = ["jobs/adapt.py", *args]
+    try:
+        runpy.run_path(str(REPO / "jobs" / "adapt.py"), run_name="__main__")
+    except SystemExit as stop:
+        if stop.code:
+            raise
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def one_round(root: Path, run_dir: Path, checkpoint: str) -> dict:
+    overrides = [f"data.source.root={root}", f"data.target.root={root}", f"model.source_checkpoint={checkpoint}",
+                 "lse.p0=0.2", "lse.p_step=0", "lse.p_max=0.2", "tracking.enabled=false"]
+    cmd = [sys.executable, __file__, "--child", "--run-dir", str(run_dir)] + [f"--set={o}" for o in overrides]
+    began = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    wall = time.perf_counter() - began
+    if result.returncode:
+        sys.exit(f"the job failed on {root}:\n{result.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stages = {kind: sum(v for k, v in summary["timings_s"].items() if k.endswith(f"/{kind}") and k.startswith("round"))
+              for kind in KINDS}
+    stages["source_eval"] = summary["timings_s"]["source/eval"]
+    return {"wall_s": wall, "stage_s": stages, "selected": summary["rounds"][0]["selected_images"],
+            "patches": summary["rounds"][0]["patches"],
+            "peak_rss_mb": json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=300, help="N target-train images (the demo's target-train set)")
+    p.add_argument("--checkpoint", default=str(REPO / "runs" / "synthetic" / "source" / "checkpoint"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args, rest = p.parse_known_args()
+    if args.child:
+        child(rest)
+        return
+    if not Path(args.checkpoint).exists():
+        sys.exit(f"no checkpoint at {args.checkpoint}: run `make demo` (or pass --checkpoint)")
+    sizes = [args.n, 2 * args.n, 4 * args.n]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            runs.append(one_round(make_set(Path(tmp) / f"n{n}", n), Path(tmp) / f"run{n}", args.checkpoint))
+            r = runs[-1]
+            print(f"{n} target images: {r['wall_s']:.1f} s ({r['selected']} selected, {r['patches']} patches; " +
+                  ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_s"].items()) + f"); driver {r['peak_rss_mb']:.0f} MB",
+                  flush=True)
+    walls = [r["wall_s"] for r in runs]
+    per_image, fixed = np.polyfit(sizes, walls, 1)
+    print(f"cost = {fixed:.1f} s + {per_image:.3f} s per target image; 2N/N {walls[1] / walls[0]:.2f}, "
+          f"4N/N {walls[2] / walls[0]:.2f}")
+    print(json.dumps({"n": sizes, "wall_s": [round(w, 1) for w in walls],
+                      "stage_s": {k: [round(r["stage_s"][k], 1) for r in runs] for k in runs[0]["stage_s"]},
+                      "growth_2n": round(walls[1] / walls[0], 3), "growth_4n": round(walls[2] / walls[0], 3),
+                      "per_image_s": round(float(per_image), 4), "fixed_s": round(float(fixed), 1),
+                      "selected": [r["selected"] for r in runs], "patches": [r["patches"] for r in runs],
+                      "driver_rss_mb": [round(r["peak_rss_mb"]) for r in runs]}))
+
+
+if __name__ == "__main__":
+    main()
