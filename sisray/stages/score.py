@@ -249,9 +249,11 @@ def warn_nothing_selected(cfg: Config, tables: dict, p: float) -> None:
     """Say why a round has no pseudo-labels: the reference's class-wise quota floor(N_c p / 19) is 0 for
     every class below 19 / p candidate images."""
     largest = int((np.asarray(tables["counts"]) > 0).sum(axis=0).max(initial=0))
-    why = (f"class-wise selection takes floor(N_c x {p:g} / {NUM_CLASSES}) images per class and the most "
-           f"frequent class is predicted in {largest} image(s) (needs {math.ceil(NUM_CLASSES / p)})"
-           if cfg.lse.selection == "classwise" else f"global selection takes {p:g} of {len(tables['counts'])} scored image(s)")
+    if cfg.lse.selection == "classwise":
+        why = (f"class-wise selection takes floor(N_c x {p:g} / {NUM_CLASSES}) images per class and the most "
+               f"frequent class is predicted in {largest} image(s) (needs {math.ceil(NUM_CLASSES / p)})")
+    else:
+        why = f"global selection takes {p:g} of {len(tables['counts'])} scored image(s)"
     print(f"warning: the round with p = {p:g} selected no image, so it has no pseudo-labels to train on: {why}. "
           "Use more target images, a larger lse.p0, or lse.selection: global", flush=True)
 
