@@ -1,7 +1,10 @@
-"""Tiny dataset trees in the exact real layouts and file formats, written by the tests themselves."""
+"""Tiny dataset trees in the exact real layouts and file formats, written by the tests themselves;
+and a hostile file."""
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 
 import cv2
@@ -98,3 +101,17 @@ def make_cityscapes(root: Path, split: str = "train", n: int = 3, seed: int = 0,
         save_gray_label(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", ids)
         truth[stem] = (rgb, ids)
     return truth
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling runs a command that creates `marker`
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_pickle_with_code(path: Path, marker: Path) -> None:
+    """A file shaped like a state dict whose unpickling would run a command (creating `marker`)."""
+    with open(path, "wb") as f:
+        pickle.dump({"conv1_1.weight": _Exploit(marker)}, f)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
-import pickle
 import re
 import runpy
 import shutil
@@ -20,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from layouts import make_cityscapes, make_gta5, save_rgb
+from layouts import make_cityscapes, make_gta5, save_rgb, write_pickle_with_code
 
 from sisray import rounds
 from sisray.cli import DEFAULT_CONFIG
@@ -31,14 +29,6 @@ from sisray.storage import RunStore
 from sisray.tracking import Tracking
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class _Exploit:  # a pickle that runs a command when unpickled
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def base_overrides(tmp: Path) -> list[str]:
@@ -109,8 +99,7 @@ def checkpoint_of(name: str, num_classes: int):
 
 
 def pickle_with_code(path: Path) -> None:
-    with open(path, "wb") as f:
-        pickle.dump({"conv1_1.weight": _Exploit(path.parent / "pwned")}, f)
+    write_pickle_with_code(path, path.parent / "pwned")
 
 
 CITY_TRAIN = "cityscapes/leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import os
-import pickle
 import urllib.error
 
 import pytest
 import torch
 import torch.nn.functional as F
+from layouts import write_pickle_with_code
 
 import sisray.models as models
 from sisray.errors import ModelError
@@ -123,19 +122,10 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         load_checkpoint(build_model("fcn8s_vgg16", width=0.0625), tmp_path / "m.pt")
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_file_with_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"conv1_1.weight": _Exploit(marker)}, f)
+    write_pickle_with_code(path, marker)
     with pytest.raises(ModelError, match=rf"{path}: not a loadable PyTorch state dict"):
         build_model("fcn8s_vgg16", width=0.0625, init=str(path))
     assert not marker.exists()
