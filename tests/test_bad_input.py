@@ -79,10 +79,6 @@ def run_adapt(monkeypatch, capsys, *args: str) -> str:
     return err
 
 
-def remove(path: Path) -> None:
-    shutil.rmtree(path)
-
-
 def empty(root: Path) -> None:
     for f in [p for p in root.rglob("*") if p.is_file()]:
         f.unlink()
@@ -106,8 +102,8 @@ CITY_TRAIN = "cityscapes/leftImg8bit/train/aachen/aachen_000000_000019_leftImg8b
 CITY_VAL_LABEL = "cityscapes/gtFine/val/aachen/aachen_000000_000019_gtFine_labelIds.png"
 # (what breaks, the path it breaks under the test folder, how, what the message must say)
 DATA_CASES = {
-    "missing source root": ("gta5", remove, r"gta5 root not found: {tmp}/gta5"),
-    "missing target root": ("cityscapes", remove, r"cityscapes root not found: {tmp}/cityscapes"),
+    "missing source root": ("gta5", shutil.rmtree, r"gta5 root not found: {tmp}/gta5"),
+    "missing target root": ("cityscapes", shutil.rmtree, r"cityscapes root not found: {tmp}/cityscapes"),
     "empty source root": ("gta5", empty, r"no images found under {tmp}/gta5"),
     "image without label": ("gta5/labels/00002.png", Path.unlink,
                             r"{tmp}/gta5/images/00002.png: image has no label"),

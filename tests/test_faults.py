@@ -18,7 +18,7 @@ from sisray.stages.score import read_patches
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _job(tmp_path, small_benchmark, fcn_checkpoint, run_dir: Path) -> list[str]:
+def _job(small_benchmark, fcn_checkpoint, run_dir: Path) -> list[str]:
     small = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
              "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
              f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "train.epochs_per_round=2",
@@ -49,12 +49,12 @@ def test_a_driver_killed_during_the_patch_pass_and_during_training_resumes_to_th
         small_benchmark, fcn_checkpoint, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     whole = tmp_path / "whole"
-    done = subprocess.run(_job(tmp_path, small_benchmark, fcn_checkpoint, whole), cwd=tmp_path, env=env,
+    done = subprocess.run(_job(small_benchmark, fcn_checkpoint, whole), cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
     cut = tmp_path / "cut"
-    command = _job(tmp_path, small_benchmark, fcn_checkpoint, cut)
+    command = _job(small_benchmark, fcn_checkpoint, cut)
     _kill_when(command, tmp_path, lambda: (cut / "round_02" / ".patches.tmp").is_dir())  # mid patch pass
     state = json.loads((cut / "state.json").read_text())["finished"]
     assert "round_02/select" in state and "round_02/patches" not in state
