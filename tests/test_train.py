@@ -96,12 +96,32 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
         assert torch.allclose(final[key], again[key], atol=1e-6), key
 
 
-DYING = {"marker": ""}  # read inside the Train workers: this module is pickled by value
+DYING = {"marker": "", "run_dir": ""}  # read inside the Train workers: this module is pickled by value
+
+
+def _first_checkpoint_registered(run_dir: Path, timeout: float = 60.0) -> None:
+    """Wait until Ray Train's controller has recorded a checkpoint in its snapshot file: a worker's
+    report reaches the controller only at its next poll, so a worker dying right after reporting can
+    take the report with it (then the restart rightly begins from step 0, and the test means nothing)."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for snapshot in run_dir.rglob("checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text())["checkpoint_results"]:
+                    return
+            except (ValueError, KeyError, OSError):
+                pass  # being written
+        time.sleep(0.1)
+    raise TimeoutError(f"no checkpoint recorded under {run_dir} within {timeout} s")
 
 
 def dying_loop(loop_config):
     """train_loop, but the rank-1 worker kills its own process when it comes to report its second
-    checkpoint (the first is saved), once: a marker file remembers it across the restart."""
+    checkpoint, once the first is recorded by the controller; once: a marker file remembers it across
+    the restart."""
     import os
 
     import ray.train
@@ -115,6 +135,7 @@ def dying_loop(loop_config):
         def die_at_the_second_report(*args, **kwargs):
             reports.append(1)
             if len(reports) == 2:
+                _first_checkpoint_registered(Path(DYING["run_dir"]))
                 marker.touch()
                 os._exit(1)
             report(*args, **kwargs)
@@ -128,7 +149,7 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    DYING["marker"] = str(tmp_path / "died")
+    DYING.update(marker=str(tmp_path / "died"), run_dir=str(tmp_path / "hit"))
     whole = _config(small_benchmark, tmp_path / "whole")
     final = torch.load(Path(fit(whole, _spec(whole, 4), RunStore(tmp_path / "whole"), "source").checkpoint.path)
                        / "model.pt", weights_only=True)
