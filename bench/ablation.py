@@ -1,72 +1,157 @@
-"""The ablation table on the built-in benchmark: same seed, same source model, same budget.
+"""The ablation on the built-in benchmark, over seeds: what each part of the method is worth.
 
-    python bench/ablation.py [--source runs/synthetic/source/checkpoint] [--out runs/ablation] [--set k=v ...]
+    python bench/ablation.py [--seeds 0 1 2] [--out runs/ablation] [--variants ...] [--oracle] [--set k=v ...]
 
-Variants (each a full `jobs/adapt.py` run from the same source model, configs/synthetic.yaml):
-plain self-training (scale 1: every patch is the whole image, no focal term), LSE without focal loss
-(beta 0), LSE + focal loss (the default); plus the oracle (trained on target-train labels for as many
-steps as the source model). The source model is trained first if `--source` does not exist.
-Last line: {"source_only", "plain_self_training", "lse", "lse_fl", "oracle"} as mIoU19 (%), and the
-same over the benchmark's 13 classes under "miou".
+Per seed, `lse_fl` is the default config as it is (`jobs/adapt.py`, configs/synthetic.yaml): it
+trains the seed's source model, which every other variant of that seed adapts from
+(`model.source_checkpoint`), so variants differ only in what the rounds do:
+
+    source_only          the source model (from lse_fl's run)
+    source_target_bn     the source model with target BatchNorm statistics, no training (lse_fl's run)
+    continued_source     the rounds' exact steps on source labels only: the control of "more training"
+    plain_self_training  whole target images as examples (scale 1), no focal term
+    lse                  scale-invariant examples, no focal term (beta 0)
+    lse_fl               scale-invariant examples + focal loss: the default
+    lse_fl_source_bn     the default without target BatchNorm statistics (the paper's method alone)
+    oracle               (--oracle) trained on target-train labels for as many steps as the source model
+
+Every run directory is kept, so re-running resumes and adds seeds. Prints per variant the mean +-
+std over seeds of the benchmark's mIoU (its 13 classes) and of mIoU19, per-class IoU, pseudo-label
+accuracy per round, and verdicts: A beats B only when the difference of the means exceeds their
+pooled std. Last line: one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = {
+DEFAULT = "lse_fl"
+ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source model
+    "continued_source": ["train.pseudo_labels=false"],
     "plain_self_training": ["lse.scale=1", "lse.beta=0"],
     "lse": ["lse.beta=0"],
-    "lse_fl": [],
+    DEFAULT: [],
+    "lse_fl_source_bn": ["lse.target_bn=false"],
 }
+FROM_DEFAULT_RUN = ("source_only", "source_target_bn")
+COMPARISONS = [  # (A, B): does A beat B?
+    (DEFAULT, "source_only"), (DEFAULT, "continued_source"), (DEFAULT, "source_target_bn"),
+    (DEFAULT, "plain_self_training"), (DEFAULT, "lse"), (DEFAULT, "lse_fl_source_bn"),
+    ("lse_fl_source_bn", "source_only"), ("source_target_bn", "source_only"),
+]
 
 
 def job(script: str, *args: str) -> None:
     subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], check=True, cwd=REPO)
 
 
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracle: bool) -> dict[str, dict]:
+    """The evaluation blocks of one seed's variants (and its rounds' pseudo-label accuracy)."""
+    base = [*common, f"seed={seed}"]
+    folder = out / f"seed_{seed}"
+    job("adapt.py", "--run-dir", str(folder / DEFAULT), *sets(base))
+    source = folder / DEFAULT / "source" / "checkpoint"
+    results = {}
+    default = json.loads((folder / DEFAULT / "summary.json").read_text())
+    results["source_only"] = {"evaluation": default["source_only"]}
+    if default.get("source_target_bn"):
+        results["source_target_bn"] = {"evaluation": default["source_target_bn"]}
+    for name in variants:
+        if name != DEFAULT:
+            job("adapt.py", "--run-dir", str(folder / name),
+                *sets([*base, f"model.source_checkpoint={source}", *ADAPTED[name]]))
+        summary = json.loads((folder / name / "summary.json").read_text())
+        results[name] = {"evaluation": summary["final"],
+                         "pseudo_label_accuracy": [r.get("pseudo_label_accuracy", {}).get("overall")
+                                                   for r in summary["rounds"]]}
+    if oracle:
+        from sisray.config import load_config
+        from sisray.datasets import open_source, open_target
+
+        cfg = load_config(REPO / "configs" / "synthetic.yaml", base)
+        epochs = cfg.train.source_epochs * len(open_source(cfg.data.source)) / len(
+            open_target(cfg.data.target, "train", with_labels=False))  # as many steps as the source model
+        job("train_source.py", "--run-dir", str(folder / "oracle"),
+            *sets([*base, "train.oracle=true", f"train.source_epochs={epochs}"]))
+        results["oracle"] = {"evaluation": json.loads((folder / "oracle" / "source" / "eval.json").read_text())}
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else float("nan")
+
+
+def beats(a: list[float], b: list[float]) -> bool:
+    """The difference of the means exceeds the pooled standard deviation."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    return ma - mb > math.sqrt((sa ** 2 + sb ** 2) / 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="runs/synthetic/source/checkpoint")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--variants", nargs="+", default=list(ADAPTED), choices=list(ADAPTED))
+    parser.add_argument("--oracle", action="store_true", help="also train the oracle of each seed")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    out = Path(args.out)
-    common = [a for o in [*args.overrides, "tracking.experiment=sisray-ablation"] for a in ("--set", o)]
+    common = [*args.overrides, "tracking.experiment=sisray-ablation"]
+    variants = sorted(set(args.variants) | {DEFAULT}, key=list(ADAPTED).index)
+    per_seed = {seed: run_seed(seed, Path(args.out), variants, common, args.oracle) for seed in args.seeds}
 
-    from sisray.config import load_config
-    from sisray.datasets import open_source, open_target
+    names = [n for n in (*FROM_DEFAULT_RUN, *variants, "oracle") if all(n in r for r in per_seed.values())]
+    figures: dict[str, dict] = {}
+    for name in names:
+        blocks = [per_seed[s][name] for s in args.seeds]
+        miou = [100 * b["evaluation"]["miou"] for b in blocks]
+        miou19 = [100 * b["evaluation"]["miou19"] for b in blocks]
+        classes = blocks[0]["evaluation"]["per_class"]
+        per_class = {c: round(float(np.mean([100 * (b["evaluation"]["per_class"][c] or 0) for b in blocks])), 1)
+                     for c in classes if any(b["evaluation"]["per_class"][c] is not None for b in blocks)}
+        figures[name] = {"miou": miou, "miou_mean_std": [round(v, 2) for v in mean_std(miou)],
+                         "miou19_mean_std": [round(v, 2) for v in mean_std(miou19)], "per_class": per_class}
+        accuracy = [b.get("pseudo_label_accuracy") for b in blocks]
+        if accuracy[0]:
+            figures[name]["pseudo_label_accuracy_per_round"] = [
+                round(100 * float(np.mean([a[r] for a in accuracy])), 1) for r in range(len(accuracy[0]))]
 
-    source = Path(args.source)
-    if not (source / "model.pt").is_file():
-        job("train_source.py", "--run-dir", str(source.parent.parent), *common)
-    results = {}
-    for name, overrides in VARIANTS.items():
-        job("adapt.py", "--run-dir", str(out / name), "--set", f"model.source_checkpoint={source}", *common,
-            *[a for o in overrides for a in ("--set", o)])
-        summary = json.loads((out / name / "summary.json").read_text())
-        results.setdefault("source_only", summary["source_only"])
-        results[name] = summary["final"]
-
-    cfg = load_config(REPO / "configs" / "synthetic.yaml", args.overrides)
-    epochs = cfg.train.source_epochs * len(open_source(cfg.data.source)) / len(
-        open_target(cfg.data.target, "train", with_labels=False))  # as many steps as the source model
-    job("train_source.py", "--run-dir", str(out / "oracle"), "--set", "train.oracle=true",
-        "--set", f"train.source_epochs={epochs}", *common)
-    results["oracle"] = json.loads((out / "oracle" / "source" / "eval.json").read_text())
-
-    print(f"\n{'':<22}{'mIoU (13 classes)':>18}{'mIoU19':>10}")
-    for name, block in results.items():
-        print(f"{name:<22}{100 * block['miou']:>18.1f}{100 * block['miou19']:>10.1f}")
-    print(json.dumps({**{k: round(100 * v["miou19"], 2) for k, v in results.items()},
-                      "miou": {k: round(100 * v["miou"], 2) for k, v in results.items()}}))
+    print(f"\n{len(args.seeds)} seeds {args.seeds}; mean +- std over seeds; benchmark mIoU = its 13 classes\n")
+    print(f"{'':<22}{'mIoU':>14}{'mIoU19':>14}   pseudo-label accuracy per round (%)")
+    for name, f in figures.items():
+        (m, s), (m19, s19) = f["miou_mean_std"], f["miou19_mean_std"]
+        accuracy = " / ".join(f"{a:.1f}" for a in f.get("pseudo_label_accuracy_per_round", []))
+        print(f"{name:<22}{m:>8.1f} +-{s:>4.1f}{m19:>8.1f} +-{s19:>4.1f}   {accuracy}")
+    verdicts = {}
+    print("\nverdicts (A beats B: mean difference > pooled std):")
+    for a, b in COMPARISONS:
+        if a in figures and b in figures:
+            won = beats(figures[a]["miou"], figures[b]["miou"])
+            diff = float(np.mean(figures[a]["miou"]) - np.mean(figures[b]["miou"]))
+            per_seed_diff = [round(x - y, 1) for x, y in zip(figures[a]["miou"], figures[b]["miou"])]
+            verdicts[f"{a} > {b}"] = {"beats": won, "difference": round(diff, 2), "per_seed": per_seed_diff}
+            print(f"  {a} vs {b}: {diff:+.1f} (per seed {per_seed_diff}) -> {'beats' if won else 'not shown'}")
+    if "oracle" in figures:
+        source, final, oracle = (float(np.mean(figures[n]["miou"])) for n in ("source_only", DEFAULT, "oracle"))
+        share = (final - source) / (oracle - source) if oracle > source else float("nan")
+        verdicts["gap_closed"] = round(share, 3)
+        print(f"\nthe default closes {100 * share:.0f}% of the source-only -> oracle gap "
+              f"({source:.1f} -> {final:.1f} of {oracle:.1f})")
+    print(json.dumps({"seeds": args.seeds, "variants": figures, "verdicts": verdicts}))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def plain_loop(cfg, steps: int, threads: int) -> float:
     torch.manual_seed(cfg.seed)
     dataset = open_source(cfg.data.source)
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, "random").train()
-    optimizer, _ = make_optimizer(model, cfg.model.name, cfg.train.lr, steps)
+    optimizer, _ = make_optimizer(model, cfg.train.lr, steps)
     times = []
     for step in range(steps):
         began = time.perf_counter()

@@ -58,7 +58,8 @@ def main() -> None:
 
     from sisray import rounds
     from sisray.cluster import start_ray
-    from sisray.datasets import target_eval_classes
+    from sisray.datasets import open_target, target_eval_classes
+    from sisray.labels import NUM_CLASSES
     from sisray.metrics import format_iou_table
     from sisray.tracking import Tracking
 
@@ -67,6 +68,11 @@ def main() -> None:
     run_dir = store.local
     state = rounds.RunState(store, cfg, args.force)  # refuses a foreign run directory before any work
     check_inputs(cfg)
+    target_images = len(open_target(cfg.data.target, "train", with_labels=False))
+    if empty := rounds.rounds_without_selection(cfg, target_images):
+        print(f"warning: with {target_images} target images, class-wise selection takes no image in the rounds "
+              f"with p = {', '.join(f'{p:g}' for p in empty)} (floor(N_c p / {NUM_CLASSES}) = 0 for every class): "
+              "they will train on no pseudo-label. Set lse.min_per_class (e.g. 2) or lse.selection: global", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     state.save()
@@ -81,6 +87,8 @@ def main() -> None:
         raise
     tracking.finish("FINISHED")
     columns = {"source-only": summary["source_only"]}
+    if summary["source_target_bn"]:
+        columns["+ target BN"] = summary["source_target_bn"]
     columns.update({f"round {b['round']} (p={b['p']:g})": b["evaluation"] for b in summary["rounds"]})
     columns["final"] = summary["final"]
     print("\nLSE on target val (IoU %; the final model is the last round's):")
@@ -89,6 +97,10 @@ def main() -> None:
     print(f"\nwall time of the stages {summary['wall_s']:.0f} s: " +
           ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
     print(f"summary: {join(store.location, rounds.SUMMARY)}\n{tracking.where()}")
+    if summary["final"] and summary["source_only"]:
+        gain = 100 * (summary["final"]["miou"] - summary["source_only"]["miou"])
+        print(f"\nfinal model {100 * summary['final']['miou']:.1f} mIoU on target val: {gain:+.1f} over source-only "
+              f"({100 * summary['source_only']['miou']:.1f}; one seed: compare variants with bench/ablation.py)")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["fcn8s_vgg16", "deeplabv2_r101"] = "fcn8s_vgg16"
+    name: Literal["fcn8s_vgg16", "deeplabv2_r101", "lraspp_lite0"] = "fcn8s_vgg16"
     width: float = bounded(1.0, 0.0, 1.0, lo_open=True)  # channel multiplier; 1 = the paper's
     init: str = "imagenet"  # "random", "imagenet", or the path of a checkpoint file
     source_checkpoint: str | None = None  # a trained source model to adapt; None: the source stage trains one
@@ -81,10 +81,12 @@ class LSEConfig:
     beta: float = bounded(0.1, 0.0)  # weight of the focal term; 0 = LSE without focal loss
     gamma: float = bounded(3.0, 0.0)  # focal exponent
     selection: Literal["classwise", "global"] = "classwise"
+    min_per_class: int = bounded(0, 0)  # class-wise selection takes at least this many images of each class (reference: 0)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    # Beyond the reference (METHOD.md step 4), both off by default:
+    # Beyond the reference (METHOD.md steps 1 and 4), off by default:
     zoom_out: bool = False  # also draw patches_per_image zoom-out examples (image shrunk into a patch)
     entropy_gap: float | None = None  # keep a patch only if the model's entropy on it exceeds the label's by this
+    target_bn: bool = False  # re-estimate BatchNorm statistics on the target train images before each scoring
 
 
 @dataclass
@@ -95,8 +97,11 @@ class TrainConfig:
     num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = one per GPU, else as the CPUs allow
     lr: float | None = bounded(None, 0.0, lo_open=True)  # None: the model's preset (METHOD.md)
     round_lr: float | None = bounded(None, 0.0, lo_open=True)  # base rate of the retraining rounds; None: as lr
+    round_warmup: float = bounded(0.0, 0.0, 1.0)  # share of a round's steps over which its rate rises linearly from 0
+    round_bn: Literal["train", "frozen"] = "train"  # frozen: BatchNorm statistics stay as they are during the rounds
     log_every: int = bounded(10, 1)  # steps between logged losses
     checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
+    pseudo_labels: bool = True  # false: the control of "more training": rounds take as many steps on the source alone
     oracle: bool = False  # train on the target's train labels instead of the source: the upper bound
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from sisray.cli import evaluation_metrics
 from sisray.config import Config, LSEConfig, config_to_dict
 from sisray.datasets import unlabelled_source_classes
 from sisray.errors import ConfigError
+from sisray.labels import NUM_CLASSES
 from sisray.storage import STATE_FILE, RunStore, absolute, atomic_write_json, disk_full_as_error, run_files
 from sisray.tracking import Tracking, flatten
 
@@ -38,6 +40,15 @@ def schedule(lse: LSEConfig) -> list[float]:
     while lse.p_step > 0 and portions[-1] + lse.p_step <= lse.p_max + 1e-9:
         portions.append(round(portions[-1] + lse.p_step, 10))
     return portions
+
+
+def rounds_without_selection(cfg: Config, target_images: int) -> list[float]:
+    """The portions p of the schedule at which class-wise selection without `lse.min_per_class`
+    takes no image at all, whatever the scores: floor(N_c p / 19) is 0 when even a class present in
+    every one of the N target images gets no quota."""
+    if cfg.lse.selection != "classwise" or cfg.lse.min_per_class:
+        return []
+    return [p for p in schedule(cfg.lse) if math.floor(target_images * p / NUM_CLASSES + 1e-9) == 0]
 
 
 def fingerprint(cfg: Config) -> dict:
@@ -157,6 +168,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     from sisray.stages.evaluate import evaluate_into
     from sisray.stages.score import (patch_pass, read_scores, read_selection, score_pass, select_and_threshold,
                                      summary)
+    from sisray.stages.target_bn import target_batchnorm
     from sisray.stages.train import train_round, train_source
 
     store = state.store
@@ -165,13 +177,23 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     if not cfg.model.source_checkpoint:
         state.run("source/train", lambda: train_source(cfg, store, tracking.logger))
 
-    def evaluation(checkpoint: str, folder: Path, step: int) -> None:
+    def evaluation(checkpoint: str, folder: Path, step: int, prefix: str = "target_val") -> None:
         block = evaluate_into(cfg, checkpoint, folder)
-        tracking.metrics(evaluation_metrics(block, "target_val"), step=step)
+        tracking.metrics(evaluation_metrics(block, prefix), step=step)
         tracking.artifact(folder / "overlay.png", folder.name)
 
     state.run("source/eval", lambda: evaluation(source, run_dir / "source", 0))
     previous = source
+
+    def on_target_statistics(model: str, folder: Path, stage: str) -> str:
+        """With lse.target_bn: the model with BatchNorm statistics of the target train images."""
+        state.run(stage, lambda: target_batchnorm(cfg, model, folder))
+        return store.shared(folder)
+
+    if cfg.lse.target_bn:
+        previous = on_target_statistics(previous, run_dir / "source" / "target_bn", "source/target_bn")
+        state.run("source/target_bn_eval",
+                  lambda: evaluation(previous, run_dir / "source" / "target_bn", 0, "source_target_bn"))
     skip = unlabelled_source_classes(cfg.data.source)
     for r, p in enumerate(schedule(cfg.lse), start=1):
         folder = round_folder(run_dir, r)
@@ -194,6 +216,8 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
         state.run(f"{folder.name}/train",
                   lambda: train_round(cfg, store, r, previous, tracking.logger))
         previous = store.shared(folder / "checkpoint")
+        if cfg.lse.target_bn:
+            previous = on_target_statistics(previous, folder / "target_bn", f"{folder.name}/target_bn")
         state.run(f"{folder.name}/eval", lambda: evaluation(previous, folder, r))
         # once per round (a resumed job does not log it twice), with the eval stage's time known
         state.run(f"{folder.name}/log",
@@ -215,7 +239,7 @@ def evaluation_block(path: Path) -> dict:
     return {k: v for k, v in _read(path).items() if k in EVAL_KEYS}
 
 
-ROUND_STAGES = ("score", "select", "patches", "report", "train", "eval")
+ROUND_STAGES = ("score", "select", "patches", "report", "train", "target_bn", "eval")
 
 
 def round_block(run_dir: Path, state: RunState, r: int, p: float) -> dict:
@@ -252,6 +276,8 @@ def write_summary(cfg: Config, run_dir: Path, state: RunState) -> dict:
               if state.finished(f"{round_folder(run_dir, r).name}/eval")]
     source_eval = run_dir / "source" / "eval.json"
     block = {"source_only": evaluation_block(source_eval) if state.finished("source/eval") else None,
+             "source_target_bn": evaluation_block(run_dir / "source" / "target_bn" / "eval.json")
+             if state.finished("source/target_bn_eval") else None,
              "rounds": rounds,
              "final": rounds[-1]["evaluation"] if len(rounds) == len(schedule(cfg.lse)) else None,
              "complete": len(rounds) == len(schedule(cfg.lse)),

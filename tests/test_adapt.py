@@ -59,13 +59,13 @@ def test_training_step_matches_a_hand_computation():
 
 def test_optimiser_state_carries_over_but_rates_start_again():
     model = build_model("deeplabv2_r101", width=0.0625)
-    sgd, poly = make_optimizer(model, "deeplabv2_r101", 1e-3, 4)
+    sgd, poly = make_optimizer(model, 1e-3, 4)
     model(torch.rand(1, 3, 32, 32)).sum().backward()
     for _ in range(4):
         sgd.step()
         poly.step()
     assert sgd.param_groups[0]["lr"] == 0.0  # the end of the previous stage's poly schedule
-    carried, _ = make_optimizer(model, "deeplabv2_r101", 1e-3, 10, sgd.state_dict())
+    carried, _ = make_optimizer(model, 1e-3, 10, sgd.state_dict())
     assert [g["lr"] for g in carried.param_groups] == [1e-3, 1e-2]
     first = next(p for p in model.parameters() if p.grad is not None)
     assert torch.equal(carried.state[first]["momentum_buffer"], sgd.state[first]["momentum_buffer"])
@@ -142,12 +142,12 @@ def test_resume_after_an_interruption_between_stages_equals_an_uninterrupted_run
 @pytest.mark.timeout(1200, method="thread")
 def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp_path):
     """`python jobs/adapt.py` as a user runs it (in an empty folder: it generates the benchmark),
-    shrunk through SISRAY_SET; then the same command again, and one with another config."""
+    shrunk through SISRAY_SET (the default model, ImageNet weights and target BatchNorm statistics
+    included); then the same command again, and one with another config."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    small = ["data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
-             "train.source_epochs=0.1", "train.epochs_per_round=1", "lse.p0=0.2", "lse.p_max=0.3",
+    small = ["data.source.size=[64, 36]", "data.target.size=[64, 32]", "train.source_epochs=0.1", "train.epochs_per_round=1", "lse.p0=0.2", "lse.p_max=0.3",
              "lse.patches_per_image=2", f"tracking.uri={uri}"]
     env = {**os.environ, "SISRAY_SET": ";".join(small), "RAY_AUTH_MODE": "disabled"}
 
@@ -168,11 +168,17 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
         assert set(block["timings_s"]) == set(rounds.ROUND_STAGES) and None not in block["timings_s"].values()
         assert "pseudo_label_accuracy" in block  # the benchmark has train labels: reported, not used
     assert summary["final"] == summary["rounds"][-1]["evaluation"]  # always the last round's model
+    assert summary["source_target_bn"]["miou"] != summary["source_only"]["miou"]
+    assert "+ target BN" in done.stdout
+    for folder in ("source", "round_01", "round_02"):
+        assert (tmp_path / "runs" / "synthetic" / folder / "target_bn" / "model.pt").is_file()
+    assert (tmp_path / "runs" / "synthetic" / "round_02" / "target_bn" / "train_state.pt").is_file()
 
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sisray").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["lse.p0"] == "0.2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "target_val/miou19")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "source_target_bn/miou19")] == [0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "round/selected_images")] == [1, 2]
     assert client.get_metric_history(run.info.run_id, "round_01/target_loss")
     artifacts = {a.path for folder in ("", "round_01") for a in client.list_artifacts(run.info.run_id, folder or None)}
@@ -227,3 +233,11 @@ def test_a_stage_whose_files_changed_is_redone_with_every_later_stage(tmp_path, 
     (tmp_path / "round_01" / "scores.parquet").unlink()
     assert rounds.RunState(RunStore(tmp_path), cfg).data["finished"] == {}
     assert "scores.parquet is missing (round_01/score)" in capsys.readouterr().out
+
+
+def test_rounds_that_cannot_select_anything_are_known_before_any_work():
+    cfg = load_config(None, ["lse.p0=0.2", "lse.p_step=0.1", "lse.p_max=0.4"])
+    assert rounds.rounds_without_selection(cfg, 62) == [0.2, 0.3]  # floor(62 * 0.3 / 19) = 0, floor(62 * 0.4 / 19) = 1
+    assert rounds.rounds_without_selection(cfg, 95) == []
+    assert rounds.rounds_without_selection(load_config(None, ["lse.p0=0.2", "lse.min_per_class=1"]), 62) == []
+    assert rounds.rounds_without_selection(load_config(None, ["lse.p0=0.2", "lse.selection=global"]), 62) == []

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def base_overrides(tmp: Path) -> list[str]:
     return ["data.source.name=gta5", f"data.source.root={tmp / 'gta5'}", "data.source.size=[40, 24]",
             "data.target.name=cityscapes", f"data.target.root={tmp / 'cityscapes'}", "data.target.size=[40, 24]",
-            "data.target.val_size=[40, 24]", "model.width=0.0625", f"model.source_checkpoint={tmp / 'source.pt'}",
+            "data.target.val_size=[40, 24]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false", f"model.source_checkpoint={tmp / 'source.pt'}",
             "tracking.enabled=false"]
 
 
@@ -173,7 +173,7 @@ def test_a_disk_full_while_writing_patches_is_a_clear_error_and_leaves_the_state
     cfg = load_config(None, [
         "data.source.name=synthetic", f"data.source.root={small_benchmark}", "data.source.size=[64, 36]",
         "data.target.name=synthetic", f"data.target.root={small_benchmark}", "data.target.size=[64, 32]",
-        "model.width=0.0625", f"model.source_checkpoint={fcn_checkpoint}", "lse.selection=global", "lse.p0=0.5",
+        "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false", f"model.source_checkpoint={fcn_checkpoint}", "lse.selection=global", "lse.p0=0.5",
         "lse.p_step=0", "lse.p_max=0.5", "lse.patches_per_image=2", "lse.threshold.bins=16", f"run_dir={run_dir}",
         "tracking.enabled=false"])
 

@@ -61,7 +61,7 @@ def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_pat
         torch.save(build_model("fcn8s_vgg16", width=0.0625).state_dict(), source)
         run_dir = tmp_path / "run"
         settings = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
-                    "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
+                    "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
                     f"model.source_checkpoint={source}", "lse.selection=global", "lse.p0=0.5", "lse.p_max=0.5",
                     "train.epochs_per_round=1", "train.batch_size=2", "tracking.enabled=false"]
         deadline = time.monotonic() + 120

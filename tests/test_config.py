@@ -31,7 +31,9 @@ def test_round_trip_through_yaml(tmp_path):
 def test_fixed_interface_keys_load():
     cfg = load_config(REPO / "configs" / "synthetic.yaml")
     assert cfg.data.source.name == "synthetic" and cfg.data.target.name == "synthetic"
-    assert cfg.data.source.size == (256, 144) and cfg.model.init == "random"
+    assert cfg.data.source.size == (256, 144)
+    assert (cfg.model.name, cfg.model.init) == ("lraspp_lite0", "imagenet")  # the ImageNet-initialised CPU model
+    assert cfg.lse.target_bn and cfg.lse.min_per_class > 0 and cfg.train.round_bn == "frozen"
     assert isinstance(cfg.seed, int) and cfg.run_dir
 
 
@@ -149,6 +151,7 @@ def test_paper_presets_use_the_reference_values():
             assert (lse.p0, lse.p_step, lse.p_max, lse.scale, lse.patches_per_image) == (0.1, 0.05, 0.4, 2.0, 4)
             assert (lse.beta, lse.gamma, lse.selection, lse.threshold.estimator) == (0.1, 3.0, "classwise", "cutoff_image")
             assert (cfg.train.epochs_per_round, cfg.train.batch_size) == (2.0, 1)
+            assert (lse.min_per_class, lse.target_bn, cfg.train.round_bn) == (0, False, "train")  # nothing beyond the paper
 
 
 def test_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):

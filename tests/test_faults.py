@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _job(small_benchmark, fcn_checkpoint, run_dir: Path) -> list[str]:
     small = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
-             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
+             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
              f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "train.epochs_per_round=2",
              "train.checkpoint_every=1", "lse.selection=global", "lse.p0=0.5", "lse.p_step=0.25", "lse.p_max=0.75",
              "lse.patches_per_image=2", "tracking.enabled=false"]

@@ -56,7 +56,8 @@ def test_train_source_then_evaluate_jobs_with_mlflow(tmp_path, small_benchmark):
     root = os.path.relpath(small_benchmark, REPO)  # relative, as users write it: Ray workers must still find it
     settings = ["--set", f"data.source.root={root}", "--set", f"data.target.root={root}",
                 "--set", "data.source.size=[64, 36]", "--set", "data.target.size=[64, 32]",
-                "--set", "model.width=0.0625", "--set", "train.batch_size=2", "--set", "train.source_epochs=0.7",
+                "--set", "model.name=fcn8s_vgg16", "--set", "model.init=random", "--set", "model.width=0.0625",
+                "--set", "train.batch_size=2", "--set", "train.source_epochs=0.7",
                 "--set", "train.lr=1e-3", "--set", "train.log_every=1", "--set", f"tracking.uri={uri}"]
     run_dir = tmp_path / "run"
     trained = run_job("jobs/train_source.py", "--run-dir", str(run_dir), *settings, timeout=600)
@@ -98,6 +99,7 @@ def test_evaluate_refuses_a_bad_checkpoint_before_starting_ray(tmp_path):
 
     from sisray.models import build_model
     torch.save(build_model("fcn8s_vgg16", 16, width=0.0625).state_dict(), bad)  # another class count
-    result = run_job("jobs/evaluate.py", "--checkpoint", str(bad), "--set", "model.width=0.0625")
+    result = run_job("jobs/evaluate.py", "--checkpoint", str(bad), "--set", "model.name=fcn8s_vgg16",
+                     "--set", "model.width=0.0625")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{bad} does not fit FCN8s (width 0.0625, 19 classes): shapes differ" in result.stderr

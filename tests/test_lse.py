@@ -103,6 +103,24 @@ def test_classwise_selection_by_hand():
     assert 1 not in classwise(COUNTS, SCORES, p=0.5, divisor=1, skip=(1,)).rankings
 
 
+def test_min_per_class_gives_a_small_target_set_a_selection():
+    """62 images: the reference quota floor(N_c * 0.2 / 19) is 0 for every class; the minimum is not."""
+    rng = np.random.default_rng(0)
+    counts = (rng.random((62, 19)) < 0.5).astype(np.int64) * 100
+    scores = rng.random((62, 19))
+    assert classwise(counts, scores, p=0.2).selected == []
+    sel = classwise(counts, scores, p=0.2, min_per_class=2)
+    for c in range(19):
+        assert sel.cutoffs[c] == 2 and set(sel.rankings[c][:2]) <= set(sel.selected)
+    assert len(sel.selected) <= 2 * 19
+    few = classwise(COUNTS, SCORES, p=0.5, divisor=1, min_per_class=5)
+    assert few.cutoffs == {0: 3, 1: 2}  # never more than a class's candidates
+    assert few.selected == [0, 1, 2, 3]
+    big = classwise(np.ones((190, 19)), np.linspace(0.1, 0.9, 190)[:, None].repeat(19, 1), p=0.3, min_per_class=1)
+    assert big.cutoffs[0] == 3  # the quota wins where it is larger
+    assert select(counts, scores, 0.2, "classwise", min_per_class=2).selected == sel.selected
+
+
 def test_reference_divisor_is_19_and_floor_is_exact():
     counts = np.ones((190, 19), np.int64)
     scores = np.linspace(0.1, 0.9, 190)[:, None].repeat(19, 1)

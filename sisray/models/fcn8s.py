@@ -1,7 +1,10 @@
 """VGG16-FCN8s, the "at-once" variant of Shelhamer et al. used by LSE's VGG experiments.
 
-conv1_1 pads by 100 so that every input size survives the five poolings and the 7x7 fc6; the pool4
-and pool3 skips are scaled by 0.01 and 1e-4 before scoring; the three upsamplings are transposed
+conv1_1 pads by 100 so that every input size survives the five poolings and the 7x7 fc6. The pool4
+and pool3 skips are scaled before scoring by the buffer `skip_scales`: (0.01, 1e-4) for the
+Caffe-converted checkpoints of the reference, whose state dicts lack that entry and get it on
+loading (`complete_state`), and (1, 1) for a model initialised here (randomly or from torchvision's
+ImageNet weights), whose skips would otherwise carry ~2% of the logits and leave an FCN-32s; the three upsamplings are transposed
 convolutions fixed to bilinear kernels; offsets 5, 9 and 31 crop the skips and the output back into
 register with the input. Parameter names follow the common PyTorch FCN8s naming (conv1_1 ... conv5_3,
 fc6, fc7, score_fr, score_pool3/4, upscore2/8, upscore_pool4), so published checkpoints load as they are.
@@ -12,11 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sisray.models.common import caffe_input
+from sisray.models.common import Recipe, caffe_input
 
 # (stage, number of 3x3 convolutions, output channels at width 1)
 _VGG16_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 _FC_CHANNELS = 4096
+CAFFE_SKIP_SCALES = (0.01, 1e-4)  # pool4, pool3: what checkpoints of the at-once Caffe model were trained with
 
 
 def bilinear_kernel(channels: int, size: int) -> torch.Tensor:
@@ -38,9 +42,13 @@ def _fixed_upsampler(channels: int, size: int, stride: int) -> nn.ConvTranspose2
 
 
 class FCN8s(nn.Module):
+    # The reference (METHOD.md): Adam, lr 1e-6 for weights and 2e-6 for biases, betas (0.9, 0.99), constant.
+    RECIPE = Recipe("adam", 1e-6, betas=(0.9, 0.99), bias_lr=2.0)
+
     def __init__(self, num_classes: int = 19, width: float = 1.0):
         super().__init__()
         self.width = width
+        self.num_classes = num_classes
         cin = 3
         for stage, convs, channels in _VGG16_STAGES:
             cout = max(1, round(channels * width))
@@ -58,6 +66,7 @@ class FCN8s(nn.Module):
         self.upscore2 = _fixed_upsampler(num_classes, 4, 2)
         self.upscore_pool4 = _fixed_upsampler(num_classes, 4, 2)
         self.upscore8 = _fixed_upsampler(num_classes, 16, 8)
+        self.register_buffer("skip_scales", torch.ones(2))  # saved with the model: a checkpoint keeps its scaling
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -71,6 +80,13 @@ class FCN8s(nn.Module):
         for layer in (self.score_fr, self.score_pool3, self.score_pool4):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @staticmethod
+    def complete_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state dict without `skip_scales` comes from the Caffe-converted reference model."""
+        if "skip_scales" in state:
+            return state
+        return {**state, "skip_scales": torch.tensor(CAFFE_SKIP_SCALES)}
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.score_fr, self.score_pool3, self.score_pool4) for p in m.parameters()]
@@ -91,9 +107,9 @@ class FCN8s(nn.Module):
         h = self.drop(torch.relu(self.fc6(h)))
         h = self.drop(torch.relu(self.fc7(h)))
         up2 = self.upscore2(self.score_fr(h))  # 1/16
-        skip4 = self.score_pool4(pools[4] * 0.01)[:, :, 5:5 + up2.shape[2], 5:5 + up2.shape[3]]
+        skip4 = self.score_pool4(pools[4] * self.skip_scales[0])[:, :, 5:5 + up2.shape[2], 5:5 + up2.shape[3]]
         up4 = self.upscore_pool4(up2 + skip4)  # 1/8
-        skip3 = self.score_pool3(pools[3] * 1e-4)[:, :, 9:9 + up4.shape[2], 9:9 + up4.shape[3]]
+        skip3 = self.score_pool3(pools[3] * self.skip_scales[1])[:, :, 9:9 + up4.shape[2], 9:9 + up4.shape[3]]
         out = self.upscore8(up4 + skip3)
         return out[:, :, 31:31 + height, 31:31 + width].contiguous()
 

@@ -228,7 +228,7 @@ def select_and_threshold(cfg: Config, tables: dict, p: float, scores_file: Path,
                          skip: tuple[int, ...] = ()) -> tuple[list[int], np.ndarray]:
     """Selection and thresholds of one round; writes selection.json and thresholds.json."""
     threshold = cfg.lse.threshold
-    selection = select(tables["counts"], tables["scores"], p, cfg.lse.selection, skip)
+    selection = select(tables["counts"], tables["scores"], p, cfg.lse.selection, skip, cfg.lse.min_per_class)
     if not selection.selected:
         warn_nothing_selected(cfg, tables, p)
     histograms = read_histograms(scores_file, selection.selected, threshold.bins) if selection.selected else \
@@ -255,7 +255,7 @@ def warn_nothing_selected(cfg: Config, tables: dict, p: float) -> None:
     else:
         why = f"global selection takes {p:g} of {len(tables['counts'])} scored image(s)"
     print(f"warning: the round with p = {p:g} selected no image, so it has no pseudo-labels to train on: {why}. "
-          "Use more target images, a larger lse.p0, or lse.selection: global", flush=True)
+          "Use more target images, a larger lse.p0, lse.min_per_class, or lse.selection: global", flush=True)
 
 
 def read_selection(folder: Path) -> tuple[list[int], np.ndarray]:

@@ -37,10 +37,6 @@ from sisray.stages.score import PatchDataset, count_patches
 from sisray.storage import RunStore
 from sisray.tracking import RunLogger
 
-# Optimiser presets of METHOD.md; `train.lr` overrides the base rate.
-VGG_LR, DEEPLAB_LR = 1e-6, 2.5e-4
-
-
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything a worker needs (picklable)."""
@@ -53,6 +49,9 @@ class TrainSpec:
     round: int = 0
     patches: str | None = None  # a round's patch set: each step adds a pseudo-labelled batch
     carried_state: str | None = None  # train_state.pt of the previous stage: its optimiser state carries over
+    lr: float | None = None  # base rate of this stage (None: the model's recipe)
+    warmup_steps: int = 0  # linear warm-up of the rate
+    frozen_bn: bool = False  # BatchNorm layers keep their running statistics (eval mode) while training
 
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -79,25 +78,36 @@ def global_batch(step: int, batch_size: int, samples: int, seed: int) -> list[in
     return out
 
 
-def make_optimizer(model: torch.nn.Module, name: str, lr: float | None, total_steps: int,
-                   carried: dict | None = None):
-    """VGG16-FCN8s: Adam, biases at twice the rate, constant. DeepLab-v2: SGD, head at 10x, poly 0.9
-    over `total_steps`. `carried` is the optimiser state of the previous stage (moments, momentum):
-    it is loaded, but every group starts again at its configured rate."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if name == "fcn8s_vgg16":
-        lr = lr or VGG_LR
-        groups = [{"params": [p for n, p in trainable if not n.endswith("bias")], "lr": lr},
-                  {"params": [p for n, p in trainable if n.endswith("bias")], "lr": 2 * lr}]
-        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), weight_decay=0.0)
-        schedule = lambda step: 1.0  # noqa: E731
+def param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
+    """Trainable parameters grouped by rate: the recipe's head and bias multipliers (lowest rate first)."""
+    recipe = model.RECIPE
+    head = {id(p) for p in model.head_parameters()}
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            rate = lr * (recipe.head_lr if id(param) in head else 1.0) * (recipe.bias_lr if name.endswith("bias") else 1.0)
+            groups.setdefault(rate, []).append(param)
+    return [{"params": params, "lr": rate} for rate, params in sorted(groups.items())]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float | None, total_steps: int, carried: dict | None = None,
+                   warmup_steps: int = 0):
+    """The model's recipe (`model.RECIPE`) at base rate `lr` (None: the recipe's): the optimiser and its
+    schedule, a linear warm-up over `warmup_steps` then constant or poly 0.9 over `total_steps`.
+    `carried` is the optimiser state of the previous stage (moments, momentum): it is loaded, but
+    every group starts again at its configured rate."""
+    recipe = model.RECIPE
+    groups = param_groups(model, lr or recipe.lr)
+    if recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     else:
-        lr = lr or DEEPLAB_LR
-        head = {id(p) for p in model.head_parameters()}
-        groups = [{"params": [p for _, p in trainable if id(p) not in head], "lr": lr},
-                  {"params": [p for _, p in trainable if id(p) in head], "lr": 10 * lr}]
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
-        schedule = lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9  # noqa: E731
+        kind = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+        optimizer = kind(groups, betas=recipe.betas, weight_decay=recipe.weight_decay)
+
+    def schedule(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * ((1 - min(step, total_steps) / total_steps) ** 0.9 if recipe.poly else 1.0)
+
     if carried:
         rates = [g["lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(carried)
@@ -105,6 +115,14 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float | None, total_st
             group["lr"] = rate
             group.pop("initial_lr", None)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def freeze_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """BatchNorm layers normalise with their running statistics and leave them as they are; their
+    affine parameters still train."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def training_set(cfg: Config) -> SegmentationDataset:
@@ -179,12 +197,12 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
     dataset = training_set(cfg)
-    patches = PatchDataset(spec.patches, cfg.data.target.size) if spec.patches else None
+    # without pseudo-labels (the continued-source control) a round trains as many steps on the source alone
+    patches = PatchDataset(spec.patches, cfg.data.target.size) if spec.patches and cfg.train.pseudo_labels else None
     torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and every run
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.init)
     carried = read_train_state(spec.carried_state)["optimizer"] if spec.carried_state else None
-    lr = cfg.train.round_lr if spec.round and cfg.train.round_lr else cfg.train.lr
-    optimizer, scheduler = make_optimizer(model, cfg.model.name, lr, spec.steps, carried)
+    optimizer, scheduler = make_optimizer(model, spec.lr, spec.steps, carried, spec.warmup_steps)
     start = 0
     restored = ray.train.get_checkpoint()
     if restored:
@@ -205,6 +223,8 @@ def train_loop(loop_config: dict) -> None:
         # dropout draws: a function of (seed, round, step, rank)
         torch.manual_seed(cfg.seed * 1_000_003 + spec.round * 104_729 + step * 7919 + rank)
         net.train()
+        if spec.frozen_bn:
+            freeze_batchnorm_statistics(net)
         indices = global_batch(step, cfg.train.batch_size, len(dataset), stream_seed(cfg.seed, spec.round, 0))
         labelled = load_batch(dataset, indices[mine], device)
         pseudo = None
@@ -309,7 +329,8 @@ def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path
     if finished_step(destination) >= steps:
         return destination
     workers = train_workers(cfg)
-    spec = TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, workers.threads_each, logger)
+    spec = TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, workers.threads_each, logger,
+                     lr=cfg.train.lr)
     publish_result(fit(cfg, spec, store, "source"), destination)
     return destination
 
@@ -334,6 +355,7 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
         return destination
     workers = train_workers(cfg)
     spec = TrainSpec(config_to_dict(cfg), stage, steps, model, workers.threads_each, logger, round_,
-                     store.shared(patches), state)
+                     store.shared(patches), state, lr=cfg.train.round_lr or cfg.train.lr,
+                     warmup_steps=round(cfg.train.round_warmup * steps), frozen_bn=cfg.train.round_bn == "frozen")
     publish_result(fit(cfg, spec, store, stage), destination)
     return destination
