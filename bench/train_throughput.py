@@ -67,7 +67,7 @@ def main() -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as run_dir:
-        spec = TrainSpec(config_to_dict(cfg), "bench", args.steps, "random", max(1, threads // 2), None)
+        spec = TrainSpec(config_to_dict(cfg), "bench", args.steps, "random", max(1, threads // 2), None, lr=cfg.train.lr)
         began = time.perf_counter()
         result = fit(cfg, spec, RunStore(run_dir), "bench")
         seconds = time.perf_counter() - began

@@ -241,3 +241,25 @@ def test_rounds_that_cannot_select_anything_are_known_before_any_work():
     assert rounds.rounds_without_selection(cfg, 95) == []
     assert rounds.rounds_without_selection(load_config(None, ["lse.p0=0.2", "lse.min_per_class=1"]), 62) == []
     assert rounds.rounds_without_selection(load_config(None, ["lse.p0=0.2", "lse.selection=global"]), 62) == []
+
+
+def test_round_warmup_ramps_the_rate_then_follows_the_recipe():
+    model = build_model("lraspp_lite0")
+    adam, schedule = make_optimizer(model, 1e-4, 8, warmup_steps=4)
+    rates = []
+    for _ in range(6):
+        rates.append(adam.param_groups[0]["lr"])
+        adam.step()
+        schedule.step()
+    assert rates == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])  # Adam's recipe is constant after it
+    assert [g["lr"] for g in adam.param_groups] == pytest.approx([1e-4, 1e-3])  # the new head at 10x
+
+
+def test_frozen_batchnorm_keeps_its_statistics_but_its_affine_parameters_train():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
+    net.train()
+    train.freeze_batchnorm_statistics(net)
+    before = net[1].running_mean.clone()
+    net(torch.rand(2, 3, 4, 4) * 10).sum().backward()
+    assert torch.equal(net[1].running_mean, before)
+    assert net[1].weight.grad is not None and net[2].training  # dropout still trains

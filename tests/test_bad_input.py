@@ -139,6 +139,14 @@ def test_bad_data_or_checkpoint_stops_the_job_before_it_touches_the_run_director
     assert not (tmp / "pwned").exists()  # the pickled command never ran
 
 
+def test_target_batchnorm_statistics_on_a_model_without_batchnorm_stop_the_job_before_any_work(
+        previous_run, monkeypatch, capsys):
+    args = [f"--set={o}" for o in base_overrides(previous_run)] + ["--set=lse.target_bn=true"]
+    err = run_adapt(monkeypatch, capsys, *args, "--run-dir", str(previous_run / "new"))
+    assert "lse.target_bn = true, but model.name = fcn8s_vgg16 has no BatchNorm statistics" in err
+    assert not (previous_run / "new").exists()
+
+
 CONFIG_CASES = {
     "unknown key": (["--set", "lse.scael=2"], r"lse.scael"),
     "bad value": (["--set", "lse.scale=-1"], r"lse.scale = -1"),

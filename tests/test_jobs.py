@@ -100,6 +100,6 @@ def test_evaluate_refuses_a_bad_checkpoint_before_starting_ray(tmp_path):
     from sisray.models import build_model
     torch.save(build_model("fcn8s_vgg16", 16, width=0.0625).state_dict(), bad)  # another class count
     result = run_job("jobs/evaluate.py", "--checkpoint", str(bad), "--set", "model.name=fcn8s_vgg16",
-                     "--set", "model.width=0.0625")
+                     "--set", "model.init=random", "--set", "model.width=0.0625")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{bad} does not fit FCN8s (width 0.0625, 19 classes): shapes differ" in result.stderr

@@ -63,7 +63,7 @@ def _config(root: Path, run_dir: Path, *extra: str):
 
 
 def _spec(cfg, steps: int) -> TrainSpec:
-    return TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, threads=1, logger=None)
+    return TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, threads=1, logger=None, lr=cfg.train.lr)
 
 
 @pytest.mark.ray
