@@ -147,7 +147,7 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    small = ["data.source.size=[64, 36]", "data.target.size=[64, 32]", "train.source_epochs=0.1", "train.epochs_per_round=1", "lse.p0=0.2", "lse.p_max=0.3",
+    small = ["data.source.size=[64, 36]", "data.target.size=[64, 32]", "train.source_epochs=0.1", "train.epochs_per_round=1", "lse.p0=0.2", "lse.p_step=0.1", "lse.p_max=0.3",
              "lse.patches_per_image=2", f"tracking.uri={uri}"]
     env = {**os.environ, "SISRAY_SET": ";".join(small), "RAY_AUTH_MODE": "disabled"}
 
