@@ -233,10 +233,13 @@ def adapt_trial(params: dict, setup: TrialSetup) -> None:
             (Path(tmp) / "round.json").write_text(json.dumps({"round": block["round"]}))
             tune.report(trial_metrics(block), checkpoint=tune.Checkpoint.from_directory(tmp))
 
+    last_stage = f"round_{len(rounds.schedule(cfg.lse)):02d}/log"
     try:
         rounds.run(cfg, state, tracking, on_round=report)
     except BaseException:
-        tracking.finish("FAILED")
+        # Tune stops a trial once it reports its last round (the scheduler's max_t), which can land
+        # after that round's last stage: a trial whose every stage finished is not a failed one.
+        tracking.finish("FINISHED" if state.finished(last_stage) else "FAILED")
         raise
     tracking.finish("FINISHED")
 
