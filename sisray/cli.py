@@ -70,7 +70,7 @@ def check_target_batchnorm(cfg) -> None:
     from sisray.errors import ConfigError
     from sisray.labels import NUM_CLASSES
     from sisray.models import build_model
-    from sisray.stages.target_bn import batchnorm_layers
+    from sisray.models.common import batchnorm_layers
 
     with torch.device("meta"):  # the architecture only: no memory, no weights
         model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width)

@@ -1,4 +1,5 @@
-"""What the models share: the Caffe-style input of the paper's models, and the shape of an optimiser preset.
+"""What the models share: the Caffe-style input of the paper's models, the shape of an optimiser preset,
+and the listing of BatchNorm layers.
 
 Caffe-style input (METHOD.md): BGR channel order, minus the mean (104.00699, 116.66877, 122.67892), no
 division by std. This is the only place that knows it.
@@ -18,6 +19,11 @@ def caffe_input(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB with values in [0, 255] (uint8 or float) -> BGR minus the Caffe mean, float32."""
     mean = torch.tensor(CAFFE_BGR_MEAN, dtype=torch.float32, device=images.device)[None, :, None, None]
     return images.flip(1).float() - mean
+
+
+def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers that track running statistics (DeepLab-v2's frozen ones are not among them)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,8 @@ from sisray.config import Config, with_absolute_paths
 from sisray.errors import DatasetError, ModelError
 from sisray.labels import NUM_CLASSES
 from sisray.models import build_model, checkpoint_file
+from sisray.models.common import batchnorm_layers
 from sisray.stages.train import publish_checkpoint
-
-
-def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from sisray.errors import SisrayError
 from sisray.labels import NUM_CLASSES
 from sisray.lse.losses import cross_entropy, lse_target_loss
 from sisray.models import build_model, checkpoint_file, load_state
+from sisray.models.common import batchnorm_layers
 from sisray.stages.score import PatchDataset, count_patches
 from sisray.storage import RunStore
 from sisray.tracking import RunLogger
@@ -120,9 +121,8 @@ def make_optimizer(model: torch.nn.Module, lr: float | None, total_steps: int, c
 def freeze_batchnorm_statistics(model: torch.nn.Module) -> None:
     """BatchNorm layers normalise with their running statistics and leave them as they are; their
     affine parameters still train."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    for layer in batchnorm_layers(model):
+        layer.eval()
 
 
 def training_set(cfg: Config) -> SegmentationDataset:
