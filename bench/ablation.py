@@ -13,6 +13,9 @@ trains the seed's source model, which every other variant of that seed adapts fr
     lse                  scale-invariant examples, no focal term (beta 0)
     lse_fl               scale-invariant examples + focal loss: the default
     lse_fl_source_bn     the default without target BatchNorm statistics (the paper's method alone)
+    lse_fl_confidence    the default + each pseudo-labelled pixel's loss weighted by the teacher's confidence
+    lse_fl_ema           the default + a round's model (the next round's teacher) = EMA of its weights (decay 0.9)
+    source_no_photometric  a source model trained without photometric augmentation (its own run, no rounds)
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
 
 Every run directory is kept, so re-running resumes and adds seeds. Prints per variant the mean +-
@@ -42,12 +45,18 @@ ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source
     "lse": ["lse.beta=0"],
     DEFAULT: [],
     "lse_fl_source_bn": ["lse.target_bn=false"],
+    "lse_fl_confidence": ["lse.confidence_weight=true"],
+    "lse_fl_ema": ["lse.ema_decay=0.9"],  # rounds of ~25-30 steps: an average over the last ~10
+}
+SOURCE_TRAINED = {  # variant -> overrides of jobs/train_source.py: a source model of its own
+    "source_no_photometric": ["train.photometric=false"],
 }
 FROM_DEFAULT_RUN = ("source_only", "source_target_bn")
 COMPARISONS = [  # (A, B): does A beat B?
     (DEFAULT, "source_only"), (DEFAULT, "continued_source"), (DEFAULT, "source_target_bn"),
     (DEFAULT, "plain_self_training"), (DEFAULT, "lse"), (DEFAULT, "lse_fl_source_bn"),
     ("lse_fl_source_bn", "source_only"), ("source_target_bn", "source_only"),
+    ("lse_fl_confidence", DEFAULT), ("lse_fl_ema", DEFAULT), ("source_only", "source_no_photometric"),
 ]
 
 
@@ -71,6 +80,10 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
     if default.get("source_target_bn"):
         results["source_target_bn"] = {"evaluation": default["source_target_bn"]}
     for name in variants:
+        if name in SOURCE_TRAINED:
+            job("train_source.py", "--run-dir", str(folder / name), *sets([*base, *SOURCE_TRAINED[name]]))
+            results[name] = {"evaluation": json.loads((folder / name / "source" / "eval.json").read_text())}
+            continue
         if name != DEFAULT:
             job("adapt.py", "--run-dir", str(folder / name),
                 *sets([*base, f"model.source_checkpoint={source}", *ADAPTED[name]]))
@@ -106,12 +119,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/ablation")
-    parser.add_argument("--variants", nargs="+", default=list(ADAPTED), choices=list(ADAPTED))
+    parser.add_argument("--variants", nargs="+", default=[*ADAPTED, *SOURCE_TRAINED], choices=[*ADAPTED, *SOURCE_TRAINED])
     parser.add_argument("--oracle", action="store_true", help="also train the oracle of each seed")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     common = [*args.overrides, "tracking.experiment=sisray-ablation"]
-    variants = sorted(set(args.variants) | {DEFAULT}, key=list(ADAPTED).index)
+    variants = sorted(set(args.variants) | {DEFAULT}, key=[*ADAPTED, *SOURCE_TRAINED].index)
     per_seed = {seed: run_seed(seed, Path(args.out), variants, common, args.oracle) for seed in args.seeds}
 
     names = [n for n in (*FROM_DEFAULT_RUN, *variants, "oracle") if all(n in r for r in per_seed.values())]

@@ -87,6 +87,8 @@ class LSEConfig:
     zoom_out: bool = False  # also draw patches_per_image zoom-out examples (image shrunk into a patch)
     entropy_gap: float | None = None  # keep a patch only if the model's entropy on it exceeds the label's by this
     target_bn: bool = False  # re-estimate BatchNorm statistics on the target train images before each scoring
+    confidence_weight: bool = False  # scale each pseudo-labelled pixel's loss by the teacher's confidence
+    ema_decay: float | None = bounded(None, 0.0, 1.0, lo_open=True, hi_open=True)  # a round's model (teacher of the next) = EMA of its weights
 
 
 @dataclass
@@ -99,6 +101,7 @@ class TrainConfig:
     round_lr: float | None = bounded(None, 0.0, lo_open=True)  # base rate of the retraining rounds; None: as lr
     round_warmup: float = bounded(0.0, 0.0, 1.0)  # share of a round's steps over which its rate rises linearly from 0
     round_bn: Literal["train", "frozen"] = "train"  # frozen: BatchNorm statistics stay as they are during the rounds
+    photometric: bool = False  # colour jitter and blur of the labelled batches (sisray/augment.py); the reference: none
     log_every: int = bounded(10, 1)  # steps between logged losses
     checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
     pseudo_labels: bool = True  # false: the control of "more training": rounds take as many steps on the source alone

@@ -292,6 +292,19 @@ def test_focal_loss_by_hand():
     assert lse_target_loss(logits, labels, beta=0.1, gamma=3).item() == pytest.approx(math.log(2) * (1 + 0.1 * 0.125))
 
 
+def test_confidence_weights_scale_each_pixel_and_keep_the_mean_over_valid_pixels():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, 2, 2, generator=g)
+    labels = torch.tensor([[[0, 1], [2, 255]]])
+    per_pixel = [lse_target_loss(logits[..., i:i + 1, j:j + 1], labels[:, i:i + 1, j:j + 1], 0.1, 3).item()
+                 for i, j in ((0, 0), (0, 1), (1, 0))]
+    weights = torch.tensor([[[1.0, 0.5], [0.0, 0.9]]])
+    expected = (per_pixel[0] + 0.5 * per_pixel[1]) / 3  # three valid pixels, the third weighted 0
+    assert lse_target_loss(logits, labels, 0.1, 3, weights).item() == pytest.approx(expected, rel=1e-6)
+    assert lse_target_loss(logits, labels, 0.1, 3, torch.ones(1, 2, 2)).item() == pytest.approx(
+        lse_target_loss(logits, labels, 0.1, 3).item())
+
+
 @FAST
 @given(st.integers(0, 10_000), st.floats(0.0, 5.0))
 def test_focal_is_at_most_ce_and_equal_at_gamma_zero(seed, gamma):

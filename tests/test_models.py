@@ -31,7 +31,7 @@ def test_fcn8s_state_dict_names_and_shapes_at_full_width():
         state = FCN8s(num_classes=19, width=1.0).state_dict()
     convs = [f"conv{s}_{i}" for s, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
     expected = {f"{m}.{k}" for m in convs + ["fc6", "fc7", "score_fr", "score_pool3", "score_pool4"] for k in ("weight", "bias")}
-    expected |= {"upscore2.weight", "upscore8.weight", "upscore_pool4.weight", "skip_scales"}
+    expected |= {"upscore2.weight", "upscore8.weight", "upscore_pool4.weight", "skip_scales", "label_space.allowed"}
     assert set(state) == expected
     shapes = {"conv1_1.weight": (64, 3, 3, 3), "conv5_3.weight": (512, 512, 3, 3), "fc6.weight": (4096, 512, 7, 7),
               "fc7.weight": (4096, 4096, 1, 1), "score_fr.weight": (19, 4096, 1, 1),
@@ -210,3 +210,26 @@ def test_fold_for_bias_free_first_layer():
     images = torch.randint(0, 256, (1, 3, 5, 5)).float()
     tv_input = (images / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     assert torch.allclose(F.conv2d(caffe_input(images), new) + offset[None, :, None, None], F.conv2d(tv_input, weight), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fcn8s_vgg16", "deeplabv2_r101"])
+def test_a_model_predicts_only_its_label_space_and_checkpoints_keep_it(name, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(name, width=0.0625).eval()
+    model.label_space.restrict((2, 7))
+    images = torch.rand(2, 3, 40, 48) * 255
+    with torch.no_grad():
+        probs = model(images).softmax(1)
+    assert set(probs.argmax(1).unique().tolist()) <= {2, 7}
+    assert probs[:, [c for c in range(19) if c not in (2, 7)]].max() == 0  # softmax: exactly 0 outside
+    assert torch.isfinite(-(probs * torch.log(probs + 1e-12)).sum(1)).all()  # entropy stays finite
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    reloaded = build_model(name, width=0.0625, init=str(tmp_path / "model.pt"))
+    assert reloaded.label_space.allowed.nonzero().flatten().tolist() == [2, 7]
+
+
+def test_a_checkpoint_made_before_label_spaces_predicts_every_class(tmp_path):
+    state = build_model("fcn8s_vgg16", width=0.0625).state_dict()
+    del state["label_space.allowed"]
+    torch.save(state, tmp_path / "old.pt")
+    assert bool(build_model("fcn8s_vgg16", width=0.0625, init=str(tmp_path / "old.pt")).label_space.allowed.all())

@@ -63,6 +63,7 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
     data = PatchDataset(fa / "patches", (64, 32))
     image, label = data[0]
     assert image.shape == (3, 32, 64) and label.shape == (32, 64)
+    _check_confidence(cfg, checkpoint, rows_a, PatchDataset(fa / "patches", (64, 32), confidence=True))
     assert set(np.unique(label.numpy())) <= set(range(19)) | {255}
     block = summary(ta, sa, fa / "patches", taua)
     assert block["patches"] == ca and block["images_scored"] == 4 and block["images_skipped"] == 0
@@ -79,6 +80,26 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
     accuracy = block["pseudo_label_accuracy"]
     assert accuracy["overall"] == pytest.approx(correct.sum() / truth.sum())
     assert all((v is None) == (truth[c] == 0) for c, v in enumerate(accuracy["per_class"].values()))
+
+
+def _check_confidence(cfg, checkpoint, rows, data) -> None:
+    """Each patch's confidence map is the model's largest class probability on the working-size
+    image, resampled with the box: at the box's corners it is the probability there (to 1/255)."""
+    import torch
+
+    from sisray.datasets import open_target
+    from sisray.models import build_model
+    from sisray.models.inference import predict_probs
+
+    model = build_model(cfg.model.name, 19, cfg.model.width, str(checkpoint)).eval()
+    target = open_target(cfg.data.target, "train", with_labels=False)
+    for k, row in enumerate(rows):
+        top = predict_probs(model, target.load_image(row["index"])[None])[0].max(0).values
+        t, left, h, w = round(row["top"] * 32), round(row["left"] * 64), round(row["height"] * 32), round(row["width"] * 64)
+        image, label, weights = data[k]
+        assert weights.shape == label.shape and weights.dtype == torch.float32
+        for (y, x), (sy, sx) in (((0, 0), (t, left)), ((-1, -1), (t + h - 1, left + w - 1))):
+            assert abs(weights[y, x].item() - top[sy, sx].item()) <= 0.6 / 255 + 1e-6, (k, y, x)
 
 
 def test_zoom_out_and_entropy_gap_options(ray_session, small_benchmark, checkpoint, tmp_path):

@@ -11,7 +11,8 @@ import torch
 from sisray.config import config_to_dict, load_config
 from sisray.datasets import open_source
 from sisray.models import build_model
-from sisray.stages.train import (TrainSpec, cross_entropy, fit, global_batch, make_optimizer, steps_for,
+from sisray.datasets.synthetic import CLASSES
+from sisray.stages.train import (STUDENT, TrainSpec, cross_entropy, fit, global_batch, make_optimizer, steps_for,
                                  train_source)
 from sisray.storage import RunStore
 
@@ -62,18 +63,25 @@ def _config(root: Path, run_dir: Path, *extra: str):
         "train.checkpoint_every=2", f"run_dir={run_dir}", "tracking.enabled=false", *extra])
 
 
-def _spec(cfg, steps: int) -> TrainSpec:
-    return TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, threads=1, logger=None, lr=cfg.train.lr)
+def _spec(cfg, steps: int, **options) -> TrainSpec:
+    return TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, threads=1, logger=None, lr=cfg.train.lr,
+                     **options)
 
 
 @pytest.mark.ray
 def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(ray_session, small_benchmark, tmp_path):
+    """Also with a moving average of the weights (lse.ema_decay), which a resumed run must continue,
+    not restart, and the label space of the source's classes."""
+    options = {"ema_decay": 0.5, "classes": CLASSES}
     whole = _config(small_benchmark, tmp_path / "whole")
-    result = fit(whole, _spec(whole, 4), RunStore(tmp_path / "whole"), "source")
+    result = fit(whole, _spec(whole, 4, **options), RunStore(tmp_path / "whole"), "source")
     folder = Path(result.checkpoint.path)
-    final = torch.load(folder / "model.pt", weights_only=True)  # a plain state dict
+    final = torch.load(folder / "model.pt", weights_only=True)  # a plain state dict: the moving average
+    student = torch.load(folder / STUDENT, weights_only=True)  # the trained weights
     assert torch.load(folder / "train_state.pt", weights_only=True)["step"] == 4
     assert result.metrics["resumed_from"] == 0
+    assert final["label_space.allowed"].nonzero().flatten().tolist() == list(CLASSES)
+    assert not torch.allclose(final["score_fr.weight"], student["score_fr.weight"])
 
     source = open_source(whole.data.source)
     images = torch.stack([source[i][0] for i in range(len(source))])
@@ -88,12 +96,13 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
 
     # Interrupted after step 2, then the same command again: continues from the saved step.
     part = _config(small_benchmark, tmp_path / "part")
-    fit(part, _spec(part, 2), RunStore(tmp_path / "part"), "source")
-    resumed = fit(part, _spec(part, 4), RunStore(tmp_path / "part"), "source")
+    fit(part, _spec(part, 2, **options), RunStore(tmp_path / "part"), "source")
+    resumed = fit(part, _spec(part, 4, **options), RunStore(tmp_path / "part"), "source")
     assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == 4
-    again = torch.load(Path(resumed.checkpoint.path) / "model.pt", weights_only=True)
-    for key in final:
-        assert torch.allclose(final[key], again[key], atol=1e-6), key
+    for name, weights in (("model.pt", final), (STUDENT, student)):
+        again = torch.load(Path(resumed.checkpoint.path) / name, weights_only=True)
+        for key in weights:
+            assert torch.allclose(weights[key].float(), again[key].float(), atol=1e-6), (name, key)
 
 
 DYING = {"marker": "", "run_dir": ""}  # read inside the Train workers: this module is pickled by value
@@ -168,6 +177,8 @@ def test_train_source_publishes_the_checkpoint_and_skips_a_finished_run(ray_sess
     out = train_source(cfg, RunStore(tmp_path / "run"), None)
     assert out == tmp_path / "run" / "source" / "checkpoint"
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "train_state.pt"]
+    allowed = torch.load(out / "model.pt", weights_only=True)["label_space.allowed"]
+    assert allowed.nonzero().flatten().tolist() == list(CLASSES)  # the source's 13 classes only
     stamp = (out / "model.pt").stat().st_mtime_ns
     assert train_source(cfg, RunStore(tmp_path / "run"), None) == out  # finished: not trained again
     assert (out / "model.pt").stat().st_mtime_ns == stamp
@@ -181,3 +192,12 @@ def test_oracle_trains_on_the_target_train_labels(small_benchmark, tmp_path):
     oracle = training_set(_config(small_benchmark, tmp_path, "train.oracle=true"))
     assert isinstance(oracle, SyntheticTarget) and oracle.split == "train" and oracle.with_labels
     assert not bool((oracle.load_label(0) == 255).all())
+
+
+def test_a_source_model_may_predict_the_classes_its_training_labels_contain(small_benchmark, tmp_path):
+    from sisray.labels import EVAL_SETS
+    from sisray.stages.train import training_classes
+
+    synthia = _config(small_benchmark, tmp_path, "data.source.name=synthia")
+    assert training_classes(synthia) == EVAL_SETS[16]  # no terrain, truck or train
+    assert training_classes(_config(small_benchmark, tmp_path, "data.source.name=synthia", "train.oracle=true")) == CLASSES

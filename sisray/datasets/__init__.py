@@ -15,7 +15,7 @@ SOURCE_DATASETS: dict[str, type[SegmentationDataset]] = {"gta5": GTA5, "synthia"
 TARGET_DATASETS: dict[str, type[SegmentationDataset]] = {"cityscapes": Cityscapes, "synthetic": SyntheticTarget}
 
 __all__ = ["Sample", "SegmentationDataset", "GTA5", "SYNTHIA", "Cityscapes", "SyntheticSource",
-           "SyntheticTarget", "open_source", "open_target", "target_eval_classes", "unlabelled_source_classes"]
+           "SyntheticTarget", "open_source", "open_target", "source_classes", "target_eval_classes", "unlabelled_source_classes"]
 
 
 def _lookup(registry: dict, name: str, role: str) -> type[SegmentationDataset]:
@@ -30,10 +30,14 @@ def open_source(cfg: DomainConfig) -> SegmentationDataset:
     return cls(cfg.root, "train", cfg.size, with_labels=True, skip_bad_pairs=cfg.skip_bad_pairs)
 
 
+def source_classes(cfg: DomainConfig) -> tuple[int, ...]:
+    """The trainIds a source labels: the label space of the models trained on it."""
+    return _lookup(SOURCE_DATASETS, cfg.name, "source").eval_classes
+
+
 def unlabelled_source_classes(cfg: DomainConfig) -> tuple[int, ...]:
     """The trainIds a source never labels (SYNTHIA: terrain, truck, train): selection skips them."""
-    labelled = _lookup(SOURCE_DATASETS, cfg.name, "source").eval_classes
-    return tuple(c for c in range(NUM_CLASSES) if c not in labelled)
+    return tuple(c for c in range(NUM_CLASSES) if c not in source_classes(cfg))
 
 
 def target_eval_classes(cfg: TargetConfig) -> tuple[int, ...]:

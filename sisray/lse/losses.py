@@ -28,10 +28,14 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torc
     return _valid_mean(focal_from_ce(pixel_cross_entropy(logits, labels), gamma), labels)
 
 
-def lse_target_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """CE + beta * FL on pseudo-labelled patches, both means over the same valid pixels (METHOD.md step 5)."""
+def lse_target_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, gamma: float,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """CE + beta * FL on pseudo-labelled patches, both means over the same valid pixels (METHOD.md step 5).
+    With `weights` (N, H, W) in [0, 1] (the teacher's confidence), each pixel's term is scaled by its
+    weight; the mean stays over the valid pixels, so unsure labels pull less instead of others more."""
     ce = pixel_cross_entropy(logits, labels)
-    return _valid_mean(ce + beta * focal_from_ce(ce, gamma), labels)
+    per_pixel = ce + beta * focal_from_ce(ce, gamma)
+    return _valid_mean(per_pixel if weights is None else per_pixel * weights, labels)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

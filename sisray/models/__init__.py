@@ -25,6 +25,7 @@ from sisray.models.lraspp import LRASPPLite0
 _IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)  # torchvision's weights expect (rgb / 255 - mean) / std
 _IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
 _MAX_LISTED_KEYS = 6
+LABEL_SPACE_KEY = "label_space.allowed"
 
 MODELS: dict[str, type[nn.Module]] = {"fcn8s_vgg16": FCN8s, "deeplabv2_r101": DeepLabV2, "lraspp_lite0": LRASPPLite0}
 
@@ -82,6 +83,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
     ours = model.state_dict()
     if hasattr(model, "complete_state"):  # entries a model adds to checkpoints made before it had them
         state = model.complete_state(state)
+    if LABEL_SPACE_KEY in ours and LABEL_SPACE_KEY not in state:  # made before label spaces: every class
+        state = {**state, LABEL_SPACE_KEY: torch.ones_like(ours[LABEL_SPACE_KEY])}
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") or k in ours}
     missing = sorted(ours.keys() - state.keys())
     unexpected = sorted(state.keys() - ours.keys())

@@ -1,5 +1,5 @@
-"""What the models share: the Caffe-style input of the paper's models, the shape of an optimiser preset,
-and the listing of BatchNorm layers.
+"""What the models share: the Caffe-style input of the paper's models, the classes a model may predict,
+the shape of an optimiser preset, and the listing of BatchNorm layers.
 
 Caffe-style input (METHOD.md): BGR channel order, minus the mean (104.00699, 116.66877, 122.67892), no
 division by std. This is the only place that knows it.
@@ -19,6 +19,29 @@ def caffe_input(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB with values in [0, 255] (uint8 or float) -> BGR minus the Caffe mean, float32."""
     mean = torch.tensor(CAFFE_BGR_MEAN, dtype=torch.float32, device=images.device)[None, :, None, None]
     return images.flip(1).float() - mean
+
+
+# Far below any logit: softmax gives such a class exactly 0, and entropy and losses stay finite
+# (-inf would make 0 * log 0 terms NaN); within float16's range for AMP.
+EXCLUDED_LOGIT = -1.0e4
+
+
+class LabelSpace(torch.nn.Module):
+    """The classes a model may predict: those its training labels contain. A benchmark with 13 classes
+    (or SYNTHIA, without terrain, truck and train) gives its model no example of the others, so their
+    logits mean nothing; predicting one scores IoU 0 for a class the target may not even have. The
+    mask is a buffer: every checkpoint keeps the label space it was trained with."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.register_buffer("allowed", torch.ones(num_classes, dtype=torch.bool))
+
+    def restrict(self, classes: tuple[int, ...]) -> None:
+        self.allowed.zero_()
+        self.allowed[list(classes)] = True
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.masked_fill(~self.allowed[None, :, None, None], EXCLUDED_LOGIT)
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:

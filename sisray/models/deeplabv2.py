@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sisray.models.common import Recipe, caffe_input
+from sisray.models.common import LabelSpace, Recipe, caffe_input
 
 _BLOCKS = (3, 4, 23, 3)  # ResNet-101
 _ASPP_DILATIONS = (6, 12, 18, 24)
@@ -95,6 +95,7 @@ class DeepLabV2(nn.Module):
         self.layer3 = self._make_layer(4 * base, _BLOCKS[2], dilation=2)
         self.layer4 = self._make_layer(8 * base, _BLOCKS[3], dilation=4)
         self.layer5 = ASPP(self.inplanes, num_classes)
+        self.label_space = LabelSpace(num_classes)
         self._init_backbone()
 
     def _init_backbone(self) -> None:
@@ -119,7 +120,7 @@ class DeepLabV2(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h = self.maxpool(torch.relu(self.bn1(self.conv1(caffe_input(images)))))
         logits = self.layer5(self.layer4(self.layer3(self.layer2(self.layer1(h)))))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.label_space(F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False))
 
 
 def from_torchvision_resnet101(state: dict[str, torch.Tensor], model: DeepLabV2) -> dict[str, torch.Tensor]:

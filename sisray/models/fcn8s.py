@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sisray.models.common import Recipe, caffe_input
+from sisray.models.common import LabelSpace, Recipe, caffe_input
 
 # (stage, number of 3x3 convolutions, output channels at width 1)
 _VGG16_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
@@ -67,6 +67,7 @@ class FCN8s(nn.Module):
         self.upscore_pool4 = _fixed_upsampler(num_classes, 4, 2)
         self.upscore8 = _fixed_upsampler(num_classes, 16, 8)
         self.register_buffer("skip_scales", torch.ones(2))  # saved with the model: a checkpoint keeps its scaling
+        self.label_space = LabelSpace(num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -111,7 +112,7 @@ class FCN8s(nn.Module):
         up4 = self.upscore_pool4(up2 + skip4)  # 1/8
         skip3 = self.score_pool3(pools[3] * self.skip_scales[1])[:, :, 9:9 + up4.shape[2], 9:9 + up4.shape[3]]
         out = self.upscore8(up4 + skip3)
-        return out[:, :, 31:31 + height, 31:31 + width].contiguous()
+        return self.label_space(out[:, :, 31:31 + height, 31:31 + width].contiguous())
 
 
 # torchvision's vgg16 parameter prefixes -> ours, for ImageNet initialisation.

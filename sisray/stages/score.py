@@ -78,7 +78,7 @@ class Scorer(ModelActor):
 
 FIGURE_IMAGES = 3
 PATCH_COLUMNS = ("index", "sample_id", "image", "patch", "top", "left", "height", "width", "scale", "zoom_out",
-                 "label_png", "class_pixels", "ignored_pixels", "truth_pixels", "correct_pixels")
+                 "label_png", "confidence_png", "class_pixels", "ignored_pixels", "truth_pixels", "correct_pixels")
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,14 @@ class Patcher(ModelActor):
         rows: dict[str, list] = {k: [] for k in (*PATCH_COLUMNS, "figure_png")}
         for k, index in enumerate(indices):
             sample = self.dataset.samples[index]
+            top = probs[k].max(0).values[None].cpu()  # the teacher's confidence, resampled like the label
             for number, example in enumerate(self.examples(index, images[k], probs[k])):
                 box, label = example.box, example.label.cpu()
                 pixels = np.bincount(label.numpy().ravel(), minlength=IGNORE + 1)
+                confidence = crop_and_scale(top, box, tuple(label.shape))[0]
                 values = [index, sample.id, sample.image, number, box.top, box.left, box.height, box.width,
                           box.scale, box.zoom_out, png_bytes(label.numpy().astype(np.uint8)),
+                          png_bytes((confidence * 255).round().clamp(0, 255).numpy().astype(np.uint8)),
                           pixels[:NUM_CLASSES], pixels[IGNORE]]
                 if self.truth is not None and sample.id in self.truth_index:
                     values += self.agreement(sample.id, box, label)
@@ -144,7 +147,8 @@ class Patcher(ModelActor):
                 values.append(self.figure_row(example) if number == 0 and index in self.spec.figure else b"")
                 for key, value in zip(rows, values):
                     rows[key].append(value)
-        out = {k: np.array(v, dtype=object if k in ("sample_id", "image", "label_png", "figure_png") else None)
+        out = {k: np.array(v, dtype=object if k in ("sample_id", "image", "label_png", "confidence_png",
+                                                    "figure_png") else None)
                for k, v in rows.items()}
         for key in ("class_pixels", "truth_pixels", "correct_pixels"):
             out[key] = out[key].reshape(-1, NUM_CLASSES).astype(np.int64)
@@ -334,11 +338,16 @@ def count_patches(folder: Path) -> int:
 
 class PatchDataset(torch.utils.data.Dataset):
     """Training examples rebuilt from the full-resolution target images and the patch records:
-    (float image (3, H, W) in [0, 255], int64 pseudo-label (H, W)) at the working size."""
+    (float image (3, H, W) in [0, 255], int64 pseudo-label (H, W)) at the working size, and with
+    `confidence` the teacher's confidence in each label (float (H, W) in [0, 1])."""
 
-    def __init__(self, folder: str | Path, size: tuple[int, int]):
+    def __init__(self, folder: str | Path, size: tuple[int, int], confidence: bool = False):
         self.rows = read_patches(folder)
         self.size = (size[1], size[0])  # (H, W)
+        self.confidence = confidence
+        if confidence and self.rows and "confidence_png" not in self.rows[0]:
+            raise SisrayError(f"{folder}: this patch set has no confidence maps (made by an earlier sisray); "
+                              "delete it to have the round's patch pass redo it, or set lse.confidence_weight=false")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -350,7 +359,9 @@ class PatchDataset(torch.utils.data.Dataset):
         box = Box(row["top"], row["left"], row["height"], row["width"], row["scale"], row["zoom_out"])
         image = crop_and_scale(full, box, self.size)
         label = torch.from_numpy(png_array(row["label_png"]).astype(np.int64))
-        return image, label
+        if not self.confidence:
+            return image, label
+        return image, label, torch.from_numpy(png_array(row["confidence_png"]).astype(np.float32) / 255)
 
 
 def summary(tables: dict, selected: list[int], patches: Path, tau: np.ndarray) -> dict:

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sisray import storage
+from sisray.augment import photometric
 from sisray.cluster import train_workers
 from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
-from sisray.datasets import SegmentationDataset, open_source, open_target
+from sisray.datasets import SegmentationDataset, open_source, open_target, source_classes, target_eval_classes
 from sisray.errors import SisrayError
 from sisray.labels import NUM_CLASSES
 from sisray.lse.losses import cross_entropy, lse_target_loss
@@ -53,9 +55,12 @@ class TrainSpec:
     lr: float | None = None  # base rate of this stage (None: the model's recipe)
     warmup_steps: int = 0  # linear warm-up of the rate
     frozen_bn: bool = False  # BatchNorm layers keep their running statistics (eval mode) while training
+    classes: tuple[int, ...] | None = None  # the label space this stage sets; None: the init checkpoint's
+    ema_decay: float | None = None  # publish the moving average of the weights (lse.ema_decay) instead of the last
 
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+STUDENT = "student.pt"  # the trained weights, beside a moving average in model.pt (lse.ema_decay)
 
 
 def stream_seed(seed: int, round_: int, stream: int) -> int:
@@ -132,27 +137,42 @@ def training_set(cfg: Config) -> SegmentationDataset:
     return open_source(cfg.data.source)
 
 
-def load_batch(dataset: SegmentationDataset, indices: list[int], device: torch.device):
-    pairs = [dataset[i] for i in indices]
-    images = torch.stack([p[0] for p in pairs]).to(device, non_blocking=True)
-    labels = torch.stack([p[1] for p in pairs]).to(device, non_blocking=True)
-    return images, labels
+def training_classes(cfg: Config) -> tuple[int, ...]:
+    """The classes the source stage's labels contain: the label space of the model it trains."""
+    return target_eval_classes(cfg.data.target) if cfg.train.oracle else source_classes(cfg.data.source)
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed: int) -> None:
-    # model.pt is a plain state dict, usable on its own (evaluate --checkpoint, model.init).
+def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The dataset's items at `indices`, stacked field by field: (images, labels[, weights])."""
+    items = [dataset[i] for i in indices]
+    return tuple(torch.stack(field).to(device, non_blocking=True) for field in zip(*items))
+
+
+def moving_average(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """The exponential moving average of `model`'s weights and BatchNorm statistics."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed: int,
+                     average: AveragedModel | None) -> None:
+    # model.pt is a plain state dict, usable on its own (evaluate --checkpoint, model.init): the
+    # moving average when there is one; the trained weights then go to student.pt, for resuming.
+    if average is not None:
+        torch.save(model.state_dict(), folder / STUDENT)
+        model = average.module
     torch.save(model.state_dict(), folder / "model.pt")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "seed": seed}, folder / "train_state.pt")
 
 
-def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, seed: int) -> None:
+def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, seed: int,
+            average: AveragedModel | None = None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed)
+            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed, average)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -176,7 +196,8 @@ def training_step(net, optimizer, labelled: tuple, patches: tuple | None, beta: 
         source_loss.backward()
     parts = {"loss": source_loss.item()}
     if patches is not None:
-        target_loss = lse_target_loss(_forward(net, patches[0], use_amp), patches[1], beta, gamma)
+        weights = patches[2] if len(patches) > 2 else None  # the teacher's confidence (lse.confidence_weight)
+        target_loss = lse_target_loss(_forward(net, patches[0], use_amp), patches[1], beta, gamma, weights)
         target_loss.backward()
         parts = {"loss": parts["loss"] + target_loss.item(), "source_ce": source_loss.item(),
                  "target_loss": target_loss.item()}
@@ -198,20 +219,30 @@ def train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     dataset = training_set(cfg)
     # without pseudo-labels (the continued-source control) a round trains as many steps on the source alone
-    patches = PatchDataset(spec.patches, cfg.data.target.size) if spec.patches and cfg.train.pseudo_labels else None
+    patches = (PatchDataset(spec.patches, cfg.data.target.size, cfg.lse.confidence_weight)
+               if spec.patches and cfg.train.pseudo_labels else None)
     torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and every run
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.init)
+    if spec.classes is not None:
+        model.label_space.restrict(spec.classes)
     carried = read_train_state(spec.carried_state)["optimizer"] if spec.carried_state else None
     optimizer, scheduler = make_optimizer(model, spec.lr, spec.steps, carried, spec.warmup_steps)
+    average = moving_average(model, spec.ema_decay) if spec.ema_decay else None
     start = 0
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
-            load_state(model, torch.load(Path(folder) / "model.pt", weights_only=True), "the restored checkpoint")
+            trained = Path(folder) / (STUDENT if average is not None else "model.pt")
+            load_state(model, torch.load(trained, weights_only=True), "the restored checkpoint")
+            if average is not None:
+                load_state(average.module, torch.load(Path(folder) / "model.pt", weights_only=True),
+                           "the restored checkpoint's moving average")
             state = torch.load(Path(folder) / "train_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
+        if average is not None:
+            average.n_averaged.fill_(start)  # already averaging: the next update must not restart it
     net = ray.train.torch.prepare_model(model)  # device placement, and DDP when world > 1
     per_worker = cfg.train.batch_size // world
     mine = slice(rank * per_worker, (rank + 1) * per_worker)
@@ -220,19 +251,24 @@ def train_loop(loop_config: dict) -> None:
     step_times: list[float] = []
     for step in range(start, spec.steps):
         began = time.perf_counter()
-        # dropout draws: a function of (seed, round, step, rank)
-        torch.manual_seed(cfg.seed * 1_000_003 + spec.round * 104_729 + step * 7919 + rank)
+        # dropout and augmentation draws: a function of (seed, round, step, rank)
+        draws = cfg.seed * 1_000_003 + spec.round * 104_729 + step * 7919 + rank
+        torch.manual_seed(draws)
         net.train()
         if spec.frozen_bn:
             freeze_batchnorm_statistics(net)
         indices = global_batch(step, cfg.train.batch_size, len(dataset), stream_seed(cfg.seed, spec.round, 0))
         labelled = load_batch(dataset, indices[mine], device)
+        if cfg.train.photometric:
+            labelled = (photometric(labelled[0], torch.Generator().manual_seed(draws)), labelled[1])
         pseudo = None
         if patches is not None:
             indices = global_batch(step, cfg.train.batch_size, len(patches), stream_seed(cfg.seed, spec.round, 1))
             pseudo = load_batch(patches, indices[mine], device)
         parts = training_step(net, optimizer, labelled, pseudo, cfg.lse.beta, cfg.lse.gamma, use_amp)
         scheduler.step()
+        if average is not None:
+            average.update_parameters(model)
         for key, value in parts.items():
             logged.setdefault(key, []).append(value)
         step_times.append(time.perf_counter() - began)
@@ -245,10 +281,10 @@ def train_loop(loop_config: dict) -> None:
             # steady-state throughput: the median step leaves out the warm-up of the first steps
             samples_per_s = cfg.train.batch_size / statistics.median(step_times)
             metrics = {"step": done, "loss": parts["loss"], "resumed_from": start, "samples_per_s": samples_per_s}
-            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed)
+            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed, average)
     if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
         metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
-        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed)
+        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average)
 
 
 def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
@@ -330,7 +366,7 @@ def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path
         return destination
     workers = train_workers(cfg)
     spec = TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, workers.threads_each, logger,
-                     lr=cfg.train.lr)
+                     lr=cfg.train.lr, classes=training_classes(cfg))
     publish_result(fit(cfg, spec, store, "source"), destination)
     return destination
 
@@ -356,6 +392,7 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
     workers = train_workers(cfg)
     spec = TrainSpec(config_to_dict(cfg), stage, steps, model, workers.threads_each, logger, round_,
                      store.shared(patches), state, lr=cfg.train.round_lr or cfg.train.lr,
-                     warmup_steps=round(cfg.train.round_warmup * steps), frozen_bn=cfg.train.round_bn == "frozen")
+                     warmup_steps=round(cfg.train.round_warmup * steps), frozen_bn=cfg.train.round_bn == "frozen",
+                     ema_decay=cfg.lse.ema_decay)
     publish_result(fit(cfg, spec, store, stage), destination)
     return destination
