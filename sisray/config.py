@@ -1,6 +1,6 @@
 """Typed configuration of a sisray job: YAML file + dotted overrides, validated before any work.
 
-Dataclass defaults are the paper's reference values (METHOD.md); presets in `configs/` override
+Dataclass defaults are the paper's reference values (docs/METHOD.md); presets in `configs/` override
 what they must and say why. Every value is checked against its type and range when loaded, and an
 unknown key, a wrong type or an out-of-range value is a `ConfigError` naming the dotted key.
 """
@@ -83,7 +83,7 @@ class LSEConfig:
     selection: Literal["classwise", "global"] = "classwise"
     min_per_class: int = bounded(0, 0)  # class-wise selection takes at least this many images of each class (reference: 0)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    # Beyond the reference (METHOD.md steps 1 and 4), off by default:
+    # Beyond the reference (docs/METHOD.md steps 1 and 4), off by default:
     zoom_out: bool = False  # also draw patches_per_image zoom-out examples (image shrunk into a patch)
     entropy_gap: float | None = None  # keep a patch only if the model's entropy on it exceeds the label's by this
     target_bn: bool = False  # re-estimate BatchNorm statistics on the target train images before each scoring
@@ -97,7 +97,7 @@ class TrainConfig:
     epochs_per_round: float = bounded(2.0, 0.0, lo_open=True)  # passes over the patch set per round
     batch_size: int = bounded(1, 1)  # global batch, split evenly over the workers
     num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = one per GPU, else as the CPUs allow
-    lr: float | None = bounded(None, 0.0, lo_open=True)  # None: the model's preset (METHOD.md)
+    lr: float | None = bounded(None, 0.0, lo_open=True)  # None: the model's preset (docs/METHOD.md)
     round_lr: float | None = bounded(None, 0.0, lo_open=True)  # base rate of the retraining rounds; None: as lr
     round_warmup: float = bounded(0.0, 0.0, 1.0)  # share of a round's steps over which its rate rises linearly from 0
     round_bn: Literal["train", "frozen"] = "train"  # frozen: BatchNorm statistics stay as they are during the rounds

@@ -1,4 +1,4 @@
-"""The self-training loop of LSE (METHOD.md): a source model, then for each p of the schedule
+"""The self-training loop of LSE (docs/METHOD.md): a source model, then for each p of the schedule
 score -> select + thresholds -> patches -> retrain -> evaluate (reporting only).
 
 Every stage reads its inputs from the run directory and writes its outputs there atomically;
@@ -243,7 +243,7 @@ ROUND_STAGES = ("score", "select", "patches", "report", "train", "target_bn", "e
 
 
 def round_block(run_dir: Path, state: RunState, r: int, p: float) -> dict:
-    """A finished round as in ARCHITECTURE.md: p, selection, patches, thresholds, evaluation, timings."""
+    """A finished round in summary.json: p, selection, patches, thresholds, evaluation, timings."""
     folder = round_folder(run_dir, r)
     report = _read(folder / "pseudo_labels.json")
     thresholds = _read(folder / "thresholds.json")

@@ -1,4 +1,4 @@
-"""Shared fixtures. Ray is started once per session, as RAY_NOTES.md advises: token authentication
+"""Shared fixtures. Ray is started once per session (starting it costs seconds): token authentication
 off, no dashboard, a short temp dir, logical CPU over-subscription, and a hard timeout on every
 test marked `ray` (the failure mode of Ray on a small machine is a silent hang)."""
 

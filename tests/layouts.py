@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-# Hand-typed from DATASETS.md, independent of cityscapesscripts: the tests check the package against it.
+# Hand-typed from docs/DATASETS.md, independent of cityscapesscripts: the tests check the package against it.
 CITYSCAPES_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                        24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 SYNTHIA_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11,

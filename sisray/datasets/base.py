@@ -187,7 +187,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return samples, problems
 
     def layout_hint(self) -> str:
-        return "the layout in DATASETS.md"
+        return "the layout in docs/DATASETS.md"
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -30,7 +30,7 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torc
 
 def lse_target_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, gamma: float,
                     weights: torch.Tensor | None = None) -> torch.Tensor:
-    """CE + beta * FL on pseudo-labelled patches, both means over the same valid pixels (METHOD.md step 5).
+    """CE + beta * FL on pseudo-labelled patches, both means over the same valid pixels (docs/METHOD.md step 5).
     With `weights` (N, H, W) in [0, 1] (the teacher's confidence), each pixel's term is scaled by its
     weight; the mean stays over the valid pixels, so unsure labels pull less instead of others more."""
     ce = pixel_cross_entropy(logits, labels)

@@ -1,4 +1,4 @@
-"""Scale-invariant examples (METHOD.md step 4): pseudo-labels transferred to scaled-up patches.
+"""Scale-invariant examples (docs/METHOD.md step 4): pseudo-labels transferred to scaled-up patches.
 
 For a selected image: draw n boxes of (H/s, W/s) at uniformly random pixel positions; the patch
 label is the argmax of the crop of the *soft* prediction upsampled by s (bilinear,

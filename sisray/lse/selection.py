@@ -1,4 +1,4 @@
-"""Selecting the confident target images of a round (METHOD.md step 2), on the driver.
+"""Selecting the confident target images of a round (docs/METHOD.md step 2), on the driver.
 
 Input is the table of per-image records: `counts` (N, C) and `scores` (N, C) (mean max-probability
 over the pixels predicted as each class). Rankings break ties by image index, so a selection is a

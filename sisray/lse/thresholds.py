@@ -1,4 +1,4 @@
-"""Dynamic class-specific entropy thresholds tau_c (METHOD.md step 3), on the driver.
+"""Dynamic class-specific entropy thresholds tau_c (docs/METHOD.md step 3), on the driver.
 
 A pixel predicted as c is kept as a pseudo-label iff its normalised entropy is below tau_c. Three
 estimators:

@@ -2,7 +2,7 @@
 
 Every model takes RGB images with values in [0, 255] (uint8 or float, (N, 3, H, W)) and returns
 logits (N, C, H, W) at the input resolution. Each model normalises its input inside its forward:
-the paper's models with the Caffe-style input of METHOD.md (`models.common.caffe_input`), the CPU
+the paper's models with the Caffe-style input of docs/METHOD.md (`models.common.caffe_input`), the CPU
 default `lraspp_lite0` to [-1, 1] as its ImageNet weights expect. Each model class states its
 optimiser recipe (`RECIPE`) and its head (`head_parameters`).
 """

@@ -1,7 +1,7 @@
 """What the models share: the Caffe-style input of the paper's models, the classes a model may predict,
 the shape of an optimiser preset, and the listing of BatchNorm layers.
 
-Caffe-style input (METHOD.md): BGR channel order, minus the mean (104.00699, 116.66877, 122.67892), no
+Caffe-style input (docs/METHOD.md): BGR channel order, minus the mean (104.00699, 116.66877, 122.67892), no
 division by std. This is the only place that knows it.
 """
 

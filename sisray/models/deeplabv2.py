@@ -78,7 +78,7 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """RGB [0, 255] (N, 3, H, W) -> logits (N, C, H, W): scored at 1/8, upsampled bilinearly."""
 
-    # METHOD.md: SGD momentum 0.9, weight decay 5e-4, the classifier at 10x, poly 0.9 (base 2.5e-4).
+    # docs/METHOD.md: SGD momentum 0.9, weight decay 5e-4, the classifier at 10x, poly 0.9 (base 2.5e-4).
     RECIPE = Recipe("sgd", 2.5e-4, momentum=0.9, weight_decay=5e-4, poly=True, head_lr=10.0)
 
     def __init__(self, num_classes: int = 19, width: float = 1.0):

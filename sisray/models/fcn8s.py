@@ -42,7 +42,7 @@ def _fixed_upsampler(channels: int, size: int, stride: int) -> nn.ConvTranspose2
 
 
 class FCN8s(nn.Module):
-    # The reference (METHOD.md): Adam, lr 1e-6 for weights and 2e-6 for biases, betas (0.9, 0.99), constant.
+    # The reference (docs/METHOD.md): Adam, lr 1e-6 for weights and 2e-6 for biases, betas (0.9, 0.99), constant.
     RECIPE = Recipe("adam", 1e-6, betas=(0.9, 0.99), bias_lr=2.0)
 
     def __init__(self, num_classes: int = 19, width: float = 1.0):

@@ -1,7 +1,7 @@
 """Evaluation on target val, sharded over Ray Data actors.
 
 Each actor loads the model once, predicts at the working size, upsamples the probabilities to the
-label resolution before the argmax (METHOD.md), and returns one 19x19 confusion matrix per batch;
+label resolution before the argmax (docs/METHOD.md), and returns one 19x19 confusion matrix per batch;
 the driver sums them, which equals a single pass. Optionally each prediction is exported as a
 Cityscapes label-ID PNG for the official evaluator.
 """

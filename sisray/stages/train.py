@@ -184,7 +184,7 @@ def _forward(net, images, use_amp: bool):
 
 def training_step(net, optimizer, labelled: tuple, patches: tuple | None, beta: float, gamma: float,
                   use_amp: bool = False) -> dict[str, float]:
-    """One optimiser step on L = CE(labelled) [+ CE(patches) + beta * FL(patches)] (METHOD.md step 5).
+    """One optimiser step on L = CE(labelled) [+ CE(patches) + beta * FL(patches)] (docs/METHOD.md step 5).
 
     The two terms are backpropagated one after the other into the same gradient (half the peak
     memory of one graph holding both batches); under DDP the first backward skips the all-reduce,
@@ -207,7 +207,7 @@ def training_step(net, optimizer, labelled: tuple, patches: tuple | None, beta: 
 
 def train_loop(loop_config: dict) -> None:
     """The per-worker loop of Ray Train. Each step: a labelled batch (CE), and in a round also a
-    batch of scale-invariant examples with their pseudo-labels (CE + beta * FL, METHOD.md step 5)."""
+    batch of scale-invariant examples with their pseudo-labels (CE + beta * FL, docs/METHOD.md step 5)."""
     import ray.train
     import ray.train.torch
 
