@@ -43,7 +43,9 @@ def child(root: Path, checkpoint: str, patches: bool) -> dict:
     """Score one set on a fresh Ray instance; optionally select and write the patch set."""
     import ray
 
-    from sisray.stages.score import patch_pass, score_pass, select_and_threshold
+    from sisray.stages.patch_pass import patch_pass
+    from sisray.stages.score import score_pass
+    from sisray.stages.select import select_and_threshold
 
     cfg = config(root)
     ray.init(include_dashboard=False, log_to_driver=False)

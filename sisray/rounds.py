@@ -166,8 +166,10 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     """The whole method; returns (and writes) RUN/summary.json. `on_round` receives each finished
     round's block, in order, those finished before a resume included (a Tune trial reports them)."""
     from sisray.stages.evaluate import evaluate_into
-    from sisray.stages.score import (patch_pass, read_scores, read_selection, score_pass, select_and_threshold,
-                                     summary)
+    from sisray.patch_set import report
+    from sisray.stages.patch_pass import patch_pass
+    from sisray.stages.score import read_scores, score_pass
+    from sisray.stages.select import read_selection, select_and_threshold
     from sisray.stages.target_bn import target_batchnorm
     from sisray.stages.train import train_round, train_source
 
@@ -207,8 +209,8 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
 
         def pseudo_labels() -> None:  # the round's pseudo-label report, before retraining
             selected, tau = read_selection(folder)
-            atomic_write_json(folder / "pseudo_labels.json", summary(read_scores(scores), selected,
-                                                                      folder / "patches", tau))
+            atomic_write_json(folder / "pseudo_labels.json", report(read_scores(scores), selected,
+                                                                     folder / "patches", tau))
             for artifact in ("thresholds.json", "pseudo_labels.json", "pseudo_labels.png"):
                 if (folder / artifact).is_file():
                     tracking.artifact(folder / artifact, folder.name)

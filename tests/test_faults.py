@@ -1,8 +1,10 @@
-"""Faults injected into a real job: the driver killed (SIGKILL) in the middle of the patch pass and
-in the middle of retraining; re-running the same command must give what an uninterrupted run gives."""
+"""Faults injected into a real job: the driver killed (SIGKILL) in the middle of the patch pass,
+interrupted (Ctrl-C) in the middle of retraining, a finished stage's file cut short; re-running the
+same command must give what an uninterrupted run gives."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sisray.stages.score import read_patches
+from sisray.patch_set import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,9 +30,10 @@ def _job(small_benchmark, fcn_checkpoint, run_dir: Path) -> list[str]:
             *[a for o in small for a in ("--set", o)]]
 
 
-def _kill_when(command: list[str], cwd: Path, ready) -> None:
-    """Start the job in its own process group and SIGKILL the whole group (driver and the Ray it
-    started) as soon as `ready()` holds."""
+def _stop_when(command: list[str], cwd: Path, ready, sig: int) -> tuple[int, str]:
+    """Start the job in its own process group and send `sig` to the whole group (driver and the Ray
+    it started) as soon as `ready()` holds: SIGKILL, or SIGINT as a terminal's Ctrl-C does. Returns
+    the job's exit code and stderr; whatever is left of the group is killed."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     job = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True, start_new_session=True)
@@ -38,15 +41,25 @@ def _kill_when(command: list[str], cwd: Path, ready) -> None:
         while not ready():
             assert job.poll() is None, f"the job ended before the fault: {job.stderr.read()[-3000:]}"
             time.sleep(0.05)
+        os.killpg(job.pid, sig)
+        _, err = job.communicate(timeout=120)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=60)
+    return job.returncode, err
+
+
+def _finished(run: Path) -> dict:
+    return json.loads((run / "state.json").read_text())["finished"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500, method="thread")
-def test_a_driver_killed_during_the_patch_pass_and_during_training_resumes_to_the_same_result(
-        small_benchmark, fcn_checkpoint, tmp_path):
+def test_a_killed_or_interrupted_job_resumes_to_the_same_result(small_benchmark, fcn_checkpoint, tmp_path):
+    """Against an uninterrupted run: SIGKILL mid patch pass, Ctrl-C mid training, then a shard of a
+    finished stage cut short; the same command then finishes with the same selections, thresholds,
+    patches and mIoU, redoing only what was lost."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     whole = tmp_path / "whole"
     done = subprocess.run(_job(small_benchmark, fcn_checkpoint, whole), cwd=tmp_path, env=env,
@@ -55,19 +68,28 @@ def test_a_driver_killed_during_the_patch_pass_and_during_training_resumes_to_th
 
     cut = tmp_path / "cut"
     command = _job(small_benchmark, fcn_checkpoint, cut)
-    _kill_when(command, tmp_path, lambda: (cut / "round_02" / ".patches.tmp").is_dir())  # mid patch pass
-    state = json.loads((cut / "state.json").read_text())["finished"]
-    assert "round_02/select" in state and "round_02/patches" not in state
-    _kill_when(command, tmp_path, lambda: any((cut / "round_02" / "train").glob("checkpoint_*")))  # mid training
-    state = json.loads((cut / "state.json").read_text())["finished"]
-    assert "round_02/patches" in state and "round_02/train" not in state
+    _stop_when(command, tmp_path, lambda: (cut / "round_02" / ".patches.tmp").is_dir(), signal.SIGKILL)
+    assert "round_02/select" in _finished(cut) and "round_02/patches" not in _finished(cut)
+    partial = json.loads((cut / "summary.json").read_text())
+    assert not partial["complete"] and len(partial["rounds"]) == 1 and partial["final"] is None
+    stamp = (cut / "round_01" / "scores.parquet").stat().st_mtime_ns
+
+    code, err = _stop_when(command, tmp_path, lambda: any((cut / "round_02" / "train").glob("checkpoint_*")),
+                           signal.SIGINT)
+    assert code == 130 and "interrupted" in err.splitlines(), err[-3000:]  # cli.run: Ctrl-C exits 130
+    assert not any(line.startswith("Traceback") for line in err.splitlines()), err[-3000:]  # none of sisray's
+    assert "round_02/patches" in _finished(cut) and "round_02/train" not in _finished(cut)
+    shard = sorted((cut / "round_02" / "patches").glob("*.parquet"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])  # as if cut short: detected, the patch stage redone
 
     resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (cut / "round_01" / "scores.parquet").stat().st_mtime_ns == stamp  # not redone
+    assert len(shard.read_bytes()) > 100
     for r in ("round_01", "round_02"):
         for name in ("selection.json", "thresholds.json"):
             assert json.loads((whole / r / name).read_text()) == json.loads((cut / r / name).read_text()), (r, name)
-        assert read_patches(whole / r / "patches") == read_patches(cut / r / "patches"), r  # boxes, labels
+        assert read_rows(whole / r / "patches") == read_rows(cut / r / "patches"), r  # boxes, labels
     a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, cut))
     assert b["complete"] and [r["patches"] for r in a["rounds"]] == [r["patches"] for r in b["rounds"]]
     assert b["final"]["miou19"] == pytest.approx(a["final"]["miou19"], abs=1e-6)

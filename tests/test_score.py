@@ -12,10 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from sisray.config import load_config
+from sisray.patch_set import PatchDataset, count_rows, read_rows, report
+from sisray.png import png_array
 from sisray.stages import score
-from sisray.stages.actors import png_array
-from sisray.stages.score import (PatchDataset, Scorer, count_patches, patch_pass, read_patches, score_pass,
-                                 select_and_threshold, summary)
+from sisray.stages.patch_pass import patch_pass
+from sisray.stages.score import Scorer, score_pass
+from sisray.stages.select import select_and_threshold
 
 pytestmark = pytest.mark.ray
 
@@ -50,8 +52,8 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
     assert sa == sb and np.array_equal(taua, taub) and ca == cb
     assert json.loads((fa / "thresholds.json").read_text()) == json.loads((fb / "thresholds.json").read_text())
     assert ca == 2 * len(sa) > 0
-    rows_a, rows_b = read_patches(fa / "patches"), read_patches(fb / "patches")
-    assert count_patches(fa / "patches") == len(rows_a) == ca
+    rows_a, rows_b = read_rows(fa / "patches"), read_rows(fb / "patches")
+    assert count_rows(fa / "patches") == len(rows_a) == ca
     assert [(r["index"], r["top"], r["left"], r["label_png"]) for r in rows_a] == \
         [(r["index"], r["top"], r["left"], r["label_png"]) for r in rows_b]
 
@@ -65,7 +67,7 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
     assert image.shape == (3, 32, 64) and label.shape == (32, 64)
     _check_confidence(cfg, checkpoint, rows_a, PatchDataset(fa / "patches", (64, 32), confidence=True))
     assert set(np.unique(label.numpy())) <= set(range(19)) | {255}
-    block = summary(ta, sa, fa / "patches", taua)
+    block = report(ta, sa, fa / "patches", taua)
     assert block["patches"] == ca and block["images_scored"] == 4 and block["images_skipped"] == 0
     assert abs(sum(block["coverage"].values()) + block["ignored_share"] - 1) < 1e-9
     pixels = [np.bincount(png_array(r["label_png"]).ravel(), minlength=256) for r in rows_a]
@@ -107,12 +109,12 @@ def test_zoom_out_and_entropy_gap_options(ray_session, small_benchmark, checkpoi
     tables = score_pass(cfg, checkpoint, tmp_path / "scores.parquet")
     selected, tau = select_and_threshold(cfg, tables, 0.5, tmp_path / "scores.parquet", tmp_path)
     assert patch_pass(cfg, checkpoint, selected, tau, 1, tmp_path / "both") == 4 * len(selected)
-    rows = read_patches(tmp_path / "both")
+    rows = read_rows(tmp_path / "both")
     assert [r["zoom_out"] for r in rows if r["index"] == selected[0]] == [False, False, True, True]
     # A gap no prediction can reach keeps nothing: an empty but complete patch set.
     strict = _config(small_benchmark, "resources.num_actors=1", "lse.entropy_gap=100")
     assert patch_pass(strict, checkpoint, selected, tau, 1, tmp_path / "none") == 0
-    assert (tmp_path / "none").is_dir() and summary(tables, selected, tmp_path / "none", tau)["patches"] == 0
+    assert (tmp_path / "none").is_dir() and report(tables, selected, tmp_path / "none", tau)["patches"] == 0
 
 
 def test_a_corrupt_target_image_fails_the_stage_naming_it_and_writes_nothing(ray_session, tmp_path, checkpoint):

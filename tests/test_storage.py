@@ -20,7 +20,7 @@ import torch
 from sisray import storage
 from sisray.errors import StorageError
 from sisray.models import build_model, read_state_dict
-from sisray.stages.score import read_patches
+from sisray.patch_set import read_rows
 from sisray.storage import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_workers_read_checkpoints_and_patch_sets_from_a_remote_run_directory(s3_
     state = read_state_dict(store.shared(store.local / "source" / "checkpoint"))  # a folder holding model.pt
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    patches = read_patches(store.shared(store.local / "round_01" / "patches"))
+    patches = read_rows(store.shared(store.local / "round_01" / "patches"))
     assert [(r["index"], r["patch"]) for r in patches] == [(1, 0), (1, 1), (3, 0), (3, 1)]
     from sisray.errors import ModelError
     with pytest.raises(ModelError, match="checkpoint not found: s3://sisray/readers/nothing"):

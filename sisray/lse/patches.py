@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sisray.labels import IGNORE
-from sisray.lse.entropy import pixel_entropy
+from sisray.lse.entropy import normalise_per_class, pixel_entropy
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,14 @@ class Example:
 def keep_mask(normalised_entropy: torch.Tensor, prediction: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """True where a pixel's normalised entropy is below the threshold of its predicted class."""
     return normalised_entropy < tau.to(normalised_entropy.device)[prediction]
+
+
+def pseudo_label_mask(probs: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) softmax -> (H, W) bool: the pixels whose entropy, normalised within their image and
+    predicted class, is below tau of that class (step 3); the others get no pseudo-label."""
+    prediction = probs.max(0).indices
+    normalised = normalise_per_class(pixel_entropy(probs[None]), prediction[None], probs.shape[0])[0]
+    return keep_mask(normalised, prediction, tau)
 
 
 def draw_boxes(height: int, width: int, scales: Sequence[float], n: int, generator: torch.Generator,

@@ -21,8 +21,8 @@ def caffe_input(images: torch.Tensor) -> torch.Tensor:
     return images.flip(1).float() - mean
 
 
-# Far below any logit: softmax gives such a class exactly 0, and entropy and losses stay finite
-# (-inf would make 0 * log 0 terms NaN); within float16's range for AMP.
+# Far below any logit, so softmax gives such a class exactly 0; finite (a sum or a product with 0 of
+# these logits stays a number, not inf or NaN) and within float16's range for AMP.
 EXCLUDED_LOGIT = -1.0e4
 
 

@@ -1,16 +1,16 @@
-"""What the Ray Data stages share: a model-holding actor, the actor-pool options, PNG bytes."""
+"""What the Ray Data stages share: a model-holding actor, the actor-pool options, progress lines, and
+the Arrow table of a batch."""
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import pyarrow as pa
 import torch
-from PIL import Image
 
 from sisray.cluster import Actors, inference_actors
 from sisray.config import Config, config_from_dict
@@ -97,12 +97,6 @@ def pool_options(cfg: Config, items: int) -> tuple[Actors, dict]:
     return actors, options
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def png_array(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im)
+def arrow_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A numpy batch as a plain Arrow table (2-D columns as lists), readable without Ray."""
+    return pa.table({k: pa.array(v.tolist() if v.ndim > 1 or v.dtype == object else v) for k, v in batch.items()})

@@ -24,7 +24,8 @@ from sisray.labels import NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
 from sisray.lse.entropy import pixel_entropy
 from sisray.metrics import ConfusionMatrix
 from sisray.models import checkpoint_file
-from sisray.stages.actors import ActorSpec, ModelActor, png_array, png_bytes, pool_options
+from sisray.png import png_array, png_bytes
+from sisray.stages.actors import ActorSpec, ModelActor, pool_options
 from sisray.storage import atomic_write_json
 
 OVERLAYS = 3  # val images shown in the overlay figure

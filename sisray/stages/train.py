@@ -17,6 +17,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from sisray.labels import NUM_CLASSES
 from sisray.lse.losses import cross_entropy, lse_target_loss
 from sisray.models import build_model, checkpoint_file, load_state
 from sisray.models.common import batchnorm_layers
-from sisray.stages.score import PatchDataset, count_patches
+from sisray.patch_set import PatchDataset, count_rows
 from sisray.storage import RunStore
 from sisray.tracking import RunLogger
 
@@ -316,12 +317,32 @@ def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     except ray.train.TrainingFailedError as exc:
         raise SisrayError(f"training failed: {exc}") from exc
     if result.checkpoint is None:
         raise SisrayError(f"training of {name} finished without a checkpoint in {store.location}")
     return result
+
+
+def fit_interruptibly(trainer):
+    """trainer.fit() on a helper thread. On the main thread Ray Train installs its own Ctrl-C handler,
+    which aborts the run and then exits 1 with Ray's messages; here Ctrl-C is a KeyboardInterrupt at
+    once (the job exits 130, and the same command resumes from the last checkpoint)."""
+    outcome: dict = {}
+
+    def fit_and_keep_the_outcome() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit_and_keep_the_outcome, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def read_train_state(location: str | Path) -> dict:
@@ -378,7 +399,7 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
     round without patches keeps the model."""
     stage = f"round_{round_:02d}"
     destination, patches = store.local / stage / "checkpoint", store.local / stage / "patches"
-    samples = count_patches(patches)
+    samples = count_rows(patches)
     steps = steps_for(cfg.train.epochs_per_round, samples, cfg.train.batch_size) if samples else 0
     if finished_step(destination) >= steps and (destination / "model.pt").is_file():
         return destination
