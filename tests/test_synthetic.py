@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import SMALL_SPEC
-from sisray.datasets.synthetic import (CLASSES, MANIFEST, PARTIAL_MARKER, SyntheticSource, SyntheticSpec,
-                                       SyntheticTarget, _object_heights, describe, generate, render)
+from sisray.datasets.synthetic import (CLASSES, MANIFEST, SyntheticSource, SyntheticSpec, SyntheticTarget, describe,
+                                       generate, render)
+from sisray.datasets.synthetic.loaders import _object_heights
+from sisray.datasets.synthetic.write import PARTIAL_MARKER
 from sisray.errors import DatasetError
 from sisray.labels import CITYSCAPES_ID_TO_TRAINID, train_id
 
