@@ -60,8 +60,28 @@ COMPARISONS = [  # (A, B): does A beat B?
 ]
 
 
-def job(script: str, *args: str) -> None:
-    subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], check=True, cwd=REPO)
+def job(script: str, run_dir: Path, overrides: list[str]) -> None:
+    """Run a job, unless `run_dir` already holds its finished run with this very config (re-running
+    the ablation to add seeds or variants then costs no Ray start per finished run)."""
+    if not finished(script, run_dir, overrides):
+        subprocess.run([sys.executable, str(REPO / "jobs" / script), "--run-dir", str(run_dir), *sets(overrides)],
+                       check=True, cwd=REPO)
+
+
+def finished(script: str, run_dir: Path, overrides: list[str]) -> bool:
+    import yaml
+
+    from sisray.config import config_to_dict, load_config
+
+    done = run_dir / ("summary.json" if script == "adapt.py" else "source/eval.json")
+    saved = run_dir / "config.yaml"
+    if not (done.is_file() and saved.is_file()):
+        return False
+    if script == "adapt.py" and not json.loads(done.read_text()).get("complete"):
+        return False
+    expected = config_to_dict(load_config(REPO / "configs" / "synthetic.yaml", [*overrides, f"run_dir={run_dir}"]))
+    recorded = yaml.safe_load(saved.read_text())
+    return {**recorded, "run_dir": None, "tracking": None} == {**expected, "run_dir": None, "tracking": None}
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -72,7 +92,7 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
     """The evaluation blocks of one seed's variants (and its rounds' pseudo-label accuracy)."""
     base = [*common, f"seed={seed}"]
     folder = out / f"seed_{seed}"
-    job("adapt.py", "--run-dir", str(folder / DEFAULT), *sets(base))
+    job("adapt.py", folder / DEFAULT, base)
     source = folder / DEFAULT / "source" / "checkpoint"
     results = {}
     default = json.loads((folder / DEFAULT / "summary.json").read_text())
@@ -81,12 +101,11 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
         results["source_target_bn"] = {"evaluation": default["source_target_bn"]}
     for name in variants:
         if name in SOURCE_TRAINED:
-            job("train_source.py", "--run-dir", str(folder / name), *sets([*base, *SOURCE_TRAINED[name]]))
+            job("train_source.py", folder / name, [*base, *SOURCE_TRAINED[name]])
             results[name] = {"evaluation": json.loads((folder / name / "source" / "eval.json").read_text())}
             continue
         if name != DEFAULT:
-            job("adapt.py", "--run-dir", str(folder / name),
-                *sets([*base, f"model.source_checkpoint={source}", *ADAPTED[name]]))
+            job("adapt.py", folder / name, [*base, f"model.source_checkpoint={source}", *ADAPTED[name]])
         summary = json.loads((folder / name / "summary.json").read_text())
         results[name] = {"evaluation": summary["final"],
                          "pseudo_label_accuracy": [r.get("pseudo_label_accuracy", {}).get("overall")
@@ -98,8 +117,7 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
         cfg = load_config(REPO / "configs" / "synthetic.yaml", base)
         epochs = cfg.train.source_epochs * len(open_source(cfg.data.source)) / len(
             open_target(cfg.data.target, "train", with_labels=False))  # as many steps as the source model
-        job("train_source.py", "--run-dir", str(folder / "oracle"),
-            *sets([*base, "train.oracle=true", f"train.source_epochs={epochs}"]))
+        job("train_source.py", folder / "oracle", [*base, "train.oracle=true", f"train.source_epochs={epochs}"])
         results["oracle"] = {"evaluation": json.loads((folder / "oracle" / "source" / "eval.json").read_text())}
     return results
 
