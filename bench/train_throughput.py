@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from sisray.config import config_to_dict, load_config  # noqa: E402
+from sisray.config import load_config  # noqa: E402
 from sisray.datasets import open_source  # noqa: E402
 from sisray.labels import NUM_CLASSES  # noqa: E402
 from sisray.models import build_model  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as run_dir:
-        spec = TrainSpec(config_to_dict(cfg), "bench", args.steps, "random", max(1, threads // 2), None, lr=cfg.train.lr)
+        spec = TrainSpec(cfg, "bench", args.steps, "random", max(1, threads // 2), None, lr=cfg.train.lr)
         began = time.perf_counter()
         result = fit(cfg, spec, RunStore(run_dir), "bench")
         seconds = time.perf_counter() - began

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sisray.config import config_to_dict, load_config
+from sisray.config import load_config
 from sisray.datasets import open_source
 from sisray.models import build_model
 from sisray.datasets.synthetic import CLASSES
@@ -64,7 +64,7 @@ def _config(root: Path, run_dir: Path, *extra: str):
 
 
 def _spec(cfg, steps: int, **options) -> TrainSpec:
-    return TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, threads=1, logger=None, lr=cfg.train.lr,
+    return TrainSpec(cfg, "source", steps, cfg.model.init, threads=1, logger=None, lr=cfg.train.lr,
                      **options)
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from sisray.cluster import Actors, inference_actors
-from sisray.config import Config, config_from_dict
+from sisray.config import Config
 from sisray.datasets import open_target
 from sisray.errors import DatasetError
 from sisray.labels import NUM_CLASSES
@@ -23,8 +23,9 @@ from sisray.models.inference import predict_probs
 
 @dataclass(frozen=True)
 class ActorSpec:
-    """What every model actor needs (picklable); stages extend it."""
-    config: dict
+    """What every model actor needs, decided on the driver (a typed config with absolute paths);
+    stages extend it."""
+    config: Config
     checkpoint: str
     threads: int
     use_gpu: bool
@@ -38,7 +39,7 @@ class ModelActor:
     def __init__(self, spec: ActorSpec):
         torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.cfg = config_from_dict(spec.config)
+        self.cfg = spec.config
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
         self.dataset = open_target(self.cfg.data.target, self.split, with_labels=self.with_labels)
         self.model = build_model(self.cfg.model.name, NUM_CLASSES, self.cfg.model.width, spec.checkpoint)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sisray.cluster import stage_errors
-from sisray.config import Config, config_to_dict, with_absolute_paths
+from sisray.config import Config, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.labels import NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
 from sisray.lse.entropy import pixel_entropy
@@ -113,7 +113,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
     dataset = open_target(cfg.data.target, "val", with_labels=True)  # validated before any actor starts
     checkpoint = str(checkpoint_file(checkpoint))
     actors, options = pool_options(cfg, len(dataset))
-    spec = EvalSpec(config_to_dict(cfg), checkpoint, actors.threads_each, actors.use_gpu,
+    spec = EvalSpec(cfg, checkpoint, actors.threads_each, actors.use_gpu,
                     str(export) if export else None, tuple(scales), flip)
     results = ray.data.range(len(dataset)).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
     total = ConfusionMatrix()

@@ -21,7 +21,7 @@ from PIL import Image
 
 from sisray import patch_set
 from sisray.cluster import stage_errors
-from sisray.config import Config, config_to_dict, with_absolute_paths
+from sisray.config import Config, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.errors import DatasetError, SisrayError
 from sisray.labels import IGNORE, NUM_CLASSES, colorize
@@ -117,7 +117,7 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
 
     cfg = with_absolute_paths(cfg)
     actors, options = pool_options(cfg, max(1, len(selected)))
-    spec = PatchSpec(config_to_dict(cfg), str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu,
+    spec = PatchSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu,
                      round_, tuple(float(t) for t in tau), has_train_labels(cfg),
                      tuple(selected[:FIGURE_IMAGES]) if figure else ())
     staging = out.with_name(f".{out.name}.tmp")

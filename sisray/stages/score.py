@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sisray.cluster import stage_errors
-from sisray.config import Config, config_to_dict, with_absolute_paths
+from sisray.config import Config, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.errors import SisrayError
 from sisray.labels import NUM_CLASSES
@@ -63,7 +63,7 @@ def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict:
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "train", with_labels=False)
     actors, options = pool_options(cfg, len(dataset))
-    spec = PassSpec(config_to_dict(cfg), str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu)
+    spec = PassSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu)
     results = ray.data.range(len(dataset)).map_batches(Scorer, fn_constructor_kwargs={"spec": spec}, **options)
     n = len(dataset)
     seen = np.zeros(n, bool)

@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from sisray import storage
 from sisray.augment import photometric
 from sisray.cluster import train_workers
-from sisray.config import Config, config_from_dict, config_to_dict, with_absolute_paths
+from sisray.config import Config, with_absolute_paths
 from sisray.datasets import SegmentationDataset, open_source, open_target, source_classes, target_eval_classes
 from sisray.errors import SisrayError
 from sisray.labels import NUM_CLASSES
@@ -43,8 +43,8 @@ from sisray.tracking import RunLogger
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Everything a worker needs (picklable)."""
-    config: dict
+    """Everything a worker needs, decided on the driver (picklable)."""
+    config: Config
     stage: str  # "source", or "round_XX" for the retraining of a round
     steps: int
     init: str  # model init for this stage: random, imagenet or a checkpoint path
@@ -213,7 +213,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     spec: TrainSpec = loop_config["spec"]
-    cfg = config_from_dict(spec.config)
+    cfg = spec.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(spec.threads)
@@ -300,7 +300,7 @@ def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = train_workers(cfg)
-    spec = dataclasses.replace(spec, config=config_to_dict(with_absolute_paths(config_from_dict(spec.config))))
+    spec = dataclasses.replace(spec, config=with_absolute_paths(spec.config))
     storage_path, storage_filesystem = store.train_storage(name)
     # Ray Train's controller polls its workers every 2 s by default, so every fit() ends up to 2 s
     # after its last step; 0.25 s polls cost nothing measurable (passed on to the controller).
@@ -386,7 +386,7 @@ def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path
     if finished_step(destination) >= steps:
         return destination
     workers = train_workers(cfg)
-    spec = TrainSpec(config_to_dict(cfg), "source", steps, cfg.model.init, workers.threads_each, logger,
+    spec = TrainSpec(cfg, "source", steps, cfg.model.init, workers.threads_each, logger,
                      lr=cfg.train.lr, classes=training_classes(cfg))
     publish_result(fit(cfg, spec, store, "source"), destination)
     return destination
@@ -411,7 +411,7 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
         publish_checkpoint([f for f in (model, state) if f], destination)
         return destination
     workers = train_workers(cfg)
-    spec = TrainSpec(config_to_dict(cfg), stage, steps, model, workers.threads_each, logger, round_,
+    spec = TrainSpec(cfg, stage, steps, model, workers.threads_each, logger, round_,
                      store.shared(patches), state, lr=cfg.train.round_lr or cfg.train.lr,
                      warmup_steps=round(cfg.train.round_warmup * steps), frozen_bn=cfg.train.round_bn == "frozen",
                      ema_decay=cfg.lse.ema_decay)
