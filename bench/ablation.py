@@ -69,9 +69,10 @@ def job(script: str, run_dir: Path, overrides: list[str]) -> None:
 
 
 def finished(script: str, run_dir: Path, overrides: list[str]) -> bool:
-    import yaml
-
-    from sisray.config import config_to_dict, load_config
+    """Whether `run_dir` holds this run, finished: the same fingerprint (the config keys that decide
+    results, as a job compares them) and its final file."""
+    from sisray.config import load_config
+    from sisray.rounds import fingerprint
 
     done = run_dir / ("summary.json" if script == "adapt.py" else "source/eval.json")
     saved = run_dir / "config.yaml"
@@ -79,9 +80,8 @@ def finished(script: str, run_dir: Path, overrides: list[str]) -> bool:
         return False
     if script == "adapt.py" and not json.loads(done.read_text()).get("complete"):
         return False
-    expected = config_to_dict(load_config(REPO / "configs" / "synthetic.yaml", [*overrides, f"run_dir={run_dir}"]))
-    recorded = yaml.safe_load(saved.read_text())
-    return {**recorded, "run_dir": None, "tracking": None} == {**expected, "run_dir": None, "tracking": None}
+    expected = load_config(REPO / "configs" / "synthetic.yaml", overrides)
+    return fingerprint(load_config(saved)) == fingerprint(expected)
 
 
 def sets(overrides: list[str]) -> list[str]:

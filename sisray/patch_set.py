@@ -134,13 +134,16 @@ def report(tables: dict, selected: list[int], folder: Path, tau: np.ndarray) -> 
     pixels, truth, correct = (np.zeros(NUM_CLASSES, np.int64) for _ in range(3))
     ignored = 0
     patches = 0
+    def per_class(part: pa.Table, column: str) -> np.ndarray:
+        return np.asarray(part.column(column).to_pylist(), np.int64).reshape(-1, NUM_CLASSES).sum(axis=0)
+
     for f in files:
         part = pq.read_table(f, columns=columns)
         patches += part.num_rows
-        pixels += np.asarray(part.column("class_pixels").to_pylist(), np.int64).reshape(-1, NUM_CLASSES).sum(axis=0)
+        pixels += per_class(part, "class_pixels")
         ignored += int(part.column("ignored_pixels").to_numpy().sum())
-        truth += np.asarray(part.column("truth_pixels").to_pylist(), np.int64).reshape(-1, NUM_CLASSES).sum(axis=0)
-        correct += np.asarray(part.column("correct_pixels").to_pylist(), np.int64).reshape(-1, NUM_CLASSES).sum(axis=0)
+        truth += per_class(part, "truth_pixels")
+        correct += per_class(part, "correct_pixels")
     total = max(int(pixels.sum()) + ignored, 1)
     block = {"images_scored": int(len(tables["counts"])), "images_skipped": len(tables.get("skipped", {})),
              "selected_images": len(selected), "patches": patches, "ignored_share": ignored / total,
