@@ -72,7 +72,7 @@ def finished(script: str, run_dir: Path, overrides: list[str]) -> bool:
     """Whether `run_dir` holds this run, finished: the same fingerprint (the config keys that decide
     results, as a job compares them) and its final file."""
     from sisray.config import load_config
-    from sisray.rounds import fingerprint
+    from sisray.run_state import fingerprint
 
     done = run_dir / ("summary.json" if script == "adapt.py" else "source/eval.json")
     saved = run_dir / "config.yaml"

@@ -43,6 +43,7 @@ def child(root: Path, checkpoint: str, patches: bool) -> dict:
     """Score one set on a fresh Ray instance; optionally select and write the patch set."""
     import ray
 
+    from sisray.rundir import RoundDir
     from sisray.stages.patch_pass import patch_pass
     from sisray.stages.score import score_pass
     from sisray.stages.select import select_and_threshold
@@ -52,13 +53,14 @@ def child(root: Path, checkpoint: str, patches: bool) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as run:
         began = time.perf_counter()
-        tables = score_pass(cfg, checkpoint, Path(run) / "scores.parquet")
+        folder = RoundDir(Path(run))
+        tables = score_pass(cfg, checkpoint, folder.scores)
         seconds = time.perf_counter() - began
         out = {"images": len(tables["counts"]), "seconds": seconds}
         if patches:
-            selected, tau = select_and_threshold(cfg, tables, cfg.lse.p0, Path(run) / "scores.parquet", Path(run))
-            patch_pass(cfg, checkpoint, selected, tau, 1, Path(run) / "patches")
-            size = sum(f.stat().st_size for f in (Path(run) / "patches").glob("*.parquet"))
+            selected, tau = select_and_threshold(cfg, tables, cfg.lse.p0, folder)
+            patch_pass(cfg, checkpoint, selected, tau, 1, folder.patches)
+            size = sum(f.stat().st_size for f in folder.patches.glob("*.parquet"))
             out["bytes_per_selected_image"] = size / max(len(selected), 1)
             out["selected"] = len(selected)
     ray.shutdown()

@@ -22,9 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from sisray.cli import add_config_arguments, add_run_dir_argument, check_inputs, job_config, run  # noqa: E402
-from sisray.config import Config, load_config, save_config  # noqa: E402
+from sisray.cli import add_config_arguments, add_run_dir_argument, job_config, run  # noqa: E402
+from sisray.inputs import check_inputs  # noqa: E402
+from sisray.config import Config, load_config  # noqa: E402
 from sisray.errors import ConfigError  # noqa: E402
+from sisray.rundir import CONFIG, SUMMARY  # noqa: E402
 from sisray.storage import RunStore, join  # noqa: E402
 
 
@@ -46,9 +48,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         return job_config(args)
     store = RunStore(args.resume)
     store.pull()
-    saved = store.local / "config.yaml"
+    saved = store.local / CONFIG
     if not saved.is_file():
-        raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a sisray run directory)")
+        raise ConfigError(f"--resume {args.resume}: no {CONFIG} there (not a sisray run directory)")
     return load_config(saved, [*args.overrides, f"run_dir={args.resume}"])
 
 
@@ -57,35 +59,20 @@ def main() -> None:
     cfg = resolve_config(args)
 
     from sisray import rounds
-    from sisray.cluster import start_ray
     from sisray.datasets import open_target, target_eval_classes
+    from sisray.job import Job
     from sisray.labels import NUM_CLASSES
     from sisray.metrics import format_iou_table
-    from sisray.tracking import Tracking
 
-    store = RunStore(cfg.run_dir)  # a path, or a URI (s3://...) worked on through a local copy
-    store.pull()
-    run_dir = store.local
-    state = rounds.RunState(store, cfg, args.force)  # refuses a foreign run directory before any work
+    job = Job(cfg, "adapt", stages=True, force=args.force)  # refuses a foreign run directory before any work
     check_inputs(cfg)
     target_images = len(open_target(cfg.data.target, "train", with_labels=False))
     if empty := rounds.rounds_without_selection(cfg, target_images):
         print(f"warning: with {target_images} target images, class-wise selection takes no image in the rounds "
               f"with p = {', '.join(f'{p:g}' for p in empty)} (floor(N_c p / {NUM_CLASSES}) = 0 for every class): "
               "they will train on no pseudo-label. Set lse.min_per_class (e.g. 2) or lse.selection: global", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    state.save()
-    start_ray()
-    tracking = Tracking(cfg, "adapt", resume_run_id=state.mlflow_run_id)
-    state.mlflow_run_id = tracking.run_id
-    tracking.artifact(run_dir / "config.yaml")
-    try:
-        summary = rounds.run(cfg, state, tracking)
-    except BaseException:
-        tracking.finish("FAILED")
-        raise
-    tracking.finish("FINISHED")
+    with job.started() as tracking:
+        summary = rounds.run(cfg, job.state, tracking)
     columns = {"source-only": summary["source_only"]}
     if summary["source_target_bn"]:
         columns["+ target BN"] = summary["source_target_bn"]
@@ -96,7 +83,7 @@ def main() -> None:
     shares = rounds.stage_shares(summary)
     print(f"\nwall time of the stages {summary['wall_s']:.0f} s: " +
           ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
-    print(f"summary: {join(store.location, rounds.SUMMARY)}\n{tracking.where()}")
+    print(f"summary: {join(job.store.location, SUMMARY)}\n{tracking.where()}")
     if summary["final"] and summary["source_only"]:
         gain = 100 * (summary["final"]["miou"] - summary["source_only"]["miou"])
         print(f"\nfinal model {100 * summary['final']['miou']:.1f} mIoU on target val: {gain:+.1f} over source-only "

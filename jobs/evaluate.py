@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from sisray.cli import add_config_arguments, check_checkpoint, evaluation_metrics, job_config, run  # noqa: E402
+from sisray.cli import add_config_arguments, job_config, run  # noqa: E402
+from sisray.inputs import check_checkpoint  # noqa: E402
 from sisray.errors import ConfigError  # noqa: E402
 from sisray.storage import atomic_write_json, is_uri  # noqa: E402
 
@@ -42,12 +43,12 @@ def main() -> None:
     cfg = job_config(args)
     scales = parse_scales(args.scales)
 
-    from sisray.cluster import start_ray
     from sisray.datasets import open_target
+    from sisray.job import Job
     from sisray.metrics import format_iou_table
     from sisray.models import checkpoint_file
     from sisray.stages.evaluate import evaluate, json_ready
-    from sisray.tracking import Tracking
+    from sisray.tracking import evaluation_metrics
 
     checkpoint = checkpoint_file(args.checkpoint)
     check_checkpoint(cfg, checkpoint)  # a bad checkpoint stops here, before Ray starts
@@ -56,10 +57,7 @@ def main() -> None:
         raise ConfigError(f"--checkpoint {args.checkpoint} is remote: pass --out for eval.json")
     base = Path(checkpoint).parent
     out = Path(args.out) if args.out else (base.parent if base.name == "checkpoint" else base) / "eval.json"
-    start_ray()
-    tracking = Tracking(cfg, "evaluate")
-    status = "FAILED"
-    try:
+    with Job(cfg, "evaluate", run_dir=False).started() as tracking:
         figure = out.with_name(out.stem + "_overlay.png")
         summary = evaluate(cfg, checkpoint, args.export, scales, args.flip, figure=figure)
         summary.update(scales=list(scales), flip=args.flip)
@@ -68,9 +66,6 @@ def main() -> None:
         tracking.artifact(out)
         tracking.artifact(figure)
         print(format_iou_table({Path(args.checkpoint).name or "model": summary}, val.eval_classes))
-        status = "FINISHED"
-    finally:
-        tracking.finish(status)
     print(f"\nwrote {out}" + (f"; predictions in {args.export}" if args.export else "") + f"\n{tracking.where()}")
 
 

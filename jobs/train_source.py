@@ -16,8 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from sisray.cli import add_config_arguments, add_run_dir_argument, evaluation_metrics, job_config, run  # noqa: E402
-from sisray.config import save_config  # noqa: E402
+from sisray.cli import add_config_arguments, add_run_dir_argument, job_config, run  # noqa: E402
 
 
 def main() -> None:
@@ -26,37 +25,26 @@ def main() -> None:
     add_run_dir_argument(parser)
     cfg = job_config(parser.parse_args())
 
-    from sisray.cluster import start_ray
     from sisray.datasets import open_target, target_eval_classes
+    from sisray.job import Job
     from sisray.metrics import format_iou_table
     from sisray.stages.evaluate import evaluate_into
     from sisray.stages.train import train_source, training_set
-    from sisray.storage import RunStore
-    from sisray.tracking import Tracking
+    from sisray.tracking import evaluation_metrics
 
     training_set(cfg), open_target(cfg.data.target, "val", with_labels=True)  # bad data: stop now
-    store = RunStore(cfg.run_dir)  # a path, or a URI (s3://...) worked on through a local copy
-    store.pull()
-    run_dir = store.local
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    start_ray()
-    tracking = Tracking(cfg, "train_source")
-    status = "FAILED"
-    try:
-        checkpoint = train_source(cfg, store, tracking.logger)
-        summary = evaluate_into(cfg, store.shared(checkpoint), run_dir / "source")
-        store.push()
+    job = Job(cfg, "train_source")
+    with job.started() as tracking:
+        checkpoint = train_source(cfg, job.store, tracking.logger)
+        source = job.run_dir.source
+        summary = evaluate_into(cfg, job.store.shared(checkpoint), source)
         tracking.metrics(evaluation_metrics(summary, "source"))
-        for artifact in (run_dir / "config.yaml", run_dir / "source" / "eval.json", run_dir / "source" / "overlay.png"):
-            tracking.artifact(artifact)
+        tracking.artifact(source.eval)
+        tracking.artifact(source.overlay)
         name = "oracle (target labels)" if cfg.train.oracle else "source-only"
         print(f"\n{name} model on target val (IoU %):")
         print(format_iou_table({name: summary}, target_eval_classes(cfg.data.target)))
-        status = "FINISHED"
-    finally:
-        tracking.finish(status)
-    print(f"\ncheckpoint: {store.shared(checkpoint)}\nrun directory: {store.location}\n{tracking.where()}")
+    print(f"\ncheckpoint: {job.store.shared(checkpoint)}\nrun directory: {job.store.location}\n{tracking.where()}")
 
 
 if __name__ == "__main__":

@@ -275,6 +275,14 @@ def set_value(raw: dict, dotted: str, value: Any) -> None:
     apply_override(raw, f"{dotted}={json.dumps(value)}")  # JSON is YAML: the value round-trips exactly
 
 
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """The config with dotted keys set to already-parsed values, validated as a whole."""
+    raw = config_to_dict(cfg)
+    for key, value in values.items():
+        set_value(raw, key, value)
+    return config_from_dict(raw)
+
+
 def config_from_dict(raw: Any) -> Config:
     cfg = _build(Config, raw, "")
     _check_relations(cfg)

@@ -2,35 +2,27 @@
 score -> select + thresholds -> patches -> retrain -> evaluate (reporting only).
 
 Every stage reads its inputs from the run directory and writes its outputs there atomically;
-RUN/state.json records each finished stage with its wall time. Re-running the same command resumes
+RUN/state.json records each finished stage with its wall time (sisray/run_state.py). Re-running the same command resumes
 after the last finished stage, and since every random choice is seeded by (seed, round, ...), it
 computes exactly what an uninterrupted run would. The reported model is always the last round's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from sisray.cli import evaluation_metrics
-from sisray.config import Config, LSEConfig, config_to_dict
+from sisray.config import Config, LSEConfig
 from sisray.datasets import unlabelled_source_classes
-from sisray.errors import ConfigError
 from sisray.labels import NUM_CLASSES
-from sisray.storage import STATE_FILE, RunStore, absolute, atomic_write_json, disk_full_as_error, run_files
-from sisray.tracking import Tracking, flatten
-
-SUMMARY = "summary.json"
-# Keys that change where or how fast a job runs, not what it computes: a run may resume with others.
-NOT_RESULT_KEYS = ("run_dir", "tracking.", "resources.", "train.log_every", "train.checkpoint_every")
-DIGEST_WHOLE = 64 << 20  # files up to this size are hashed whole
-DIGEST_PART = 8 << 20
+from sisray.run_state import RunState
+from sisray.rundir import ModelDir, RunDir
+from sisray.storage import RunStore, absolute, atomic_write_json
+from sisray.tracking import Tracking, evaluation_metrics
 EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class", "label_free")
 
 
@@ -51,122 +43,18 @@ def rounds_without_selection(cfg: Config, target_images: int) -> list[float]:
     return [p for p in schedule(cfg.lse) if math.floor(target_images * p / NUM_CLASSES + 1e-9) == 0]
 
 
-def fingerprint(cfg: Config) -> dict:
-    """The config keys that determine a run's results."""
-    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if not k.startswith(NOT_RESULT_KEYS)}
-
-
-def _listing(folder: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime) of the files a stage's record covers: the run's files but its bookkeeping."""
-    return {k: (v.st_size, v.st_mtime_ns) for k, v in run_files(folder).items()
-            if k not in (STATE_FILE, SUMMARY, "config.yaml")}
-
-
-def file_digest(path: Path) -> str:
-    """size:sha256 of the file; past 64 MB (checkpoints) of its first and last 8 MB, which a partial
-    write changes (and torch.load checks the rest)."""
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= DIGEST_WHOLE:
-            digest.update(f.read())
-        else:
-            digest.update(f.read(DIGEST_PART))
-            f.seek(size - DIGEST_PART)
-            digest.update(f.read())
-    return f"{size}:{digest.hexdigest()}"
-
-
-class RunState:
-    """RUN/state.json: the config fingerprint, finished stages with their seconds and the digests of
-    the files each wrote, the MLflow run. A finished stage whose files no longer match (a partial
-    write, a deleted or edited file) is redone, with every stage after it."""
-
-    def __init__(self, store: RunStore, cfg: Config, force: bool = False):
-        self.store = store
-        self.path = store.local / STATE_FILE
-        self.data = {"fingerprint": fingerprint(cfg), "finished": {}, "outputs": {}, "mlflow_run_id": None}
-        if self.path.is_file():
-            saved = json.loads(self.path.read_text())
-            old, new = saved["fingerprint"], self.data["fingerprint"]
-            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            if changed and not force:
-                listed = "; ".join(f"{k} = {old.get(k)!r} there, {new.get(k)!r} now" for k in changed[:5])
-                raise ConfigError(f"{store.location} holds a run made with another config ({listed}). Use another --run-dir, "
-                                  f"resume it with --resume {store.location}, or pass --force to continue it anyway")
-            saved["fingerprint"] = self.data["fingerprint"]
-            saved.setdefault("outputs", {})
-            self.data = saved
-            self._drop_unverified()
-
-    @property
-    def mlflow_run_id(self) -> str | None:
-        return self.data["mlflow_run_id"]
-
-    @mlflow_run_id.setter
-    def mlflow_run_id(self, run_id: str | None) -> None:
-        self.data["mlflow_run_id"] = run_id
-        self.save()
-
-    def finished(self, stage: str) -> bool:
-        return stage in self.data["finished"]
-
-    def seconds(self, stage: str) -> float | None:
-        return self.data["finished"].get(stage)
-
-    def run(self, stage: str, work: Callable[[], object]) -> None:
-        """Run a stage unless it finished before; record it once it has."""
-        if self.finished(stage):
-            return
-        print(f"== {stage}", flush=True)
-        before = _listing(self.store.local)
-        began = time.perf_counter()
-        with disk_full_as_error(f"stage {stage}", self.store.local):  # its partial files are removed on the way
-            work()
-        self.data["finished"][stage] = round(time.perf_counter() - began, 2)
-        written = sorted(k for k, v in _listing(self.store.local).items() if before.get(k) != v)
-        self.data["outputs"][stage] = {k: file_digest(self.store.local / k) for k in written}
-        self.save()
-
-    def _drop_unverified(self) -> None:
-        """Forget the first finished stage whose files do not match their digests, and every later one."""
-        stages = list(self.data["finished"])
-        for i, stage in enumerate(stages):
-            for name, digest in self.data["outputs"].get(stage, {}).items():
-                path = self.store.local / name
-                found = file_digest(path) if path.is_file() else "missing"
-                if found != digest:
-                    problem = "is missing" if found == "missing" else "differs from what it wrote"
-                    print(f"warning: {path} {problem} ({stage}): redoing {stage} and the "
-                          f"{len(stages) - i - 1} stage(s) after it", flush=True)
-                    for later in stages[i:]:
-                        self.data["finished"].pop(later)
-                        self.data["outputs"].pop(later, None)
-                    return
-
-    def save(self) -> None:
-        """Write state.json; a remote run directory receives the stage's files first, then it."""
-        with disk_full_as_error("recording the run's state", self.path):  # the previous state.json stays
-            atomic_write_json(self.path, self.data)
-        self.store.push()
-
-
 def source_checkpoint(cfg: Config, store: RunStore) -> str:
     """Where workers read the source model: the given checkpoint, or the source stage's."""
     if cfg.model.source_checkpoint:
         return absolute(cfg.model.source_checkpoint)
-    return store.shared(store.local / "source" / "checkpoint")
-
-
-def round_folder(run_dir: Path, r: int) -> Path:
-    return run_dir / f"round_{r:02d}"
+    return store.shared(RunDir(store.local).source.checkpoint)
 
 
 def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[dict], None] | None = None) -> dict:
     """The whole method; returns (and writes) RUN/summary.json. `on_round` receives each finished
     round's block, in order, those finished before a resume included (a Tune trial reports them)."""
-    from sisray.stages.evaluate import evaluate_into
     from sisray.patch_set import report
+    from sisray.stages.evaluate import evaluate_into
     from sisray.stages.patch_pass import patch_pass
     from sisray.stages.score import read_scores, score_pass
     from sisray.stages.select import read_selection, select_and_threshold
@@ -174,52 +62,48 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     from sisray.stages.train import train_round, train_source
 
     store = state.store
-    run_dir = store.local
+    run_dir = RunDir(store.local)
     source = source_checkpoint(cfg, store)
     if not cfg.model.source_checkpoint:
         state.run("source/train", lambda: train_source(cfg, store, tracking.logger))
 
-    def evaluation(checkpoint: str, folder: Path, step: int, prefix: str = "target_val") -> None:
+    def evaluation(checkpoint: str, folder: ModelDir, step: int, prefix: str = "target_val") -> None:
         block = evaluate_into(cfg, checkpoint, folder)
         tracking.metrics(evaluation_metrics(block, prefix), step=step)
-        tracking.artifact(folder / "overlay.png", folder.name)
+        tracking.artifact(folder.overlay, folder.name)
 
-    state.run("source/eval", lambda: evaluation(source, run_dir / "source", 0))
-    previous = source
-
-    def on_target_statistics(model: str, folder: Path, stage: str) -> str:
+    def on_target_statistics(model: str, folder: ModelDir, stage: str) -> str:
         """With lse.target_bn: the model with BatchNorm statistics of the target train images."""
-        state.run(stage, lambda: target_batchnorm(cfg, model, folder))
-        return store.shared(folder)
+        state.run(stage, lambda: target_batchnorm(cfg, model, folder.checkpoint))
+        return store.shared(folder.checkpoint)
 
+    state.run("source/eval", lambda: evaluation(source, run_dir.source, 0))
+    previous = source
     if cfg.lse.target_bn:
-        previous = on_target_statistics(previous, run_dir / "source" / "target_bn", "source/target_bn")
+        previous = on_target_statistics(previous, run_dir.source.target_bn, "source/target_bn")
         state.run("source/target_bn_eval",
-                  lambda: evaluation(previous, run_dir / "source" / "target_bn", 0, "source_target_bn"))
+                  lambda: evaluation(previous, run_dir.source.target_bn, 0, "source_target_bn"))
     skip = unlabelled_source_classes(cfg.data.source)
     for r, p in enumerate(schedule(cfg.lse), start=1):
-        folder = round_folder(run_dir, r)
-        scores = folder / "scores.parquet"
-        state.run(f"{folder.name}/score", lambda: score_pass(cfg, previous, scores))
+        folder = run_dir.round(r)
+        state.run(f"{folder.name}/score", lambda: score_pass(cfg, previous, folder.scores))
         state.run(f"{folder.name}/select",
-                  lambda: select_and_threshold(cfg, read_scores(scores), p, scores, folder, skip))
+                  lambda: select_and_threshold(cfg, read_scores(folder.scores), p, folder, skip))
         state.run(f"{folder.name}/patches",
-                  lambda: patch_pass(cfg, previous, *read_selection(folder), r, folder / "patches",
-                                     folder / "pseudo_labels.png"))
+                  lambda: patch_pass(cfg, previous, *read_selection(folder), r, folder.patches,
+                                     folder.pseudo_label_figure))
 
         def pseudo_labels() -> None:  # the round's pseudo-label report, before retraining
             selected, tau = read_selection(folder)
-            atomic_write_json(folder / "pseudo_labels.json", report(read_scores(scores), selected,
-                                                                     folder / "patches", tau))
-            for artifact in ("thresholds.json", "pseudo_labels.json", "pseudo_labels.png"):
-                if (folder / artifact).is_file():
-                    tracking.artifact(folder / artifact, folder.name)
+            atomic_write_json(folder.pseudo_labels, report(read_scores(folder.scores), selected, folder.patches, tau))
+            for artifact in (folder.thresholds, folder.pseudo_labels, folder.pseudo_label_figure):
+                if artifact.is_file():
+                    tracking.artifact(artifact, folder.name)
         state.run(f"{folder.name}/report", pseudo_labels)
-        state.run(f"{folder.name}/train",
-                  lambda: train_round(cfg, store, r, previous, tracking.logger))
-        previous = store.shared(folder / "checkpoint")
+        state.run(f"{folder.name}/train", lambda: train_round(cfg, store, r, previous, tracking.logger))
+        previous = store.shared(folder.checkpoint)
         if cfg.lse.target_bn:
-            previous = on_target_statistics(previous, folder / "target_bn", f"{folder.name}/target_bn")
+            previous = on_target_statistics(previous, folder.target_bn, f"{folder.name}/target_bn")
         state.run(f"{folder.name}/eval", lambda: evaluation(previous, folder, r))
         # once per round (a resumed job does not log it twice), with the eval stage's time known
         state.run(f"{folder.name}/log",
@@ -229,7 +113,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
             on_round(round_block(run_dir, state, r, p))
     block = write_summary(cfg, run_dir, state)
     store.push()
-    tracking.artifact(run_dir / SUMMARY)
+    tracking.artifact(run_dir.summary)
     return block
 
 
@@ -244,16 +128,16 @@ def evaluation_block(path: Path) -> dict:
 ROUND_STAGES = ("score", "select", "patches", "report", "train", "target_bn", "eval")
 
 
-def round_block(run_dir: Path, state: RunState, r: int, p: float) -> dict:
+def round_block(run_dir: RunDir, state: RunState, r: int, p: float) -> dict:
     """A finished round in summary.json: p, selection, patches, thresholds, evaluation, timings."""
-    folder = round_folder(run_dir, r)
-    report = _read(folder / "pseudo_labels.json")
-    thresholds = _read(folder / "thresholds.json")
+    folder = run_dir.round(r)
+    report = _read(folder.pseudo_labels)
+    thresholds = _read(folder.thresholds)
     block = {"round": r, "p": p, "selected_images": report["selected_images"], "patches": report["patches"],
              "images_scored": report["images_scored"], "images_skipped": report["images_skipped"],
              "thresholds": thresholds["tau"], "threshold_estimator": thresholds["estimator"],
              "pseudo_label_coverage": 1.0 - report["ignored_share"], "coverage": report["coverage"],
-             "evaluation": evaluation_block(folder / "eval.json"),
+             "evaluation": evaluation_block(folder.eval),
              "timings_s": {s: state.seconds(f"{folder.name}/{s}") for s in ROUND_STAGES}}
     if "pseudo_label_accuracy" in report:
         block["pseudo_label_accuracy"] = report["pseudo_label_accuracy"]  # diagnostic: target labels
@@ -272,20 +156,19 @@ def round_metrics(block: dict) -> dict[str, float]:
     return metrics
 
 
-def write_summary(cfg: Config, run_dir: Path, state: RunState) -> dict:
+def write_summary(cfg: Config, run_dir: RunDir, state: RunState) -> dict:
     """RUN/summary.json from the finished stages: source_only, rounds, final (the last round's model)."""
     rounds = [round_block(run_dir, state, r, p) for r, p in enumerate(schedule(cfg.lse), start=1)
-              if state.finished(f"{round_folder(run_dir, r).name}/eval")]
-    source_eval = run_dir / "source" / "eval.json"
-    block = {"source_only": evaluation_block(source_eval) if state.finished("source/eval") else None,
-             "source_target_bn": evaluation_block(run_dir / "source" / "target_bn" / "eval.json")
+              if state.finished(f"{run_dir.round(r).name}/eval")]
+    block = {"source_only": evaluation_block(run_dir.source.eval) if state.finished("source/eval") else None,
+             "source_target_bn": evaluation_block(run_dir.source.target_bn.eval)
              if state.finished("source/target_bn_eval") else None,
              "rounds": rounds,
              "final": rounds[-1]["evaluation"] if len(rounds) == len(schedule(cfg.lse)) else None,
              "complete": len(rounds) == len(schedule(cfg.lse)),
              "timings_s": dict(state.data["finished"]),
              "wall_s": round(sum(state.data["finished"].values()), 2)}
-    atomic_write_json(run_dir / SUMMARY, block)
+    atomic_write_json(run_dir.summary, block)
     return block
 
 

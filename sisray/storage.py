@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from sisray.errors import StorageError
+from sisray.rundir import STATE
 
-STATE_FILE = "state.json"  # a run's record of finished stages: uploaded last
 CACHE_ENV = "SISRAY_CACHE_DIR"  # where local copies of remote run directories are kept
 TRAIN_FOLDER = "train"  # RUN/<stage>/train/: Ray Train's own files, at the remote location directly
 
@@ -228,12 +228,12 @@ class RunStore:
         changed = [n for n, s in local.items() if n not in remote or not self._same(s, remote[n])]
         try:
             for name in changed:
-                if name != STATE_FILE:
+                if name != STATE:
                     self._upload(name)
             for stale in remote.keys() - local.keys():
                 self.remote[0].delete_file(f"{self.remote[1]}/{stale}")
-            if STATE_FILE in changed:
-                self._upload(STATE_FILE)
+            if STATE in changed:
+                self._upload(STATE)
         except OSError as exc:
             raise StorageError(f"{self.location}: cannot write ({exc})") from None
 

@@ -28,6 +28,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def evaluation_metrics(summary: dict, prefix: str) -> dict[str, float]:
+    """An evaluation block as flat MLflow metrics: PREFIX/miou19, PREFIX/iou/road, ..."""
+    metrics = {f"{prefix}/{k}": summary[k] for k in ("miou", "miou19", "miou16", "miou13", "pixel_accuracy")}
+    metrics.update({f"{prefix}/iou/{name}": value for name, value in summary["per_class"].items()})
+    metrics.update({f"{prefix}/label_free/{name}": value for name, value in summary.get("label_free", {}).items()})
+    return metrics
+
+
 def resolve_uri(uri: str | None) -> str:
     """The config's URI, else MLFLOW_TRACKING_URI, else MLflow's default; relative SQLite paths made absolute."""
     import mlflow

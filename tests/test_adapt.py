@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sisray import rounds
+from sisray import rounds, run_state
 from sisray.config import load_config
 from sisray.datasets.synthetic import CLASSES
 from sisray.errors import ConfigError
@@ -73,13 +73,13 @@ def test_optimiser_state_carries_over_but_rates_start_again():
 
 def test_a_run_directory_of_another_config_is_refused_unless_forced(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}"])
-    rounds.RunState(RunStore(tmp_path), cfg).save()
-    rounds.RunState(RunStore(tmp_path), load_config(None, [f"run_dir={tmp_path}", "resources.num_actors=3",
+    run_state.RunState(RunStore(tmp_path), cfg).save()
+    run_state.RunState(RunStore(tmp_path), load_config(None, [f"run_dir={tmp_path}", "resources.num_actors=3",
                                                  "tracking.enabled=false"]))  # where/how, not what: fine
     other = load_config(None, [f"run_dir={tmp_path}", "lse.p0=0.2"])
     with pytest.raises(ConfigError, match=r"lse.p0 = 0.1 there, 0.2 now"):
-        rounds.RunState(RunStore(tmp_path), other)
-    assert rounds.RunState(RunStore(tmp_path), other, force=True).data["fingerprint"]["lse.p0"] == 0.2
+        run_state.RunState(RunStore(tmp_path), other)
+    assert run_state.RunState(RunStore(tmp_path), other, force=True).data["fingerprint"]["lse.p0"] == 0.2
 
 
 # ------------------------------------------------------------------ end to end (Ray)
@@ -159,7 +159,7 @@ def test_a_relative_source_checkpoint_reaches_workers_as_an_absolute_path(tmp_pa
 
 def test_a_stage_whose_files_changed_is_redone_with_every_later_stage(tmp_path, capsys):
     cfg = load_config(None, [f"run_dir={tmp_path}"])
-    state = rounds.RunState(RunStore(tmp_path), cfg)
+    state = run_state.RunState(RunStore(tmp_path), cfg)
     (tmp_path / "round_01").mkdir()
     state.run("round_01/score", lambda: (tmp_path / "round_01" / "scores.parquet").write_bytes(b"s" * 100))
     state.run("round_01/select", lambda: (tmp_path / "round_01" / "selection.json").write_text("[1, 2]"))
@@ -167,11 +167,11 @@ def test_a_stage_whose_files_changed_is_redone_with_every_later_stage(tmp_path, 
               or (tmp_path / "round_01" / "patches" / "part-00000.parquet").write_bytes(b"p" * 50))
     assert list(state.data["outputs"]) == ["round_01/score", "round_01/select", "round_01/patches"]
     assert list(state.data["outputs"]["round_01/patches"]) == ["round_01/patches/part-00000.parquet"]
-    assert rounds.RunState(RunStore(tmp_path), cfg).data["finished"] == state.data["finished"]  # intact: kept
+    assert run_state.RunState(RunStore(tmp_path), cfg).data["finished"] == state.data["finished"]  # intact: kept
 
     with open(tmp_path / "round_01" / "selection.json", "r+b") as f:
         f.truncate(3)  # a partial write
-    again = rounds.RunState(RunStore(tmp_path), cfg)
+    again = run_state.RunState(RunStore(tmp_path), cfg)
     assert list(again.data["finished"]) == ["round_01/score"]
     assert "selection.json differs from what it wrote (round_01/select): redoing round_01/select and the 1 " \
            "stage(s) after it" in capsys.readouterr().out
@@ -182,7 +182,7 @@ def test_a_stage_whose_files_changed_is_redone_with_every_later_stage(tmp_path, 
     assert redone == ["select"]
 
     (tmp_path / "round_01" / "scores.parquet").unlink()
-    assert rounds.RunState(RunStore(tmp_path), cfg).data["finished"] == {}
+    assert run_state.RunState(RunStore(tmp_path), cfg).data["finished"] == {}
     assert "scores.parquet is missing (round_01/score)" in capsys.readouterr().out
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from layouts import make_cityscapes, make_gta5, save_rgb, write_pickle_with_code
 
-from sisray import rounds
+from sisray import rounds, run_state
 from sisray.cli import DEFAULT_CONFIG
 from sisray.config import load_config, save_config
 from sisray.errors import StorageError
@@ -54,7 +54,7 @@ def previous_run(tmp_path, fcn_checkpoint):
     shutil.copy(fcn_checkpoint, tmp_path / "source.pt")
     run_dir = tmp_path / "run"
     cfg = load_config(DEFAULT_CONFIG, [*base_overrides(tmp_path), f"run_dir={run_dir}"])  # the job's default
-    state = rounds.RunState(RunStore(run_dir), cfg)
+    state = run_state.RunState(RunStore(run_dir), cfg)
     run_dir.mkdir()
     save_config(cfg, run_dir / "config.yaml")
     state.run("source/eval", lambda: (run_dir / "source").mkdir() or (run_dir / "source" / "eval.json").write_text("{}"))
@@ -189,7 +189,7 @@ def test_a_disk_full_while_writing_patches_is_a_clear_error_and_leaves_the_state
         Path(where).write_bytes(b"PAR1" + bytes(100))
         raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
     monkeypatch.setattr(pq, "write_table", onto_a_full_disk)
-    state = rounds.RunState(RunStore(run_dir), cfg)
+    state = run_state.RunState(RunStore(run_dir), cfg)
     with pytest.raises(StorageError) as err:
         rounds.run(cfg, state, Tracking(cfg, "adapt"))
     assert re.fullmatch(rf"stage round_01/patches: no space left writing to {run_dir} \(.*No space left on device.*\)\. "
@@ -199,5 +199,5 @@ def test_a_disk_full_while_writing_patches_is_a_clear_error_and_leaves_the_state
     assert list(saved["finished"]) == ["source/eval", "round_01/score", "round_01/select"]
     assert sorted(p.name for p in (run_dir / "round_01").iterdir()) == ["scores.parquet", "selection.json",
                                                                         "thresholds.json"]  # no partial shard
-    resumed = rounds.RunState(RunStore(run_dir), cfg)  # every finished stage's files still verify
+    resumed = run_state.RunState(RunStore(run_dir), cfg)  # every finished stage's files still verify
     assert resumed.data["finished"] == saved["finished"]

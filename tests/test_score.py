@@ -14,6 +14,7 @@ import pytest
 from sisray.config import load_config
 from sisray.patch_set import PatchDataset, count_rows, read_rows, report
 from sisray.png import png_array
+from sisray.rundir import RoundDir
 from sisray.stages import score
 from sisray.stages.patch_pass import patch_pass
 from sisray.stages.score import Scorer, score_pass
@@ -41,7 +42,7 @@ def test_same_results_with_one_or_two_actors_and_any_batch_size(ray_session, sma
         cfg = _config(small_benchmark, f"resources.num_actors={actors}", f"resources.actor_batch_size={batch}")
         folder = tmp_path / f"a{actors}b{batch}"
         tables = score_pass(cfg, checkpoint, folder / "scores.parquet")
-        selected, tau = select_and_threshold(cfg, tables, 0.5, folder / "scores.parquet", folder)
+        selected, tau = select_and_threshold(cfg, tables, 0.5, RoundDir(folder))
         count = patch_pass(cfg, checkpoint, selected, tau, 1, folder / "patches", folder / "figure.png")
         outcomes.append((folder, tables, selected, tau, count))
     (fa, ta, sa, taua, ca), (fb, tb, sb, taub, cb) = outcomes
@@ -106,8 +107,8 @@ def _check_confidence(cfg, checkpoint, rows, data) -> None:
 
 def test_zoom_out_and_entropy_gap_options(ray_session, small_benchmark, checkpoint, tmp_path):
     cfg = _config(small_benchmark, "resources.num_actors=1", "lse.zoom_out=true")
-    tables = score_pass(cfg, checkpoint, tmp_path / "scores.parquet")
-    selected, tau = select_and_threshold(cfg, tables, 0.5, tmp_path / "scores.parquet", tmp_path)
+    tables = score_pass(cfg, checkpoint, RoundDir(tmp_path).scores)
+    selected, tau = select_and_threshold(cfg, tables, 0.5, RoundDir(tmp_path))
     assert patch_pass(cfg, checkpoint, selected, tau, 1, tmp_path / "both") == 4 * len(selected)
     rows = read_rows(tmp_path / "both")
     assert [r["zoom_out"] for r in rows if r["index"] == selected[0]] == [False, False, True, True]
@@ -140,7 +141,7 @@ def test_a_corrupt_target_image_fails_the_stage_naming_it_and_writes_nothing(ray
     assert list(tables["skipped"]) == [bad] and str(image) in tables["skipped"][bad]
     row = list(tables["sample_id"]).index(bad)
     assert tables["counts"][row].sum() == 0 and (tables["counts"].sum(axis=1) > 0).sum() == 2
-    selected, _ = select_and_threshold(cfg, tables, 1.0, out, tmp_path / "run")
+    selected, _ = select_and_threshold(cfg, tables, 1.0, RoundDir(out.parent))
     assert row not in selected and len(selected) == 2
 
 
@@ -182,7 +183,7 @@ def test_a_round_that_selects_nothing_says_why(tmp_path, capsys, method, images,
     tables = {"counts": counts, "scores": rng.random((images, 19)), "sample_id": np.arange(images).astype(str),
               "mean_entropy": rng.random((images, 19))}
     cfg = _config(tmp_path, f"lse.selection={method}")
-    selected, _ = select_and_threshold(cfg, tables, 0.2, tmp_path / "unused.parquet", tmp_path)
+    selected, _ = select_and_threshold(cfg, tables, 0.2, RoundDir(tmp_path))
     assert selected == []
     assert f"warning: the round with p = 0.2 selected no image, so it has no pseudo-labels to train on: {why}" \
         in capsys.readouterr().out

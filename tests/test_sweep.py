@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from sisray.config import config_to_dict, load_config
+from sisray.config import load_config
 from sisray.errors import ConfigError
 from sisray.sweep import load_space, param_space, spearman, trial_config, trial_metrics, trial_slots
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = config_to_dict(load_config(REPO / "configs" / "synthetic.yaml"))
+BASE = load_config(REPO / "configs" / "synthetic.yaml")
 
 
 def _space(tmp_path, text: str) -> Path:
@@ -107,7 +107,7 @@ def test_the_same_seed_proposes_the_same_trials(ray_session, tmp_path, search):
 def test_a_trial_config_applies_the_trial_overrides_then_the_sampled_values():
     cfg = trial_config(BASE, {"lse.p_max": 0.3, "lse.scale": 1.25}, {"lse.scale": 2.5}, "/sweep/trials/t1")
     assert (cfg.lse.p_max, cfg.lse.scale, cfg.run_dir) == (0.3, 2.5, "/sweep/trials/t1")
-    assert BASE["lse"]["p_max"] == 0.4  # the base is not modified
+    assert BASE.lse.p_max == 0.4  # the base is not modified
 
 
 def test_trials_share_the_cluster_without_starving_each_other():

@@ -20,6 +20,7 @@ from sisray.errors import ModelError
 from sisray.models.deeplabv2 import DeepLabV2
 from sisray.models.fcn8s import FCN8s
 from sisray.models.lraspp import LRASPPLite0
+from sisray.rundir import MODEL
 
 _MAX_LISTED_KEYS = 6
 LABEL_SPACE_KEY = "label_space.allowed"
@@ -46,7 +47,7 @@ def checkpoint_file(location: str | Path) -> str:
     """A checkpoint directory's model.pt, or the file itself (a path or a URI such as s3://...)."""
     location = storage.absolute(location)  # Ray workers do not share the driver's cwd
     if storage.is_dir(location):
-        location = storage.join(location, "model.pt")
+        location = storage.join(location, MODEL)
     if not storage.is_file(location):
         raise ModelError(f"checkpoint not found: {location} (expected a state-dict file or a directory "
                          "holding model.pt)")

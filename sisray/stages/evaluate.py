@@ -25,6 +25,7 @@ from sisray.lse.entropy import pixel_entropy
 from sisray.metrics import ConfusionMatrix
 from sisray.models import checkpoint_file
 from sisray.png import png_array, png_bytes
+from sisray.rundir import ModelDir
 from sisray.stages.actors import ActorSpec, ModelActor, pool_options
 from sisray.storage import atomic_write_json
 
@@ -148,8 +149,8 @@ def json_ready(summary: dict) -> dict:
     return clean(summary)
 
 
-def evaluate_into(cfg: Config, checkpoint: str | Path, folder: Path) -> dict:
+def evaluate_into(cfg: Config, checkpoint: str | Path, folder: ModelDir) -> dict:
     """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png."""
-    summary = json_ready(evaluate(cfg, checkpoint, figure=folder / "overlay.png"))
-    atomic_write_json(folder / "eval.json", summary)
+    summary = json_ready(evaluate(cfg, checkpoint, figure=folder.overlay))
+    atomic_write_json(folder.eval, summary)
     return summary

@@ -25,6 +25,7 @@ from sisray.errors import DatasetError, ModelError
 from sisray.labels import NUM_CLASSES
 from sisray.models import build_model, checkpoint_file
 from sisray.models.common import batchnorm_layers
+from sisray.rundir import MODEL, TRAIN_STATE
 from sisray.stages.train import publish_checkpoint
 
 
@@ -94,10 +95,10 @@ def target_batchnorm(cfg: Config, checkpoint: str, destination: Path) -> Path:
     for problem in skipped:
         print(f"warning: target BatchNorm statistics: skipped {problem}", flush=True)
     print(f"target BatchNorm statistics: re-estimated on {seen} target train images", flush=True)
-    train_state = storage.join(checkpoint, "train_state.pt") if storage.is_dir(checkpoint) else None
+    train_state = storage.join(checkpoint, TRAIN_STATE) if storage.is_dir(checkpoint) else None
     carried = [train_state] if train_state and storage.is_file(train_state) else []
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{destination.name}.", dir=destination.parent) as tmp:
-        (Path(tmp) / "model.pt").write_bytes(state)
-        publish_checkpoint([Path(tmp) / "model.pt", *carried], destination)
+        (Path(tmp) / MODEL).write_bytes(state)
+        publish_checkpoint([Path(tmp) / MODEL, *carried], destination)
     return destination

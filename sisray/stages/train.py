@@ -38,6 +38,7 @@ from sisray.lse.losses import cross_entropy, lse_target_loss
 from sisray.models import build_model, checkpoint_file, load_state
 from sisray.models.common import batchnorm_layers
 from sisray.patch_set import PatchDataset, count_rows
+from sisray.rundir import MODEL, STUDENT, TRAIN_STATE, RunDir
 from sisray.storage import RunStore
 from sisray.tracking import RunLogger
 
@@ -61,7 +62,6 @@ class TrainSpec:
 
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-STUDENT = "student.pt"  # the trained weights, beside a moving average in model.pt (lse.ema_decay)
 
 
 def stream_seed(seed: int, round_: int, stream: int) -> int:
@@ -161,9 +161,9 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed:
     if average is not None:
         torch.save(model.state_dict(), folder / STUDENT)
         model = average.module
-    torch.save(model.state_dict(), folder / "model.pt")
+    torch.save(model.state_dict(), folder / MODEL)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "seed": seed}, folder / "train_state.pt")
+                "seed": seed}, folder / TRAIN_STATE)
 
 
 def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, seed: int,
@@ -233,12 +233,12 @@ def train_loop(loop_config: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
-            trained = Path(folder) / (STUDENT if average is not None else "model.pt")
+            trained = Path(folder) / (STUDENT if average is not None else MODEL)
             load_state(model, torch.load(trained, weights_only=True), "the restored checkpoint")
             if average is not None:
-                load_state(average.module, torch.load(Path(folder) / "model.pt", weights_only=True),
+                load_state(average.module, torch.load(Path(folder) / MODEL, weights_only=True),
                            "the restored checkpoint's moving average")
-            state = torch.load(Path(folder) / "train_state.pt", weights_only=True)
+            state = torch.load(Path(folder) / TRAIN_STATE, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
@@ -352,7 +352,7 @@ def read_train_state(location: str | Path) -> dict:
 
 def finished_step(checkpoint: Path) -> int:
     """The step a published checkpoint was saved at (0 if there is none)."""
-    state = checkpoint / "train_state.pt"
+    state = checkpoint / TRAIN_STATE
     return read_train_state(state)["step"] if state.is_file() else 0
 
 
@@ -382,13 +382,14 @@ def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path
     """Source-only training: writes RUN/source/checkpoint/ (model.pt + train_state.pt)."""
     dataset = training_set(cfg)  # validated here, before any worker starts
     steps = steps_for(cfg.train.source_epochs, len(dataset), cfg.train.batch_size)
-    destination = store.local / "source" / "checkpoint"
+    folder = RunDir(store.local).source
+    destination = folder.checkpoint
     if finished_step(destination) >= steps:
         return destination
     workers = train_workers(cfg)
-    spec = TrainSpec(cfg, "source", steps, cfg.model.init, workers.threads_each, logger,
+    spec = TrainSpec(cfg, folder.name, steps, cfg.model.init, workers.threads_each, logger,
                      lr=cfg.train.lr, classes=training_classes(cfg))
-    publish_result(fit(cfg, spec, store, "source"), destination)
+    publish_result(fit(cfg, spec, store, folder.name), destination)
     return destination
 
 
@@ -397,15 +398,15 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
     from the previous model (a location workers can read) and its optimiser state: writes
     RUN/round_XX/checkpoint/. Its length is `train.epochs_per_round` passes over the patch set; a
     round without patches keeps the model."""
-    stage = f"round_{round_:02d}"
-    destination, patches = store.local / stage / "checkpoint", store.local / stage / "patches"
+    folder = RunDir(store.local).round(round_)
+    stage, destination, patches = folder.name, folder.checkpoint, folder.patches
     samples = count_rows(patches)
     steps = steps_for(cfg.train.epochs_per_round, samples, cfg.train.batch_size) if samples else 0
-    if finished_step(destination) >= steps and (destination / "model.pt").is_file():
+    if finished_step(destination) >= steps and (destination / MODEL).is_file():
         return destination
     model = checkpoint_file(previous)
     # A sisray checkpoint directory carries its optimiser state; a bare state-dict file does not.
-    state = storage.join(previous, "train_state.pt") if storage.is_dir(previous) else None
+    state = storage.join(previous, TRAIN_STATE) if storage.is_dir(previous) else None
     state = state if state and storage.is_file(state) else None
     if not samples:
         publish_checkpoint([f for f in (model, state) if f], destination)

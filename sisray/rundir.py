@@ -1,0 +1,145 @@
+"""The names of a run directory's files, in one place.
+
+    RUN/config.yaml  state.json  summary.json
+    RUN/source/checkpoint/{model.pt, train_state.pt}  eval.json  overlay.png  [target_bn/]
+    RUN/round_XX/scores.parquet  selection.json  thresholds.json  patches/*.parquet
+                 pseudo_labels.json  pseudo_labels.png  checkpoint/  [target_bn/]  eval.json  overlay.png
+    SWEEP/sweep.json  sweep_summary.json  best_config.yaml  source/  trials/<trial id>/ (runs)  tuner/
+
+A folder that holds a model and its evaluation (the source stage, a round, a target-BN variant of
+either) is a `ModelDir`; every path is relative to the run directory's local copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG = "config.yaml"
+STATE = "state.json"  # the record of finished stages: written (and uploaded) last
+SUMMARY = "summary.json"
+BOOKKEEPING = (CONFIG, STATE, SUMMARY)  # files no stage's record covers
+
+MODEL = "model.pt"  # a plain state dict: usable on its own (evaluate --checkpoint, model.init)
+TRAIN_STATE = "train_state.pt"  # optimiser, scheduler, step, seed
+STUDENT = "student.pt"  # the trained weights, beside their moving average in model.pt (lse.ema_decay)
+
+SWEEP_STATE = "sweep.json"
+SWEEP_SUMMARY = "sweep_summary.json"
+BEST_CONFIG = "best_config.yaml"
+
+
+def round_name(r: int) -> str:
+    return f"round_{r:02d}"
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A stage's model (checkpoint/, or the folder itself) and its evaluation on target val."""
+    path: Path
+    checkpoint_in_place: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path if self.checkpoint_in_place else self.path / "checkpoint"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def overlay(self) -> Path:
+        return self.path / "overlay.png"
+
+    @property
+    def target_bn(self) -> ModelDir:
+        """The same model with BatchNorm statistics of the target images (lse.target_bn): its
+        checkpoint files and its evaluation in one folder."""
+        return ModelDir(self.path / "target_bn", checkpoint_in_place=True)
+
+
+@dataclass(frozen=True)
+class RoundDir(ModelDir):
+    """One round: its scores, selection, thresholds, patch set and pseudo-label report."""
+
+    @property
+    def scores(self) -> Path:
+        return self.path / "scores.parquet"
+
+    @property
+    def selection(self) -> Path:
+        return self.path / "selection.json"
+
+    @property
+    def thresholds(self) -> Path:
+        return self.path / "thresholds.json"
+
+    @property
+    def patches(self) -> Path:
+        return self.path / "patches"
+
+    @property
+    def pseudo_labels(self) -> Path:
+        return self.path / "pseudo_labels.json"
+
+    @property
+    def pseudo_label_figure(self) -> Path:
+        return self.path / "pseudo_labels.png"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory (its local copy)."""
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def source(self) -> ModelDir:
+        return ModelDir(self.path / "source")
+
+    def round(self, r: int) -> RoundDir:
+        return RoundDir(self.path / round_name(r))
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """A sweep directory: its settings, summary, best config, shared source model and trials."""
+    path: Path
+
+    @property
+    def state(self) -> Path:
+        return self.path / SWEEP_STATE
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SWEEP_SUMMARY
+
+    @property
+    def best_config(self) -> Path:
+        return self.path / BEST_CONFIG
+
+    @property
+    def tuner(self) -> Path:
+        return self.path / "tuner"
+
+    def trial(self, trial_id: str) -> Path:
+        return self.path / "trials" / trial_id
+
+    @property
+    def best_run(self) -> Path:
+        return self.path / "best"
