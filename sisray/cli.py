@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config (default: the built-in synthetic benchmark, configs/synthetic.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set lse.scale=2.0 (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own logs (start-up, progress dumps, worker groups); "
+                             "the same as SISRAY_VERBOSE=1")
 
 
 def run(main: Callable[[], int | None]) -> None:
@@ -38,8 +42,12 @@ def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def job_config(args: argparse.Namespace):
-    """The validated config of a job: file <- --set overrides <- --run-dir."""
+    """The validated config of a job: file <- --set overrides <- --run-dir. Applies --verbose."""
+    from sisray.cluster import VERBOSE_ENV
     from sisray.config import load_config
+
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"
 
     overrides = list(args.overrides)
     if getattr(args, "run_dir", None):

@@ -1,7 +1,9 @@
-"""Connecting to Ray and sizing actor pools and worker groups from the cluster's resources."""
+"""Connecting to Ray (quietly, unless asked) and sizing actor pools and worker groups from the
+cluster's resources."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -10,16 +12,57 @@ from dataclasses import dataclass
 from sisray.config import Config
 
 
+VERBOSE_ENV = "SISRAY_VERBOSE"  # 1 (or --verbose): Ray's own INFO logs and progress lines too
+# Warnings Ray prints on every start that say nothing about this job.
+RAY_NOISE = ("Token authentication is enabled", "Progress bars disabled")
+
+
+def ray_is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def ray_log_level() -> str:
+    """The level of Ray's own logs on the terminal (its log files keep everything)."""
+    return "INFO" if ray_is_verbose() else "WARNING"
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(RAY_NOISE)
+
+
 def start_ray() -> None:
-    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local instance."""
+    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local instance.
+
+    Unless verbose, the terminal keeps sisray's lines and Ray's warnings and errors: Ray's INFO
+    logs (start-up, Ray Data's progress dumps, Ray Train's worker-group messages) go to its log
+    files only. Errors raised in actors and workers reach the job as exceptions either way."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet = not ray_is_verbose()
+    if quiet:
+        _quiet_console("ray")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=ray_log_level())
     else:  # a local instance sized to this machine; its dashboard (127.0.0.1) serves Ray's State API
-        ray.init()
+        os.environ.setdefault("RAY_LOGGER_LEVEL", ray_log_level().lower())  # its workers inherit it
+        ray.init(logging_level=ray_log_level())
+    if quiet:
+        import ray.data  # its loggers are configured on import
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # sisray prints its own progress
+        _quiet_console("ray.data")
+
+
+def _quiet_console(logger: str) -> None:
+    """Ray's console handlers of `logger`: warnings and errors only, without RAY_NOISE. Its log files
+    (other handlers) keep every record."""
+    for handler in logging.getLogger(logger).handlers:
+        handler.addFilter(_DropNoise())
+        if not type(handler).__name__.endswith("FileHandler"):
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 @dataclass(frozen=True)

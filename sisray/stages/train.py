@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import math
 import os
 import shutil
@@ -29,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sisray import storage
 from sisray.augment import photometric
-from sisray.cluster import train_workers
+from sisray.cluster import ray_log_level, train_workers
 from sisray.config import Config, with_absolute_paths
 from sisray.datasets import SegmentationDataset, open_source, open_target, source_classes, target_eval_classes
 from sisray.errors import SisrayError
@@ -59,6 +60,7 @@ class TrainSpec:
     frozen_bn: bool = False  # BatchNorm layers keep their running statistics (eval mode) while training
     classes: tuple[int, ...] | None = None  # the label space this stage sets; None: the init checkpoint's
     ema_decay: float | None = None  # publish the moving average of the weights (lse.ema_decay) instead of the last
+    ray_log_level: str = "INFO"  # of Ray Train's own logs in the worker (the driver's: cluster.ray_log_level)
 
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -216,6 +218,8 @@ def train_loop(loop_config: dict) -> None:
     cfg = spec.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # Ray Train's per-report INFO line is logged outside its `ray.train` logger, past its LoggingConfig
+    logging.getLogger().setLevel(spec.ray_log_level)
     torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
     dataset = training_set(cfg)
@@ -300,7 +304,7 @@ def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = train_workers(cfg)
-    spec = dataclasses.replace(spec, config=with_absolute_paths(spec.config))
+    spec = dataclasses.replace(spec, config=with_absolute_paths(spec.config), ray_log_level=ray_log_level())
     storage_path, storage_filesystem = store.train_storage(name)
     # Ray Train's controller polls its workers every 2 s by default, so every fit() ends up to 2 s
     # after its last step; 0.25 s polls cost nothing measurable (passed on to the controller).
@@ -314,7 +318,8 @@ def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
         run_config=ray.train.RunConfig(
             name="train", storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=1, controller_failure_limit=2),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level=ray_log_level())),
     )
     try:
         result = fit_interruptibly(trainer)
