@@ -26,7 +26,10 @@ from sisray.config import load_config  # noqa: E402
 from sisray.datasets import open_source  # noqa: E402
 from sisray.labels import NUM_CLASSES  # noqa: E402
 from sisray.models import build_model  # noqa: E402
-from sisray.stages.train import TrainSpec, cross_entropy, fit, global_batch, load_batch, make_optimizer  # noqa: E402
+from sisray.lse.losses import cross_entropy  # noqa: E402
+from sisray.optim import make_optimizer  # noqa: E402
+from sisray.stages.train import fit  # noqa: E402
+from sisray.stages.train_loop import TrainSpec, global_batch, load_batch  # noqa: E402
 from sisray.storage import RunStore  # noqa: E402
 
 

@@ -19,11 +19,14 @@ from typing import Any, Literal, Union
 import yaml
 
 from sisray.errors import ConfigError
+from sisray.lse.selection import SELECTIONS
+from sisray.lse.thresholds import ESTIMATORS
+from sisray.registry import MODELS, SOURCE_DATASETS, TARGET_DATASETS
 from sisray.storage import absolute
 
-SOURCE_DATASETS = ("gta5", "synthia", "synthetic")
-TARGET_DATASETS = ("cityscapes", "synthetic")
 Size = tuple[int, int]
+# allowed names: the registries' (Literal of a tuple = Literal of its items)
+MODEL_NAMES, ESTIMATOR_NAMES, SELECTION_NAMES = tuple(MODELS), tuple(ESTIMATORS), tuple(SELECTIONS)
 
 
 def bounded(default: Any, lo: float | None = None, hi: float | None = None,
@@ -56,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["fcn8s_vgg16", "deeplabv2_r101", "lraspp_lite0"] = "fcn8s_vgg16"
+    name: Literal[MODEL_NAMES] = "fcn8s_vgg16"
     width: float = bounded(1.0, 0.0, 1.0, lo_open=True)  # channel multiplier; 1 = the paper's
     init: str = "imagenet"  # "random", "imagenet", or the path of a checkpoint file
     source_checkpoint: str | None = None  # a trained source model to adapt; None: the source stage trains one
@@ -64,7 +67,7 @@ class ModelConfig:
 
 @dataclass
 class ThresholdConfig:
-    estimator: Literal["cutoff_image", "window", "quantile"] = "cutoff_image"
+    estimator: Literal[ESTIMATOR_NAMES] = "cutoff_image"
     window: int = bounded(5, 1)  # images after the cutoff averaged by `window`
     quantile: float = bounded(0.5, 0.0, 1.0, lo_open=True, hi_open=True)
     bins: int = bounded(64, 2, 4096)  # histogram bins of normalised entropy
@@ -80,7 +83,7 @@ class LSEConfig:
     patches_per_image: int = bounded(4, 1)
     beta: float = bounded(0.1, 0.0)  # weight of the focal term; 0 = LSE without focal loss
     gamma: float = bounded(3.0, 0.0)  # focal exponent
-    selection: Literal["classwise", "global"] = "classwise"
+    selection: Literal[SELECTION_NAMES] = "classwise"
     min_per_class: int = bounded(0, 0)  # class-wise selection takes at least this many images of each class (reference: 0)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     # Beyond the reference (docs/METHOD.md steps 1 and 4), off by default:

@@ -16,8 +16,8 @@ from sisray.config import load_config
 from sisray.datasets.synthetic import CLASSES
 from sisray.errors import ConfigError
 from sisray.models import build_model
-from sisray.stages import train
-from sisray.stages.train import make_optimizer, training_step
+from sisray.optim import freeze_batchnorm_statistics, make_optimizer
+from sisray.stages.train_loop import training_step
 from sisray.storage import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def test_round_warmup_ramps_the_rate_then_follows_the_recipe():
 def test_frozen_batchnorm_keeps_its_statistics_but_its_affine_parameters_train():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
     net.train()
-    train.freeze_batchnorm_statistics(net)
+    freeze_batchnorm_statistics(net)
     before = net[1].running_mean.clone()
     net(torch.rand(2, 3, 4, 4) * 10).sum().backward()
     assert torch.equal(net[1].running_mean, before)

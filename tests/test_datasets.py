@@ -8,7 +8,10 @@ from PIL import Image
 from layouts import (CITYSCAPES_TO_TRAIN, SYNTHIA_TO_TRAIN, H, W, expected_train_ids, make_cityscapes,
                      make_gta5, make_synthia, save_gray_label, save_rgb)
 from sisray.config import DomainConfig, TargetConfig
-from sisray.datasets import GTA5, SYNTHIA, Cityscapes, open_source, open_target
+from sisray.datasets import open_source, open_target
+from sisray.datasets.cityscapes import Cityscapes
+from sisray.datasets.gta5 import GTA5
+from sisray.datasets.synthia import SYNTHIA
 from sisray.errors import DatasetError
 from sisray.labels import EVAL_SETS
 

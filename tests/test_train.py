@@ -12,8 +12,11 @@ from sisray.config import load_config
 from sisray.datasets import open_source
 from sisray.models import build_model
 from sisray.datasets.synthetic import CLASSES
-from sisray.stages.train import (STUDENT, TrainSpec, cross_entropy, fit, global_batch, make_optimizer, steps_for,
-                                 train_source)
+from sisray.lse.losses import cross_entropy
+from sisray.optim import make_optimizer
+from sisray.rundir import STUDENT
+from sisray.stages.train import fit, steps_for, train_source
+from sisray.stages.train_loop import TrainSpec, global_batch
 from sisray.storage import RunStore
 
 
@@ -135,7 +138,7 @@ def dying_loop(loop_config):
 
     import ray.train
 
-    from sisray.stages import train as module
+    from sisray.stages import train_loop as module
 
     marker = Path(DYING["marker"])
     if ray.train.get_context().get_world_rank() == 1 and not marker.exists():
@@ -185,8 +188,8 @@ def test_train_source_publishes_the_checkpoint_and_skips_a_finished_run(ray_sess
 
 
 def test_oracle_trains_on_the_target_train_labels(small_benchmark, tmp_path):
-    from sisray.datasets import SyntheticSource, SyntheticTarget
-    from sisray.stages.train import training_set
+    from sisray.datasets.synthetic import SyntheticSource, SyntheticTarget
+    from sisray.stages.train_loop import training_set
 
     assert isinstance(training_set(_config(small_benchmark, tmp_path)), SyntheticSource)
     oracle = training_set(_config(small_benchmark, tmp_path, "train.oracle=true"))

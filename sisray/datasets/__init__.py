@@ -1,27 +1,21 @@
-"""Datasets by name. Sources: gta5, synthia, synthetic; targets: cityscapes, synthetic."""
+"""Datasets by name (`registry.SOURCE_DATASETS`, `registry.TARGET_DATASETS`): each opened at its working size."""
 
 from __future__ import annotations
 
 from sisray.config import DomainConfig, TargetConfig
 from sisray.datasets.base import Sample, SegmentationDataset
-from sisray.datasets.cityscapes import Cityscapes
-from sisray.datasets.gta5 import GTA5
-from sisray.datasets.synthetic import SyntheticSource, SyntheticTarget
-from sisray.datasets.synthia import SYNTHIA
 from sisray.errors import DatasetError
 from sisray.labels import NUM_CLASSES
+from sisray.registry import SOURCE_DATASETS, TARGET_DATASETS, implementation
 
-SOURCE_DATASETS: dict[str, type[SegmentationDataset]] = {"gta5": GTA5, "synthia": SYNTHIA, "synthetic": SyntheticSource}
-TARGET_DATASETS: dict[str, type[SegmentationDataset]] = {"cityscapes": Cityscapes, "synthetic": SyntheticTarget}
-
-__all__ = ["Sample", "SegmentationDataset", "GTA5", "SYNTHIA", "Cityscapes", "SyntheticSource",
-           "SyntheticTarget", "open_source", "open_target", "source_classes", "target_eval_classes", "unlabelled_source_classes"]
+__all__ = ["Sample", "SegmentationDataset", "open_source", "open_target", "source_classes", "target_eval_classes",
+           "unlabelled_source_classes"]
 
 
 def _lookup(registry: dict, name: str, role: str) -> type[SegmentationDataset]:
     if name not in registry:
         raise DatasetError(f"unknown {role} dataset {name!r}; expected one of {', '.join(registry)}")
-    return registry[name]
+    return implementation(registry, name)
 
 
 def open_source(cfg: DomainConfig) -> SegmentationDataset:

@@ -82,10 +82,16 @@ def global_(counts, scores, p: float, skip: tuple[int, ...] = ()) -> Selection:
     return selection
 
 
+# `lse.selection`: (counts, scores, p, skip, min_per_class) -> Selection
+SELECTIONS = {
+    "classwise": lambda counts, scores, p, skip, min_per_class:  # the reference (with lse.min_per_class)
+        classwise(counts, scores, p, skip=skip, min_per_class=min_per_class),
+    "global": lambda counts, scores, p, skip, min_per_class: global_(counts, scores, p, skip=skip),
+}
+
+
 def select(counts, scores, p: float, method: str, skip: tuple[int, ...] = (), min_per_class: int = 0) -> Selection:
-    """`lse.selection`: "classwise" (the reference; with `lse.min_per_class`) or "global"."""
-    if method == "classwise":
-        return classwise(counts, scores, p, skip=skip, min_per_class=min_per_class)
-    if method == "global":
-        return global_(counts, scores, p, skip=skip)
-    raise ValueError(f"unknown selection {method!r}; expected classwise or global")
+    """Selection by `lse.selection` (a name of SELECTIONS)."""
+    if method not in SELECTIONS:
+        raise ValueError(f"unknown selection {method!r}; expected one of {', '.join(SELECTIONS)}")
+    return SELECTIONS[method](counts, scores, p, skip, min_per_class)

@@ -17,9 +17,6 @@ import numpy as np
 
 from sisray.lse.selection import Selection
 
-ESTIMATORS = ("cutoff_image", "window", "quantile")
-
-
 def _cutoff_image(selection: Selection, mean_entropy: np.ndarray, c: int, window: int) -> float | None:
     ranking, k = selection.rankings.get(c, []), selection.cutoffs.get(c, 0)
     after = ranking[k:k + window]
@@ -40,6 +37,16 @@ def histogram_quantile(histogram: np.ndarray, q: float) -> float | None:
     return float((b + inside) / bins)
 
 
+# `lse.threshold.estimator`: (selection, mean entropy (N, C), histograms of class c in the selected
+# images, c, window, quantile) -> tau_c, or None where the estimator has nothing to go on
+ESTIMATORS = {
+    "cutoff_image": lambda selection, entropy, histograms, c, window, quantile: _cutoff_image(selection, entropy, c, 1),
+    "window": lambda selection, entropy, histograms, c, window, quantile: _cutoff_image(selection, entropy, c, window),
+    "quantile": lambda selection, entropy, histograms, c, window, quantile:
+        histogram_quantile(histograms.sum(axis=0), quantile) if len(histograms) else None,
+}
+
+
 def class_thresholds(selection: Selection, mean_entropy, histograms, estimator: str, window: int = 5,
                      quantile: float = 0.5, fallback: float = 0.5) -> np.ndarray:
     """tau (C,) for every class, by `estimator` (see the module doc)."""
@@ -47,15 +54,10 @@ def class_thresholds(selection: Selection, mean_entropy, histograms, estimator: 
     num_classes = mean_entropy.shape[1]
     tau = np.full(num_classes, fallback, dtype=np.float64)
     selected = np.asarray(selection.selected, dtype=np.int64)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown threshold estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
     for c in selection.rankings:
-        if estimator == "cutoff_image":
-            value = _cutoff_image(selection, mean_entropy, c, 1)
-        elif estimator == "window":
-            value = _cutoff_image(selection, mean_entropy, c, window)
-        elif estimator == "quantile":
-            value = histogram_quantile(histograms[selected, c].sum(axis=0), quantile) if len(selected) else None
-        else:
-            raise ValueError(f"unknown threshold estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+        value = ESTIMATORS[estimator](selection, mean_entropy, histograms[selected, c], c, window, quantile)
         if value is not None:
             tau[c] = value
     return tau

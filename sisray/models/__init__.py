@@ -17,23 +17,18 @@ from torch import nn
 
 from sisray import storage
 from sisray.errors import ModelError
-from sisray.models.deeplabv2 import DeepLabV2
-from sisray.models.fcn8s import FCN8s
-from sisray.models.lraspp import LRASPPLite0
+from sisray.registry import MODELS, implementation
 from sisray.rundir import MODEL
 
 _MAX_LISTED_KEYS = 6
 LABEL_SPACE_KEY = "label_space.allowed"
-
-MODELS: dict[str, type[nn.Module]] = {"fcn8s_vgg16": FCN8s, "deeplabv2_r101": DeepLabV2, "lraspp_lite0": LRASPPLite0}
-
 
 def build_model(name: str, num_classes: int = 19, width: float = 1.0, init: str = "random") -> nn.Module:
     """A model by name. `init`: "random", "imagenet" (its ImageNet weights, full width only), or the
     path of a checkpoint (a state-dict file, or a checkpoint directory holding model.pt)."""
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
-    model = MODELS[name](num_classes=num_classes, width=width)
+    model = implementation(MODELS, name)(num_classes=num_classes, width=width)
     if init == "imagenet":
         load_imagenet(model, name)
     elif init != "random":

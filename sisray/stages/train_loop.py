@@ -1,0 +1,227 @@
+"""The per-worker loop of Ray Train (docs/METHOD.md step 5) and what it needs: the stage's spec,
+seeded batches, one optimiser step, checkpoints reported to Ray Train.
+
+Length is counted in samples (`epochs x dataset size`), split into global batches of
+`train.batch_size` that the workers share evenly, so neither the batch size nor the number of
+workers changes how much is trained. Which samples form global batch k, and every random draw of
+step k on rank r, are functions of (seed, k, r): a run resumed from a checkpoint at step k continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from sisray import storage
+from sisray.augment import photometric
+from sisray.config import Config
+from sisray.datasets import SegmentationDataset, open_source, open_target
+from sisray.labels import NUM_CLASSES
+from sisray.lse.losses import cross_entropy, lse_target_loss
+from sisray.models import build_model, load_state
+from sisray.optim import freeze_batchnorm_statistics, make_optimizer, moving_average
+from sisray.patch_set import PatchDataset
+from sisray.rundir import MODEL, STUDENT, TRAIN_STATE
+from sisray.tracking import RunLogger
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a worker needs, decided on the driver (picklable)."""
+    config: Config
+    stage: str  # "source", or "round_XX" for the retraining of a round
+    steps: int
+    init: str  # model init for this stage: random, imagenet or a checkpoint path
+    threads: int
+    logger: RunLogger | None
+    round: int = 0
+    patches: str | None = None  # a round's patch set: each step adds a pseudo-labelled batch
+    carried_state: str | None = None  # train_state.pt of the previous stage: its optimiser state carries over
+    lr: float | None = None  # base rate of this stage (None: the model's recipe)
+    warmup_steps: int = 0  # linear warm-up of the rate
+    frozen_bn: bool = False  # BatchNorm layers keep their running statistics (eval mode) while training
+    classes: tuple[int, ...] | None = None  # the label space this stage sets; None: the init checkpoint's
+    ema_decay: float | None = None  # publish the moving average of the weights (lse.ema_decay) instead of the last
+    ray_log_level: str = "INFO"  # of Ray Train's own logs in the worker (the driver's: cluster.ray_log_level)
+
+
+def stream_seed(seed: int, round_: int, stream: int) -> int:
+    """The seed of one sample stream (0: labelled, 1: patches) of one round."""
+    return int(np.random.SeedSequence([seed, round_, stream]).generate_state(1)[0]) if round_ else seed
+
+
+def global_batch(step: int, batch_size: int, samples: int, seed: int) -> list[int]:
+    """Sample indices of global batch `step`: consecutive slices of a stream of seeded per-epoch
+    permutations (every sample once per epoch)."""
+    out: list[int] = []
+    position = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position + len(out), samples)
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out += order[offset: offset + batch_size - len(out)].tolist()
+    return out
+
+
+def training_set(cfg: Config) -> SegmentationDataset:
+    """The labelled set of the source stage: the source, or with `train.oracle` the target's train labels."""
+    if cfg.train.oracle:
+        return open_target(cfg.data.target, "train", with_labels=True)
+    return open_source(cfg.data.source)
+
+
+def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The dataset's items at `indices`, stacked field by field: (images, labels[, weights])."""
+    items = [dataset[i] for i in indices]
+    return tuple(torch.stack(field).to(device, non_blocking=True) for field in zip(*items))
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed: int,
+                     average: AveragedModel | None) -> None:
+    # model.pt is a plain state dict, usable on its own (evaluate --checkpoint, model.init): the
+    # moving average when there is one; the trained weights then go to student.pt, for resuming.
+    if average is not None:
+        torch.save(model.state_dict(), folder / STUDENT)
+        model = average.module
+    torch.save(model.state_dict(), folder / MODEL)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "seed": seed}, folder / TRAIN_STATE)
+
+
+def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, seed: int,
+            average: AveragedModel | None = None) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed, average)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _forward(net, images, use_amp: bool):
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        return net(images)
+
+
+def training_step(net, optimizer, labelled: tuple, patches: tuple | None, beta: float, gamma: float,
+                  use_amp: bool = False) -> dict[str, float]:
+    """One optimiser step on L = CE(labelled) [+ CE(patches) + beta * FL(patches)] (docs/METHOD.md step 5).
+
+    The two terms are backpropagated one after the other into the same gradient (half the peak
+    memory of one graph holding both batches); under DDP the first backward skips the all-reduce,
+    so gradients are synchronised once per step."""
+    optimizer.zero_grad(set_to_none=True)
+    sync_later = net.no_sync() if patches is not None and hasattr(net, "no_sync") else contextlib.nullcontext()
+    with sync_later:
+        source_loss = cross_entropy(_forward(net, labelled[0], use_amp), labelled[1])
+        source_loss.backward()
+    parts = {"loss": source_loss.item()}
+    if patches is not None:
+        weights = patches[2] if len(patches) > 2 else None  # the teacher's confidence (lse.confidence_weight)
+        target_loss = lse_target_loss(_forward(net, patches[0], use_amp), patches[1], beta, gamma, weights)
+        target_loss.backward()
+        parts = {"loss": parts["loss"] + target_loss.item(), "source_ce": source_loss.item(),
+                 "target_loss": target_loss.item()}
+    optimizer.step()
+    return parts
+
+
+def read_train_state(location: str | Path) -> dict:
+    """train_state.pt (optimiser, scheduler, step) from a path or a URI."""
+    return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker loop of Ray Train. Each step: a labelled batch (CE), and in a round also a
+    batch of scale-invariant examples with their pseudo-labels (CE + beta * FL, docs/METHOD.md step 5)."""
+    import ray.train
+    import ray.train.torch
+
+    spec: TrainSpec = loop_config["spec"]
+    cfg = spec.config
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # Ray Train's per-report INFO line is logged outside its `ray.train` logger, past its LoggingConfig
+    logging.getLogger().setLevel(spec.ray_log_level)
+    torch.set_num_threads(spec.threads)
+    device = ray.train.torch.get_device()
+    dataset = training_set(cfg)
+    # without pseudo-labels (the continued-source control) a round trains as many steps on the source alone
+    patches = (PatchDataset(spec.patches, cfg.data.target.size, cfg.lse.confidence_weight)
+               if spec.patches and cfg.train.pseudo_labels else None)
+    torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and every run
+    model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, spec.init)
+    if spec.classes is not None:
+        model.label_space.restrict(spec.classes)
+    carried = read_train_state(spec.carried_state)["optimizer"] if spec.carried_state else None
+    optimizer, scheduler = make_optimizer(model, spec.lr, spec.steps, carried, spec.warmup_steps)
+    average = moving_average(model, spec.ema_decay) if spec.ema_decay else None
+    start = 0
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as folder:
+            trained = Path(folder) / (STUDENT if average is not None else MODEL)
+            load_state(model, torch.load(trained, weights_only=True), "the restored checkpoint")
+            if average is not None:
+                load_state(average.module, torch.load(Path(folder) / MODEL, weights_only=True),
+                           "the restored checkpoint's moving average")
+            state = torch.load(Path(folder) / TRAIN_STATE, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        if average is not None:
+            average.n_averaged.fill_(start)  # already averaging: the next update must not restart it
+    net = ray.train.torch.prepare_model(model)  # device placement, and DDP when world > 1
+    per_worker = cfg.train.batch_size // world
+    mine = slice(rank * per_worker, (rank + 1) * per_worker)
+    use_amp = device.type == "cuda"
+    logged: dict[str, list[float]] = {}
+    step_times: list[float] = []
+    for step in range(start, spec.steps):
+        began = time.perf_counter()
+        # dropout and augmentation draws: a function of (seed, round, step, rank)
+        draws = cfg.seed * 1_000_003 + spec.round * 104_729 + step * 7919 + rank
+        torch.manual_seed(draws)
+        net.train()
+        if spec.frozen_bn:
+            freeze_batchnorm_statistics(net)
+        indices = global_batch(step, cfg.train.batch_size, len(dataset), stream_seed(cfg.seed, spec.round, 0))
+        labelled = load_batch(dataset, indices[mine], device)
+        if cfg.train.photometric:
+            labelled = (photometric(labelled[0], torch.Generator().manual_seed(draws)), labelled[1])
+        pseudo = None
+        if patches is not None:
+            indices = global_batch(step, cfg.train.batch_size, len(patches), stream_seed(cfg.seed, spec.round, 1))
+            pseudo = load_batch(patches, indices[mine], device)
+        parts = training_step(net, optimizer, labelled, pseudo, cfg.lse.beta, cfg.lse.gamma, use_amp)
+        scheduler.step()
+        if average is not None:
+            average.update_parameters(model)
+        for key, value in parts.items():
+            logged.setdefault(key, []).append(value)
+        step_times.append(time.perf_counter() - began)
+        done = step + 1
+        if rank == 0 and spec.logger and (done % cfg.train.log_every == 0 or done == spec.steps):
+            spec.logger.metrics({**{f"{spec.stage}/{k}": sum(v) / len(v) for k, v in logged.items()},
+                                 f"{spec.stage}/lr": scheduler.get_last_lr()[0]}, step=done)
+            logged = {}
+        if done % cfg.train.checkpoint_every == 0 or done == spec.steps:
+            # steady-state throughput: the median step leaves out the warm-up of the first steps
+            samples_per_s = cfg.train.batch_size / statistics.median(step_times)
+            metrics = {"step": done, "loss": parts["loss"], "resumed_from": start, "samples_per_s": samples_per_s}
+            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed, average)
+    if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
+        metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
+        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average)
