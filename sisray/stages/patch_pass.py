@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from sisray import patch_set
-from sisray.cluster import stage_errors
+from sisray.cluster import Actors, stage_errors
 from sisray.config import Config, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.errors import DatasetError, SisrayError
@@ -43,6 +43,7 @@ def image_seed(seed: int, round_: int, index: int) -> int:
 @dataclass(frozen=True)
 class PatchSpec(PassSpec):
     tau: tuple[float, ...] = ()
+    scales: tuple[float, ...] = ()  # patch scales (lse.scale): boxes of (H/scale, W/scale), upsampled by scale
     diagnose: bool = False  # compare pseudo-labels with the target's train labels (reporting only)
     figure: tuple[int, ...] = ()  # images whose first patch goes into the round's figure
 
@@ -62,7 +63,7 @@ class Patcher(ModelActor):
         generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, self.spec.round, index))
         predict = None if lse.entropy_gap is None else (lambda patches: self.predict(patches).cpu())
         return [example for zoom_out in ((False, True) if lse.zoom_out else (False,))
-                for example in scale_invariant_examples(image.float(), probs.cpu(), keep, [lse.scale],
+                for example in scale_invariant_examples(image.float(), probs.cpu(), keep, self.spec.scales,
                                                         lse.patches_per_image, generator, zoom_out, predict,
                                                         lse.entropy_gap or 0.0)]
 
@@ -99,6 +100,15 @@ class Patcher(ModelActor):
         return {**patch_set.columns(rows), "figure_png": np.array(figures, dtype=object)}
 
 
+def patch_spec(cfg: Config, checkpoint: str | Path, actors: Actors, selected: list[int], tau: np.ndarray,
+               round_: int, figure: bool) -> PatchSpec:
+    """What the patch pass's actors run, every value resolved here (paths absolute, thresholds, scales)."""
+    cfg = with_absolute_paths(cfg)
+    return PatchSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu, round_,
+                     tuple(float(t) for t in tau), (float(cfg.lse.scale),), has_train_labels(cfg),
+                     tuple(selected[:FIGURE_IMAGES]) if figure else ())
+
+
 def has_train_labels(cfg: Config) -> bool:
     """Whether the target's train split has labels (then the patch pass reports pseudo-label accuracy)."""
     try:
@@ -115,11 +125,8 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     the model's own prediction on it | its pseudo-label."""
     import ray
 
-    cfg = with_absolute_paths(cfg)
     actors, options = pool_options(cfg, max(1, len(selected)))
-    spec = PatchSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu,
-                     round_, tuple(float(t) for t in tau), has_train_labels(cfg),
-                     tuple(selected[:FIGURE_IMAGES]) if figure else ())
+    spec = patch_spec(cfg, checkpoint, actors, selected, tau, round_, figure is not None)
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     count = 0

@@ -21,7 +21,7 @@ from sisray.datasets import source_classes, target_eval_classes
 from sisray.errors import SisrayError
 from sisray.models import checkpoint_file
 from sisray.patch_set import count_rows
-from sisray.rundir import MODEL, TRAIN_STATE, RunDir
+from sisray.rundir import MODEL, TRAIN_STATE, RunDir, round_name
 from sisray.stages.train_loop import TrainSpec, read_train_state, train_loop, training_set
 from sisray.storage import RunStore
 from sisray.tracking import RunLogger
@@ -158,10 +158,15 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
     if not samples:
         publish_checkpoint([f for f in (model, state) if f], destination)
         return destination
-    workers = train_workers(cfg)
-    spec = TrainSpec(cfg, stage, steps, model, workers.threads_each, logger, round_,
-                     store.shared(patches), state, lr=cfg.train.round_lr or cfg.train.lr,
-                     warmup_steps=round(cfg.train.round_warmup * steps), frozen_bn=cfg.train.round_bn == "frozen",
-                     ema_decay=cfg.lse.ema_decay)
+    spec = round_spec(cfg, round_, steps, model, state, store.shared(patches), train_workers(cfg).threads_each, logger)
     publish_result(fit(cfg, spec, store, stage), destination)
     return destination
+
+
+def round_spec(cfg: Config, round_: int, steps: int, model: str, carried_state: str | None, patches: str,
+               threads: int, logger: RunLogger | None) -> TrainSpec:
+    """What the workers of a round's retraining run, every value resolved here: the rounds' rate
+    (train.round_lr, else train.lr, else the model's recipe), warm-up steps, BatchNorm, EMA."""
+    return TrainSpec(cfg, round_name(round_), steps, model, threads, logger, round_, patches, carried_state,
+                     lr=cfg.train.round_lr or cfg.train.lr, warmup_steps=round(cfg.train.round_warmup * steps),
+                     frozen_bn=cfg.train.round_bn == "frozen", ema_decay=cfg.lse.ema_decay)
