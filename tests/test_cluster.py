@@ -39,6 +39,7 @@ def group_alive(pgid: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # a Ray head in a subprocess
 @pytest.mark.timeout(900, method="thread")
 def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_path, small_benchmark):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),

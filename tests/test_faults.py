@@ -55,6 +55,7 @@ def _finished(run: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # in the jobs it starts
 @pytest.mark.timeout(1500, method="thread")
 def test_a_killed_job_resumes_to_the_same_result(small_benchmark, fcn_checkpoint, tmp_path):
     """Against an uninterrupted run: SIGKILL mid patch pass and mid training, then a shard of a

@@ -170,20 +170,3 @@ def test_a_dying_scoring_actor_is_replaced_without_losing_or_duplicating_records
     assert tables["counts"].sum(axis=1).tolist() == [64 * 32] * 4
     written = pq.read_table(tmp_path / "scores.parquet").column("index").to_pylist()
     assert sorted(written) == [0, 1, 2, 3]
-
-
-@pytest.mark.parametrize("method, images, why", [
-    ("classwise", 75, "class-wise selection takes floor(N_c x 0.2 / 19) images per class and the most frequent "
-                      "class is predicted in 75 image(s) (needs 95)"),
-    ("global", 4, "global selection takes 0.2 of 4 scored image(s)")])
-def test_a_round_that_selects_nothing_says_why(tmp_path, capsys, method, images, why):
-    rng = np.random.default_rng(0)
-    counts = np.zeros((images, 19), np.int64)
-    counts[:, :3] = rng.integers(1, 50, (images, 3))
-    tables = {"counts": counts, "scores": rng.random((images, 19)), "sample_id": np.arange(images).astype(str),
-              "mean_entropy": rng.random((images, 19))}
-    cfg = _config(tmp_path, f"lse.selection={method}")
-    selected, _ = select_and_threshold(cfg, tables, 0.2, RoundDir(tmp_path))
-    assert selected == []
-    assert f"warning: the round with p = 0.2 selected no image, so it has no pseudo-labels to train on: {why}" \
-        in capsys.readouterr().out
