@@ -292,6 +292,18 @@ def test_focal_loss_by_hand():
     assert lse_target_loss(logits, labels, beta=0.1, gamma=3).item() == pytest.approx(math.log(2) * (1 + 0.1 * 0.125))
 
 
+@pytest.mark.parametrize("p_t", [0.05, 0.2, 0.5, 0.8, 0.97])
+def test_focal_loss_by_hand_at_several_confidences(p_t):
+    """(1 - p_t)^gamma * -log p_t: away from p_t = 0.5 a swapped factor p_t^gamma differs."""
+    logits = torch.tensor([math.log(p_t), math.log(1 - p_t)]).reshape(1, 2, 1, 1)  # softmax = (p_t, 1 - p_t)
+    labels = torch.zeros(1, 1, 1, dtype=torch.long)
+    ce = -math.log(p_t)
+    assert focal_loss(logits, labels, gamma=3).item() == pytest.approx((1 - p_t) ** 3 * ce, rel=1e-5)
+    assert focal_loss(logits, labels, gamma=1.5).item() == pytest.approx((1 - p_t) ** 1.5 * ce, rel=1e-5)
+    assert lse_target_loss(logits, labels, beta=0.1, gamma=3).item() == pytest.approx(ce * (1 + 0.1 * (1 - p_t) ** 3),
+                                                                                       rel=1e-5)
+
+
 def test_confidence_weights_scale_each_pixel_and_keep_the_mean_over_valid_pixels():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 4, 2, 2, generator=g)
