@@ -89,21 +89,6 @@ def crop_and_scale(maps: torch.Tensor, box: Box, size: tuple[int, int], fill: fl
     return out
 
 
-def crop_and_scale_labels(label: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
-    """(H, W) class ids of any resolution -> (*size): the box's crop (or, with `zoom_out`, the whole
-    map shrunk into the box) resized nearest, IGNORE elsewhere. For comparing with ground truth."""
-    def nearest(ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(ids[None, None].float(), size=shape, mode="nearest")[0, 0].long()
-
-    if not box.zoom_out:
-        top, left, h, w = box.pixels(*label.shape)
-        return nearest(label[top:top + h, left:left + w], size)
-    top, left, h, w = box.pixels(*size)
-    out = torch.full(size, IGNORE, dtype=torch.int64, device=label.device)
-    out[top:top + h, left:left + w] = nearest(label, (h, w))
-    return out
-
-
 def _source_grid(box: Box, shape: tuple[int, int], size: tuple[int, int]):
     """For each output row / column: the two source indices and the weight of the second
     (bilinear, align_corners=True), inside the box's crop of a map of `shape`."""
@@ -147,6 +132,15 @@ def transfer_label(probs: torch.Tensor, keep: torch.Tensor, box: Box, size: tupl
                     * weight.expand_as(boundary)[rows, cols, None] for y, x, weight in corners)
         label[rows, cols] = mixed.max(1).indices
     return torch.where(mask == 0, torch.full_like(label, IGNORE), label)
+
+
+def transfer_ground_truth(truth: torch.Tensor, box: Box, size: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """(H, W) ground-truth class ids at the working size (IGNORE where unlabelled) -> (*size), resampled
+    exactly as a pseudo-label is (`transfer_label` of its one-hot map): a teacher that predicts the
+    ground truth agrees with it on every pixel. For the pseudo-label accuracy diagnostic."""
+    labelled = truth != IGNORE
+    one_hot = F.one_hot(torch.where(labelled, truth, 0), num_classes).permute(2, 0, 1).float() * labelled
+    return transfer_label(one_hot, labelled, box, size)
 
 
 def scale_invariant_examples(image: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor,

@@ -25,7 +25,7 @@ from sisray.config import Config, with_absolute_paths
 from sisray.datasets import open_target
 from sisray.errors import DatasetError, SisrayError
 from sisray.labels import IGNORE, NUM_CLASSES, colorize
-from sisray.lse.patches import Box, crop_and_scale, crop_and_scale_labels, pseudo_label_mask, scale_invariant_examples
+from sisray.lse.patches import Box, crop_and_scale, pseudo_label_mask, scale_invariant_examples, transfer_ground_truth
 from sisray.models import checkpoint_file
 from sisray.png import png_array, png_bytes
 from sisray.stages.actors import ModelActor, Progress, pool_options
@@ -68,11 +68,12 @@ class Patcher(ModelActor):
                                                         lse.entropy_gap or 0.0)]
 
     def agreement(self, sample_id: str, box: Box, label: torch.Tensor) -> patch_set.Agreement:
-        """With `diagnose`: the pseudo-label against the ground truth, resampled with the same box."""
+        """With `diagnose`: the pseudo-label against the ground truth at the working size, resampled
+        with the same box exactly as the pseudo-label was."""
         if self.truth is None or sample_id not in self.truth_index:
             return patch_set.Agreement.none()
-        truth = crop_and_scale_labels(self.truth.load_label(self.truth_index[sample_id], native=True), box,
-                                      tuple(label.shape))
+        truth = transfer_ground_truth(self.truth.load_label(self.truth_index[sample_id]), box, tuple(label.shape),
+                                      NUM_CLASSES)
         checked = (label != IGNORE) & (truth != IGNORE)
         return patch_set.Agreement(np.bincount(label[checked].numpy(), minlength=NUM_CLASSES),
                                    np.bincount(label[checked & (label == truth)].numpy(), minlength=NUM_CLASSES))
