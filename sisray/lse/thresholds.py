@@ -8,7 +8,8 @@ estimators:
 - `quantile`: the quantile q of normalised entropy over the class-c pixels of all selected images,
   from their merged histograms (exact to one bin; linear inside the bin).
 A class without the image the estimator needs (no candidate image, nothing after the cutoff, no
-selected pixel, or a skipped class) gets `fallback`.
+selected pixel) gets `fallback`. A class the source never labels (`never`, e.g. SYNTHIA's terrain,
+truck, train) gets 0: no pixel is ever kept with it, since a model cannot have learnt it.
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ ESTIMATORS = {
 
 
 def class_thresholds(selection: Selection, mean_entropy, histograms, estimator: str, window: int = 5,
-                     quantile: float = 0.5, fallback: float = 0.5) -> np.ndarray:
+                     quantile: float = 0.5, fallback: float = 0.5, never: tuple[int, ...] = ()) -> np.ndarray:
     """tau (C,) for every class, by `estimator` (see the module doc)."""
     mean_entropy, histograms = np.asarray(mean_entropy), np.asarray(histograms)
     num_classes = mean_entropy.shape[1]
     tau = np.full(num_classes, fallback, dtype=np.float64)
+    tau[list(never)] = 0.0  # normalised entropy is >= 0: kept iff below tau, so never
     selected = np.asarray(selection.selected, dtype=np.int64)
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown threshold estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")

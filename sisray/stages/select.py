@@ -27,7 +27,7 @@ def select_and_threshold(cfg: Config, tables: dict, p: float, folder: RoundDir,
     histograms = read_histograms(folder.scores, selection.selected, threshold.bins) if selection.selected else \
         np.zeros((len(tables["counts"]), NUM_CLASSES, threshold.bins), np.int64)
     tau = class_thresholds(selection, tables["mean_entropy"], histograms, threshold.estimator, threshold.window,
-                           threshold.quantile, threshold.fallback)
+                           threshold.quantile, threshold.fallback, never=skip)
     atomic_write_json(folder.selection, {
         "p": p, "method": cfg.lse.selection, "selected": [str(tables["sample_id"][i]) for i in selection.selected],
         "selected_index": selection.selected,
