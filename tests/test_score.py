@@ -223,3 +223,44 @@ def test_the_patch_pass_writes_examples_that_show_their_pseudo_labels(ray_sessio
         assert (label != 255).all() and agreement(image, label) >= 0.97, k
     block = report({"counts": np.zeros((3, 19))}, [0, 1, 2], tmp_path / "patches", np.full(19, 0.5))
     assert block["pseudo_label_accuracy"]["overall"] == 1.0
+
+
+def direct_records(probs: np.ndarray, bins: int) -> dict[str, np.ndarray]:
+    """One image's records from its softmax (C, H, W), class by class with numpy (no sisray code)."""
+    classes = probs.shape[0]
+    prediction, confidence = probs.argmax(0), probs.max(0)
+    entropy = -(probs * np.log(probs + 1e-12)).sum(0)
+    out = {"counts": np.zeros(classes, np.int64), "scores": np.zeros(classes), "mean_entropy": np.zeros(classes),
+           "histograms": np.zeros((classes, bins), np.int64)}
+    for c in range(classes):
+        mine = prediction == c
+        if not mine.any():
+            continue
+        values = entropy[mine]
+        span = values.max() - values.min()
+        normalised = (values - values.min()) / span if span > 0 else np.zeros_like(values)
+        out["counts"][c], out["scores"][c], out["mean_entropy"][c] = mine.sum(), confidence[mine].mean(), normalised.mean()
+        out["histograms"][c] = np.bincount(np.minimum((normalised * bins).astype(int), bins - 1), minlength=bins)
+    return out
+
+
+def test_scoring_records_equal_a_direct_computation_on_the_driver(ray_session, small_benchmark, checkpoint, tmp_path):
+    import torch
+
+    from sisray.models import build_model
+
+    cfg = _config(small_benchmark, "resources.num_actors=2", "resources.actor_batch_size=3")
+    tables = score_pass(cfg, checkpoint, tmp_path / "scores.parquet")
+    model = build_model("fcn8s_vgg16", width=0.0625, init=str(checkpoint)).eval()
+    dataset = open_target(cfg.data.target, "train", with_labels=False)
+    assert list(tables["sample_id"]) == [s.id for s in dataset.samples]
+    histograms = pq.read_table(tmp_path / "scores.parquet").sort_by("index").column("histograms").to_pylist()
+    for index in range(len(dataset)):
+        with torch.no_grad():
+            probs = model(dataset.load_image(index)[None].float()).softmax(1)[0].numpy()
+        expected = direct_records(probs, cfg.lse.threshold.bins)
+        assert np.array_equal(tables["counts"][index], expected["counts"]), index
+        assert np.allclose(tables["scores"][index], expected["scores"], atol=1e-5)
+        assert np.allclose(tables["mean_entropy"][index], expected["mean_entropy"], atol=1e-4)
+        assert np.abs(np.asarray(histograms[index]) - expected["histograms"]).sum() <= 2  # float32 at bin edges
+        assert np.asarray(histograms[index]).sum() == 64 * 32
