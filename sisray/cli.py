@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from sisray.errors import SisrayError
+from sisray.errors import Interrupted, SisrayError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic.yaml"
@@ -31,8 +31,8 @@ def run(main: Callable[[], int | None]) -> None:
     except SisrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(str(exc) or "interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 

@@ -1,6 +1,11 @@
 """The errors sisray raises for bad input. Job entry points print them without a traceback."""
 
 
+class Interrupted(Exception):
+    """The work stopped early on Ctrl-C and saved what it had; the same command resumes it. The
+    message says what was left (a job exits 130, like a KeyboardInterrupt)."""
+
+
 class SisrayError(Exception):
     """Bad input or state that the user can fix; the message says what and where."""
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sisray.config import Config, save_config
+from sisray.errors import Interrupted
 from sisray.run_state import RunState
 from sisray.rundir import RunDir
 from sisray.storage import RunStore
@@ -64,7 +65,7 @@ class Job:
             if self.store:
                 self.store.push()
             status = "FINISHED"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             status = "KILLED"
             raise
         except BaseException:

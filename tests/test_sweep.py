@@ -138,6 +138,65 @@ def test_a_round_reports_its_label_free_statistics_and_target_miou():
                                     "mean_entropy": 0.4, "class_entropy": 0.5}
 
 
+class _Result:
+    """What summarise reads of a Tune result."""
+
+    def __init__(self, trial_id, scale, rounds, information, error=None):
+        self.metrics = {"trial_id": trial_id, "round": rounds, "information": information,
+                        "target_val_miou19": 0.1 * scale}
+        self.config, self.error, self.path = {"lse.scale": scale}, error, f"/sweep/tuner/{trial_id}"
+
+
+@pytest.mark.parametrize("mode, best", [("max", "b"), ("min", "c")])
+def test_the_best_trial_is_the_best_finalist_by_the_objective(tmp_path, mode, best):
+    from sisray.sweep import summarise
+
+    space = load_space(_space(tmp_path, "space:\n  lse.scale: {choice: [1.5, 2.0, 2.5, 3.0]}\n"), BASE)
+    results = [_Result("a", 1.5, 2, 0.30), _Result("b", 2.0, 2, 0.40), _Result("c", 2.5, 2, 0.20),
+               _Result("d", 3.0, 1, 0.90),  # stopped early by ASHA: not a finalist, however good
+               _Result("e", 3.0, 2, 0.95, error="worker died")]  # failed: never the best
+    summary = summarise(results, space, "information", mode)
+    assert summary["best"]["trial_id"] == best and summary["rounds_of_finalists"] == 2
+    assert [t["trial_id"] for t in summary["trials"]] == ["a", "b", "c", "d", "e"]
+    assert summary["rank_correlation_with_target_miou19"]["information"] == pytest.approx(-0.5)
+
+
+def report_by_scale(params):
+    """A stand-in trial (no adaptation): two rounds whose `information` grows with lse.scale."""
+    from ray import tune
+
+    for r in (1, 2):
+        tune.report({"round": r, "information": params["lse.scale"] / 10 + r / 100, "target_val_miou19": 0.3,
+                     "trial_id": tune.get_context().get_trial_id()})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600, method="thread")
+def test_a_grid_sweep_with_fifo_runs_every_point_and_writes_the_best(ray_session, small_benchmark, fcn_checkpoint,
+                                                                    tmp_path, monkeypatch):
+    """--search grid --scheduler fifo (the README's sweep) through the real driver: every grid point
+    runs both rounds, and the best by the objective is written as best_config.yaml."""
+    from ray import cloudpickle
+
+    from sisray.sweep import SweepArgs, run_sweep, trial
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    monkeypatch.setattr(trial, "adapt_trial", lambda params, setup: report_by_scale(params))
+    space = _space(tmp_path, "space:\n  lse.scale: {choice: [1.5, 2.0, 2.5]}\n"
+                             "  lse.threshold.estimator: {grid: [cutoff_image, quantile]}\n")
+    cfg = load_config(REPO / "configs" / "synthetic.yaml", [
+        f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}", "tracking.enabled=false",
+        "model.name=fcn8s_vgg16", "model.width=0.0625", f"model.source_checkpoint={fcn_checkpoint}",
+        "lse.target_bn=false"])
+    run_sweep(cfg, SweepArgs(str(space), str(tmp_path / "sweep"), search="grid", scheduler="fifo"))
+    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    points = {(t["params"]["lse.scale"], t["params"]["lse.threshold.estimator"]) for t in summary["trials"]}
+    assert points == {(s, e) for s in (1.5, 2.0, 2.5) for e in ("cutoff_image", "quantile")}  # 3 x 2, once each
+    assert all(t["rounds"] == 2 for t in summary["trials"]) and summary["scheduler"] == "fifo"
+    assert summary["best"]["params"]["lse.scale"] == 2.5
+    assert load_config(tmp_path / "sweep" / "best_config.yaml").lse.scale == 2.5
+
+
 def test_the_job_refuses_a_bad_space_before_starting_anything(tmp_path):
     space = _space(tmp_path, "space:\n  lse.scale: {uniform: [1.5, 3]}\n")
     done = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space), "--search", "grid",
@@ -187,6 +246,8 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert len(summary["trials"]) == 2 and not any(t["error"] for t in summary["trials"])
     assert summary["best"]["rounds"] == 2 and "information" in summary["best"]
+    finalists = [t for t in summary["trials"] if t["rounds"] == 2]
+    assert summary["best"]["information"] == max(t["information"] for t in finalists)  # the objective's best
     assert {t["params"]["lse.scale"] for t in summary["trials"]} <= {1.5, 2.0}
 
     best = load_config(sweep / "best_config.yaml")  # what jobs/adapt.py --config does

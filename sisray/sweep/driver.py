@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sisray.config import Config, save_config, with_absolute_paths, with_values
-from sisray.errors import ConfigError, SisrayError
+from sisray.errors import ConfigError, Interrupted, SisrayError
 from sisray.rundir import SweepDir
 from sisray.sweep.space import Space, expected_trials, load_space, param_space, search_algorithm, trial_config
 
@@ -180,9 +179,8 @@ def run_sweep(cfg: Config, args: SweepArgs) -> None:
         finished = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))  # ASHA's stops are done
         expected = expected_trials(space, args.search, args.samples)
         if finished < expected:  # Ctrl-C: Tune saved the sweep and returned early
-            print(f"\nsweep interrupted: {finished} of {expected} trials finished; the same command resumes it",
-                  file=sys.stderr)
-            raise KeyboardInterrupt
+            raise Interrupted(f"sweep interrupted: {finished} of {expected} trials finished; the same command "
+                              "resumes it")
         summary = summarise(results, space, metric, mode)
         summary.update(objective=args.objective, uses_target_labels=uses_labels, search=args.search,
                        scheduler=args.scheduler, num_samples=args.samples, seed=cfg.seed)
