@@ -97,6 +97,12 @@ def count_rows(folder: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in Path(folder).glob("*.parquet"))
 
 
+def read_full_image(path: str | Path) -> torch.Tensor:
+    """A target image at its own (full) resolution, uint8 (3, H, W): what examples are cut from."""
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Training examples rebuilt from the full-resolution target images and the rows:
     (float image (3, H, W) in [0, 255], int64 pseudo-label (H, W)) at the working size, and with
@@ -115,10 +121,8 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         r = self.rows[i]
-        with Image.open(r["image"]) as im:
-            full = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
         box = Box(r["top"], r["left"], r["height"], r["width"], r["scale"], r["zoom_out"])
-        image = crop_and_scale(full, box, self.size)
+        image = crop_and_scale(read_full_image(r["image"]), box, self.size)
         label = torch.from_numpy(png_array(r["label_png"]).astype(np.int64))
         if not self.confidence:
             return image, label

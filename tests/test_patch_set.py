@@ -45,3 +45,23 @@ def test_training_examples_rebuilt_from_the_rows_show_their_pseudo_labels(tmp_pa
     assert all(agreement(*off[k]) < 0.97 for k in range(4))
     assert np.array_equal(patch_set.read_rows(tmp_path / "shifted")[0]["class_pixels"],
                           np.bincount(examples[0].label.ravel(), minlength=19))
+
+
+def test_a_crop_larger_than_the_working_size_is_shrunk_without_aliasing(tmp_path):
+    """At scale 1 (plain self-training) the training image is the whole full-resolution image shrunk
+    to the working size: like the image that was scored (PIL, antialiased), not a sampling of every
+    other pixel. A one-pixel checkerboard is the worst case."""
+    from sisray.lse.patches import Box
+
+    board = ((np.indices((64, 128)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    image_file = tmp_path / "board.png"
+    Image.fromarray(np.stack([board] * 3, axis=-1)).save(image_file)
+    label = torch.zeros(32, 64, dtype=torch.long)
+    row = patch_set.row(0, "board", str(image_file), 0, Box(0.0, 0.0, 1.0, 1.0, 1.0), label, torch.ones(32, 64),
+                        patch_set.Agreement.none())
+    (tmp_path / "patches").mkdir()
+    pq.write_table(patch_set.table(patch_set.columns([row])), tmp_path / "patches" / "part-00000.parquet")
+    image, _ = patch_set.PatchDataset(tmp_path / "patches", (64, 32))[0]
+    scored = np.asarray(Image.open(image_file).convert("RGB").resize((64, 32), Image.BICUBIC), np.float32)
+    assert image.std() < 10 and abs(image.mean() - 127.5) < 5  # grey, as the eye (and PIL) sees it
+    assert np.abs(image.permute(1, 2, 0).numpy() - scored).mean() < 10

@@ -215,12 +215,17 @@ def test_the_patch_pass_writes_examples_that_show_their_pseudo_labels(ray_sessio
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
     monkeypatch.setattr(module, "Patcher", IdealPatcher)
     cfg = _config(tmp_path / "cs", "data.target.name=cityscapes", "resources.num_actors=1")
-    count = patch_pass(cfg, checkpoint, [0, 1, 2], np.full(19, 0.5), 1, tmp_path / "patches")
+    count = patch_pass(cfg, checkpoint, [0, 1, 2], np.full(19, 0.5), 1, tmp_path / "patches", tmp_path / "figure.png")
     assert count == 6
     data = PatchDataset(tmp_path / "patches", (64, 32))
     for k in range(count):
         image, label = data[k]
         assert (label != 255).all() and agreement(image, label) >= 0.97, k
+    # the round figure shows (and the entropy-gap option predicts on) the very image training rebuilds
+    figure = png_array((tmp_path / "figure.png").read_bytes())
+    for k, row in enumerate(r for r in read_rows(tmp_path / "patches") if r["patch"] == 0):
+        shown = figure[32 * k: 32 * (k + 1), :64]
+        assert np.array_equal(shown, data[2 * k][0].clamp(0, 255).byte().permute(1, 2, 0).numpy()), row["index"]
     block = report({"counts": np.zeros((3, 19))}, [0, 1, 2], tmp_path / "patches", np.full(19, 0.5))
     assert block["pseudo_label_accuracy"]["overall"] == 1.0
 

@@ -74,7 +74,10 @@ def draw_boxes(height: int, width: int, scales: Sequence[float], n: int, generat
 
 
 def _resample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=True)[0]
+    """Bilinear, align_corners=True (the label transfer's geometry); antialiased where it shrinks, so
+    that a crop larger than the output (scale < the full/working ratio, or zoom-out) is not aliased."""
+    shrinks = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=True, antialias=shrinks)[0]
 
 
 def crop_and_scale(maps: torch.Tensor, box: Box, size: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
@@ -147,10 +150,12 @@ def scale_invariant_examples(image: torch.Tensor, probs: torch.Tensor, keep: tor
                              scales: Sequence[float], n: int, generator: torch.Generator,
                              zoom_out: bool = False,
                              predict: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                             delta: float = 0.0) -> list[Example]:
+                             delta: float = 0.0, full: torch.Tensor | None = None) -> list[Example]:
     """The scale-invariant examples of one image.
 
     image (3, H, W), probs (C, H, W) and keep (H, W) are at the working size; the examples are too.
+    An example's image is cut from `full` (the full-resolution image, as training rebuilds it;
+    default: `image`), so what `predict` sees here is what training sees.
     With `predict` (images (N, 3, H, W) -> softmax (N, C, H, W)), a candidate is kept only if the
     model's own prediction on the patch image has a mean entropy at least `delta` above that of the
     transferred soft label: the model is unsure at that scale, where the example teaches most.
@@ -159,7 +164,7 @@ def scale_invariant_examples(image: torch.Tensor, probs: torch.Tensor, keep: tor
     boxes = draw_boxes(*size, scales, n, generator, zoom_out)
     prediction, channels_last = probs.max(0).indices, probs.permute(1, 2, 0).contiguous()
     examples = [Example(box, transfer_label(probs, keep, box, size, prediction, channels_last),
-                        crop_and_scale(image, box, size)) for box in boxes]
+                        crop_and_scale(image if full is None else full, box, size)) for box in boxes]
     if predict is None or not examples:
         return examples
     own = pixel_entropy(predict(torch.stack([e.image for e in examples]))).mean(dim=(1, 2))

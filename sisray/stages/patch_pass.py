@@ -62,10 +62,11 @@ class Patcher(ModelActor):
         keep = pseudo_label_mask(probs, torch.tensor(self.spec.tau, device=probs.device)).cpu()
         generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, self.spec.round, index))
         predict = None if lse.entropy_gap is None else (lambda patches: self.predict(patches).cpu())
+        full = patch_set.read_full_image(self.dataset.samples[index].image)  # as training cuts its examples
         return [example for zoom_out in ((False, True) if lse.zoom_out else (False,))
                 for example in scale_invariant_examples(image.float(), probs.cpu(), keep, self.spec.scales,
                                                         lse.patches_per_image, generator, zoom_out, predict,
-                                                        lse.entropy_gap or 0.0)]
+                                                        lse.entropy_gap or 0.0, full)]
 
     def agreement(self, sample_id: str, box: Box, label: torch.Tensor) -> patch_set.Agreement:
         """With `diagnose`: the pseudo-label against the ground truth at the working size, resampled
