@@ -4,17 +4,16 @@ uninterrupted run gives."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from processes import stop_when
 from sisray.patch_set import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,26 +27,6 @@ def _job(small_benchmark, fcn_checkpoint, run_dir: Path) -> list[str]:
              "lse.patches_per_image=2", "tracking.enabled=false"]
     return [sys.executable, str(REPO / "jobs" / "adapt.py"), "--run-dir", str(run_dir),
             *[a for o in small for a in ("--set", o)]]
-
-
-def _stop_when(command: list[str], cwd: Path, ready, sig: int) -> tuple[int, str]:
-    """Start the job in its own process group and send `sig` to the whole group (driver and the Ray
-    it started) as soon as `ready()` holds: SIGKILL. Returns
-    the job's exit code and stderr; whatever is left of the group is killed."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    job = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
-    try:
-        while not ready():
-            assert job.poll() is None, f"the job ended before the fault: {job.stderr.read()[-3000:]}"
-            time.sleep(0.05)
-        os.killpg(job.pid, sig)
-        _, err = job.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)
-        job.wait(timeout=60)
-    return job.returncode, err
 
 
 def _finished(run: Path) -> dict:
@@ -69,13 +48,13 @@ def test_a_killed_job_resumes_to_the_same_result(small_benchmark, fcn_checkpoint
 
     cut = tmp_path / "cut"
     command = _job(small_benchmark, fcn_checkpoint, cut)
-    _stop_when(command, tmp_path, lambda: (cut / "round_02" / ".patches.tmp").is_dir(), signal.SIGKILL)
+    stop_when(command, tmp_path, lambda: (cut / "round_02" / ".patches.tmp").is_dir(), signal.SIGKILL)
     assert "round_02/select" in _finished(cut) and "round_02/patches" not in _finished(cut)
     partial = json.loads((cut / "summary.json").read_text())
     assert not partial["complete"] and len(partial["rounds"]) == 1 and partial["final"] is None
     stamp = (cut / "round_01" / "scores.parquet").stat().st_mtime_ns
 
-    _stop_when(command, tmp_path, lambda: any((cut / "round_02" / "train").glob("checkpoint_*")), signal.SIGKILL)
+    stop_when(command, tmp_path, lambda: any((cut / "round_02" / "train").glob("checkpoint_*")), signal.SIGKILL)
     assert "round_02/patches" in _finished(cut) and "round_02/train" not in _finished(cut)
     shard = sorted((cut / "round_02" / "patches").glob("*.parquet"))[-1]
     shard.write_bytes(shard.read_bytes()[:100])  # as if cut short: detected, the patch stage redone

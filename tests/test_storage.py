@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from processes import stop_when
 from sisray import storage
 from sisray.errors import StorageError
 from sisray.models import build_model, read_state_dict
@@ -169,8 +170,9 @@ def test_workers_read_checkpoints_and_patch_sets_from_a_remote_run_directory(s3_
 @pytest.mark.timeout(1200, method="thread")
 def test_the_adaptation_job_runs_and_resumes_with_its_run_directory_on_s3(s3_endpoint, small_benchmark,
                                                                          fcn_checkpoint, tmp_path):
-    """`jobs/adapt.py --run-dir s3://...`: the run directory, Ray Train's checkpoints included, ends up
-    in the bucket; the same command on a machine without the local copy redoes nothing."""
+    """`jobs/adapt.py --run-dir s3://...` killed mid-round on one machine and resumed on another (its
+    own cache): the finished stages are not redone, the run completes in the bucket (Ray Train's
+    checkpoints included), and a third machine finds it finished."""
     location = _uri(s3_endpoint, "job")
     small = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
              "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
@@ -178,14 +180,31 @@ def test_the_adaptation_job_runs_and_resumes_with_its_run_directory_on_s3(s3_end
              "lse.selection=global", "lse.p0=0.5", "lse.p_max=0.5", "lse.patches_per_image=2",
              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
-    def job(cache: str):
-        env = {**os.environ, **CREDENTIALS, "SISRAY_SET": ";".join(small), "RAY_AUTH_MODE": "disabled",
-               storage.CACHE_ENV: str(tmp_path / cache)}
-        return subprocess.run([sys.executable, str(REPO / "jobs" / "adapt.py"), "--run-dir", location],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1000)
+    def env(cache: str) -> dict:
+        return {**CREDENTIALS, "SISRAY_SET": ";".join(small), storage.CACHE_ENV: str(tmp_path / cache)}
 
-    done = job("machine_a")
+    command = [sys.executable, str(REPO / "jobs" / "adapt.py"), "--run-dir", location]
+
+    def job(cache: str):
+        return subprocess.run(command, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled", **env(cache)},
+                              capture_output=True, text=True, timeout=1000)
+
+    def bucket_state() -> dict:
+        try:
+            return json.loads(storage.read_bytes(storage.join(location, "state.json")))["finished"]
+        except StorageError:
+            return {}
+
+    # machine A dies (SIGKILL, Ray and all) in the middle of round 1, once its patches are in the bucket
+    stop_when(command, tmp_path, lambda: "round_01/patches" in bucket_state(), signal.SIGKILL, env("machine_a"))
+    before = bucket_state()
+    assert "round_01/patches" in before and "round_01/eval" not in before
+
+    done = job("machine_b")  # another machine, another cache: pulls the run and finishes it
     assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads(storage.read_bytes(storage.join(location, "state.json")))
+    assert {k: state["finished"][k] for k in before} == before  # what machine A finished was not redone
+    assert "== round_01/score" not in done.stdout and "== round_01/eval" in done.stdout
     summary = json.loads(storage.read_bytes(storage.join(location, "summary.json")))
     assert summary["complete"] and summary["rounds"][0]["selected_images"] > 0
     assert summary["rounds"][0]["patches"] == 2 * summary["rounds"][0]["selected_images"]
@@ -193,9 +212,7 @@ def test_the_adaptation_job_runs_and_resumes_with_its_run_directory_on_s3(s3_end
     assert storage.list_files(storage.join(location, "round_01", "patches"), ".parquet")
     ray_train = storage.join(location, "round_01", "train")
     assert storage.is_file(storage.join(ray_train, "checkpoint_manager_snapshot.json"))  # written there directly
-    state = json.loads(storage.read_bytes(storage.join(location, "state.json")))
-    assert "round_01/eval" in state["finished"]
 
-    again = job("machine_b")  # another machine: pulls the run, finds it finished
+    again = job("machine_c")  # a third machine: pulls the run, finds it finished
     assert again.returncode == 0, again.stderr[-3000:]
     assert "== " not in again.stdout and "final" in again.stdout
