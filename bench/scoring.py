@@ -1,11 +1,15 @@
-"""The Ray Data scoring pass: efficiency vs a bare PyTorch loop, start-up cost, driver memory, storage.
+"""The Ray Data scoring pass against bare PyTorch loops: whole runs (start-up included) first, then
+the marginal rate; the driver's memory; the patch set's size.
 
-    python bench/scoring.py [--n 32] [--checkpoint runs/synthetic/source/checkpoint]
+    python bench/scoring.py [--n 32] [--large 1024] [--checkpoint runs/synthetic/source/checkpoint] [--tiny]
 
-Each size runs in its own process (fresh Ray instance, honest peak RSS) on a synthetic target set
-of that many images: N and 4N give the marginal rate (start-up cancels out), N and 8N the driver's
-peak-RSS ratio. The bare loop scores 4N images in one process with the same model and total threads.
-Last line: {"efficiency", "fixed_s", "rss_ratio", "bytes_per_selected_image", ...}.
+Every run is a fresh process, timed by this script from its start to its last record: the Ray side
+imports, starts Ray and scores with 2 actors x 1 thread (`stages.score.score_pass`); the bare loops
+do the same per-image work (load, forward, records) in the same layout, 2 processes x 1 thread each
+scoring half the images, and in 1 process x 2 threads. Whole-run ratio = bare seconds / Ray seconds
+at --large images (above 1: Ray is faster). The marginal rate compares --n with --large images (the
+start-up cancels out). Without a checkpoint, a randomly initialised model (speed only).
+`--tiny` (4 and 8 images) is the test suite's smoke run. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def config(root: Path):
 
     return load_config(REPO / "configs" / "synthetic.yaml", [
         f"data.source.root={root}", f"data.target.root={root}", "tracking.enabled=false",
-        "lse.p0=0.2", "lse.selection=global"])
+        "lse.p0=0.2", "lse.selection=global", "resources.num_actors=2"])
 
 
 def make_set(folder: Path, images: int) -> Path:
@@ -39,8 +43,9 @@ def make_set(folder: Path, images: int) -> Path:
     return folder
 
 
-def child(root: Path, checkpoint: str, patches: bool) -> dict:
-    """Score one set on a fresh Ray instance; optionally select and write the patch set."""
+def ray_child(root: Path, checkpoint: str, spawned: float, patches: bool) -> dict:
+    """Score one set on a fresh Ray instance (whole_s: from the process's spawn to the last record);
+    optionally select and write the patch set after that."""
     import ray
 
     from sisray.rundir import RoundDir
@@ -55,21 +60,20 @@ def child(root: Path, checkpoint: str, patches: bool) -> dict:
         began = time.perf_counter()
         folder = RoundDir(Path(run))
         tables = score_pass(cfg, checkpoint, folder.scores)
-        seconds = time.perf_counter() - began
-        out = {"images": len(tables["counts"]), "seconds": seconds}
+        out = {"images": len(tables["counts"]), "pass_seconds": time.perf_counter() - began,
+               "whole_s": time.time() - spawned}
         if patches:
             selected, tau = select_and_threshold(cfg, tables, cfg.lse.p0, folder)
             patch_pass(cfg, checkpoint, selected, tau, 1, folder.patches)
             size = sum(f.stat().st_size for f in folder.patches.glob("*.parquet"))
             out["bytes_per_selected_image"] = size / max(len(selected), 1)
-            out["selected"] = len(selected)
     ray.shutdown()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
-def bare_loop(root: Path, checkpoint: str, threads: int) -> float:
-    """Images/s of a single-process loop doing the same per-image work (load, forward, records)."""
+def bare_child(root: Path, checkpoint: str, spawned: float, threads: int, part: int, parts: int) -> dict:
+    """Score every `parts`-th image from `part` in this process: the same per-image work as an actor."""
     import torch
 
     from sisray.datasets import open_target
@@ -82,53 +86,78 @@ def bare_loop(root: Path, checkpoint: str, threads: int) -> float:
     cfg = config(root)
     dataset = open_target(cfg.data.target, "train", with_labels=False)
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, checkpoint).eval()
-    warm = 4
-    for i in range(len(dataset)):
-        if i == warm:
-            began = time.perf_counter()
-        image_records(predict_probs(model, dataset.load_image(i)[None]), cfg.lse.threshold.bins)
-    return (len(dataset) - warm) / (time.perf_counter() - began)
+    mine = range(part, len(dataset), parts)
+    with torch.no_grad():
+        for i in mine:
+            image_records(predict_probs(model, dataset.load_image(i)[None]), cfg.lse.threshold.bins)
+    return {"images": len(mine), "whole_s": time.time() - spawned}
 
 
-def run_child(root: Path, checkpoint: str, patches: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(root), "--checkpoint", checkpoint] + (["--patches"] if patches else [])
+def run(*children: list[str]) -> tuple[float, list[dict]]:
+    """Start the children at once; the whole run = until the last of them has its last record."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    spawned = time.time()
+    processes = [subprocess.Popen([sys.executable, __file__, "--child", child[0], child[1], child[2], str(spawned),
+                                   *child[3:]], stdout=subprocess.PIPE, text=True, env=env) for child in children]
+    outs = [p.communicate()[0] for p in processes]
+    if any(p.returncode for p in processes):
+        sys.exit("a benchmark process failed")
+    results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    return max(r["whole_s"] for r in results), results
+
+
+def random_checkpoint(folder: Path) -> str:
+    import torch
+
+    from sisray.labels import NUM_CLASSES
+    from sisray.models import build_model
+
+    cfg = config(folder)
+    path = folder / "random.pt"
+    torch.save(build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, "random").state_dict(), path)
+    return str(path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=32)
+    p.add_argument("--large", type=int, default=1024)
     p.add_argument("--checkpoint", default=str(REPO / "runs" / "synthetic" / "source" / "checkpoint"))
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--patches", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help="4 and 8 images (the tests' smoke run)")
+    p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child), args.checkpoint, args.patches)))
+        kind, root, checkpoint, spawned, *rest = args.child
+        out = (ray_child(Path(root), checkpoint, float(spawned), rest == ["patches"]) if kind == "ray"
+               else bare_child(Path(root), checkpoint, float(spawned), *(int(v) for v in rest)))
+        print(json.dumps(out))
         return
-    if not Path(args.checkpoint).exists():
-        sys.exit(f"no checkpoint at {args.checkpoint}: run `make demo` (or pass --checkpoint)")
-    threads = os.cpu_count() or 2
+    small_n, large_n = (4, 8) if args.tiny else (args.n, args.large)
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {k: make_set(Path(tmp) / f"n{k}", k * args.n) for k in (1, 4, 8)}
-        small = run_child(sets[1], args.checkpoint, False)
-        large = run_child(sets[4], args.checkpoint, True)
-        huge = run_child(sets[8], args.checkpoint, False)
-        bare = bare_loop(sets[4], args.checkpoint, threads)
-    marginal = (large["images"] - small["images"]) / (large["seconds"] - small["seconds"])
-    fixed = small["seconds"] - small["images"] / marginal
-    print(f"Ray Data scoring: {small['images']} images in {small['seconds']:.1f} s, {large['images']} in "
-          f"{large['seconds']:.1f} s -> marginal {marginal:.2f} images/s, fixed cost {fixed:.1f} s")
-    print(f"bare loop, 1 process x {threads} threads: {bare:.2f} images/s")
-    print(f"driver peak RSS: {small['peak_rss_mb']:.0f} MB at {small['images']} images, "
-          f"{huge['peak_rss_mb']:.0f} MB at {huge['images']}")
-    print(f"patch set: {large['bytes_per_selected_image']:.0f} bytes per selected image ({large['selected']} selected)")
-    print(json.dumps({"efficiency": round(marginal / bare, 3), "fixed_s": round(fixed, 1),
-                      "rss_ratio": round(huge["peak_rss_mb"] / small["peak_rss_mb"], 3),
-                      "bytes_per_selected_image": round(large["bytes_per_selected_image"]),
-                      "ray_marginal_images_per_s": round(marginal, 3), "bare_images_per_s": round(bare, 3),
-                      "n": args.n}))
+        small, large = make_set(Path(tmp) / "small", small_n), make_set(Path(tmp) / "large", large_n)
+        checkpoint = args.checkpoint if Path(args.checkpoint).exists() else random_checkpoint(Path(tmp))
+        ray_small_s, (ray_small,) = run(["ray", str(small), checkpoint])
+        ray_large_s, (ray_large,) = run(["ray", str(large), checkpoint, "patches"])
+        two_s, _ = run(*(["bare", str(large), checkpoint, "1", str(k), "2"] for k in (0, 1)))
+        one_s, _ = run(["bare", str(large), checkpoint, "2", "0", "1"])
+    marginal = (large_n - small_n) / (ray_large["pass_seconds"] - ray_small["pass_seconds"])
+    print(f"whole runs at {large_n} images (process start to last record): Ray Data 2 actors x 1 thread "
+          f"{ray_large_s:.1f} s; bare loops 2 processes x 1 thread {two_s:.1f} s, 1 process x 2 threads {one_s:.1f} s")
+    print(f"  whole-run ratio (bare / Ray): {two_s / ray_large_s:.2f} against the same layout, "
+          f"{one_s / ray_large_s:.2f} against 1 x 2")
+    print(f"  at {small_n} images: Ray {ray_small_s:.1f} s whole run; the pass alone {ray_small['pass_seconds']:.1f} s")
+    print(f"marginal rate ({small_n} -> {large_n} images, start-up cancelled): {marginal:.1f} images/s; "
+          f"the bare loops' whole-run rates {large_n / two_s:.1f} (2 x 1) and {large_n / one_s:.1f} (1 x 2) images/s")
+    print(f"driver peak RSS {ray_small['peak_rss_mb']:.0f} MB at {small_n} images, {ray_large['peak_rss_mb']:.0f} MB "
+          f"at {large_n}; patch set {ray_large['bytes_per_selected_image']:.0f} bytes per selected image")
+    print(json.dumps({"whole_run_ratio_same_layout": round(two_s / ray_large_s, 3),
+                      "whole_run_ratio_one_process": round(one_s / ray_large_s, 3),
+                      "ray_whole_s": round(ray_large_s, 1), "bare_2x1_whole_s": round(two_s, 1),
+                      "bare_1x2_whole_s": round(one_s, 1), "ray_marginal_images_per_s": round(marginal, 2),
+                      "ray_small_whole_s": round(ray_small_s, 1),
+                      "rss_ratio": round(ray_large["peak_rss_mb"] / ray_small["peak_rss_mb"], 3),
+                      "bytes_per_selected_image": round(ray_large["bytes_per_selected_image"]),
+                      "images": [small_n, large_n], "random_model": checkpoint.endswith("random.pt")}))
 
 
 if __name__ == "__main__":
