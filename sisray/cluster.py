@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from sisray.config import Config
 
 
-VERBOSE_ENV = "SISRAY_VERBOSE"  # 1 (or --verbose): Ray's own INFO logs and progress lines too
+VERBOSE_ENV = "SISRAY_VERBOSE"  # 1 (or --verbose): Ray's and MLflow's own INFO logs too
 # Warnings Ray prints on every start that say nothing about this job.
 RAY_NOISE = ("Token authentication is enabled", "Progress bars disabled")
 
 
-def ray_is_verbose() -> bool:
+def is_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def ray_log_level() -> str:
     """The level of Ray's own logs on the terminal (its log files keep everything)."""
-    return "INFO" if ray_is_verbose() else "WARNING"
+    return "INFO" if is_verbose() else "WARNING"
 
 
 class _DropNoise(logging.Filter):
@@ -41,7 +41,7 @@ def start_ray() -> None:
 
     if ray.is_initialized():
         return
-    quiet = not ray_is_verbose()
+    quiet = not is_verbose()
     if quiet:
         _quiet_console("ray")
     if os.environ.get("RAY_ADDRESS"):

@@ -7,6 +7,7 @@ SQLite file relative to the working directory, which Ray workers do not share â€
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -89,6 +90,11 @@ class Tracking:
             return
         from mlflow.tracking import MlflowClient
 
+        from sisray.cluster import is_verbose
+
+        if not is_verbose():  # MLflow's database set-up (alembic migrations) logs at INFO on a new store
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = resolve_uri(cfg.tracking.uri)
         client = MlflowClient(tracking_uri=self.uri)
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)

@@ -107,6 +107,11 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "data" / "synthetic" / "SYNTHETIC.json").is_file()
     assert "final" in done.stdout and "round 1 (p=0.2)" in done.stdout
+    terminal = done.stdout + done.stderr  # sisray's lines; Ray's and MLflow's INFO logs stay in their files
+    assert "== round_01/train" in terminal and "scoring: " in terminal
+    for chatter in ("logging_progress", "Started a local Ray instance", "Token authentication", "RayTrainWorker",
+                    "Reporting training result", "mlflow.store.db.utils", "alembic"):
+        assert chatter not in terminal, chatter
     summary = json.loads((tmp_path / "runs" / "synthetic" / "summary.json").read_text())
     assert summary["complete"] and set(summary["source_only"]) >= {"miou19", "miou16", "miou13", "per_class"}
     assert [r["p"] for r in summary["rounds"]] == [0.2]
