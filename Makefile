@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The whole method on the built-in benchmark (generated first if missing): source-only training,
-# three LSE rounds, the IoU table. Re-running resumes; `make demo RUN=runs/other` starts afresh.
+# the LSE rounds (two in the default), the IoU table. Re-running resumes; `make demo RUN=runs/other` starts afresh.
 RUN ?= runs/synthetic
 
 demo: $(STAMP)
