@@ -98,6 +98,7 @@ def main() -> None:
         steps = 3 if args.tiny else args.steps
         cfg = load_config(args.config, [f"data.source.root={root}", f"data.target.root={root}", "train.num_workers=2",
                                         "train.lr=1e-3", f"train.checkpoint_every={steps}", "tracking.enabled=false",
+                                        "train.photometric=false",  # the plain loops do not augment: the same work
                                         *(["train.batch_size=2"] if args.tiny else [])])
         same_s, same_rate = plain_run(cfg, steps, world=2, threads=1)
         one_s, one_rate = plain_run(cfg, steps, world=1, threads=2)
