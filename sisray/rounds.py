@@ -111,8 +111,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
         write_summary(cfg, run_dir, state)
         if on_round:
             on_round(round_block(run_dir, state, r, p))
-    block = write_summary(cfg, run_dir, state)
-    store.push()
+    block = write_summary(cfg, run_dir, state)  # the job pushes it with the run (job.Job.started)
     tracking.artifact(run_dir.summary)
     return block
 
