@@ -3,8 +3,8 @@
     python bench/ablation.py [--seeds 0 1 2] [--out runs/ablation] [--variants ...] [--oracle] [--set k=v ...]
 
 Per seed, `lse_fl` is the default config as it is (`jobs/adapt.py`, configs/synthetic.yaml): it
-trains the seed's source model, which every other variant of that seed adapts from
-(`model.source_checkpoint`), so variants differ only in what the rounds do:
+trains the seed's source model (or takes `--set model.source_checkpoint=...`), which every other
+variant of that seed adapts from, so variants differ only in what the rounds do:
 
     source_only          the source model (from lse_fl's run)
     source_target_bn     the source model with target BatchNorm statistics, no training (lse_fl's run)
@@ -17,6 +17,9 @@ trains the seed's source model, which every other variant of that seed adapts fr
     lse_fl_ema           the default + a round's model (the next round's teacher) = EMA of its weights (decay 0.9)
     source_no_photometric  a source model trained without photometric augmentation (its own run, no rounds)
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
+
+`--oracle --variants lse_fl` is the quick look at how much room the benchmark leaves for adaptation
+(source-only, the default, and the oracle).
 
 Every run directory is kept, so re-running resumes and adds seeds. Prints per variant the mean +-
 std over seeds of the benchmark's mIoU (its 13 classes) and of mIoU19, per-class IoU, pseudo-label
@@ -84,6 +87,14 @@ def finished(script: str, run_dir: Path, overrides: list[str]) -> bool:
     return fingerprint(load_config(saved)) == fingerprint(expected)
 
 
+def source_model(run_dir: Path) -> Path:
+    """The source model a finished adaptation run adapted: the one it was given, or the one it trained."""
+    from sisray.config import load_config
+
+    given = load_config(run_dir / "config.yaml").model.source_checkpoint
+    return Path(given) if given else run_dir / "source" / "checkpoint"
+
+
 def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
@@ -93,7 +104,7 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
     base = [*common, f"seed={seed}"]
     folder = out / f"seed_{seed}"
     job("adapt.py", folder / DEFAULT, base)
-    source = folder / DEFAULT / "source" / "checkpoint"
+    source = source_model(folder / DEFAULT)
     results = {}
     default = json.loads((folder / DEFAULT / "summary.json").read_text())
     results["source_only"] = {"evaluation": default["source_only"]}

@@ -1,12 +1,14 @@
 """How the cost of an adaptation round grows with the number of target images: N, 2N and 4N.
-    python bench/growth.py [--n 300] [--checkpoint runs/synthetic/source/checkpoint]
+    python bench/growth.py [--n 300] [--checkpoint runs/synthetic/source/checkpoint] [--tiny]
 
 Each size is one real `jobs/adapt.py` run (its own process and Ray instance) of one round (p = 0.2,
 the demo's first) from the same source model, on a synthetic benchmark with that many target-train
-images and the same 50 target-val images: source evaluation, scoring, selection, patches, focal-loss
+images and the same 50 target-val images: the source model's evaluation (with and without target
+BatchNorm statistics), scoring, selection, patches, focal-loss
 retraining (2 epochs over the round's patch set, as in the demo) and evaluation. Scoring, patches and
 retraining should grow linearly, evaluation not at all; the fit gives seconds per target image and
-the fixed cost. Last line: {"n", "wall_s", "stage_s", "growth_2n", "growth_4n", "per_image_s",
+the fixed cost. `--tiny` (N = 4, 64x32 images, a randomly initialised model, global selection) is
+the test suite's smoke run. Last line: {"n", "wall_s", "stage_s", "growth_2n", "growth_4n", "per_image_s",
 "fixed_s", "selected", "patches", "driver_rss_mb"}.
 """
 
@@ -25,17 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, TINY, make_set, random_checkpoint
+
 sys.path.insert(0, str(REPO))
-KINDS = ("score", "select", "patches", "train", "eval")
-
-
-def make_set(folder: Path, images: int) -> Path:
-    from sisray.datasets.synthetic import SyntheticSpec, generate
-
-    generate(folder, SyntheticSpec(seed=1, n_source=1, n_target_train=images, n_target_val=50))
-    return folder
-
+KINDS = ("score", "select", "patches", "train", "target_bn", "eval")
 
 def child(args: list[str]) -> None:
     """jobs/adapt.py in this process, then this process's peak RSS (the driver's) as the last line."""
@@ -48,9 +43,9 @@ def child(args: list[str]) -> None:
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def one_round(root: Path, run_dir: Path, checkpoint: str) -> dict:
+def one_round(root: Path, run_dir: Path, checkpoint: str, tiny: bool) -> dict:
     overrides = [f"data.source.root={root}", f"data.target.root={root}", f"model.source_checkpoint={checkpoint}",
-                 "lse.p0=0.2", "lse.p_step=0", "lse.p_max=0.2", "tracking.enabled=false"]
+                 "lse.p0=0.2", "lse.p_step=0", "lse.p_max=0.2", "tracking.enabled=false", *(TINY if tiny else [])]
     cmd = [sys.executable, __file__, "--child", "--run-dir", str(run_dir)] + [f"--set={o}" for o in overrides]
     began = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
@@ -60,7 +55,7 @@ def one_round(root: Path, run_dir: Path, checkpoint: str) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = {kind: sum(v for k, v in summary["timings_s"].items() if k.endswith(f"/{kind}") and k.startswith("round"))
               for kind in KINDS}
-    stages["source_eval"] = summary["timings_s"]["source/eval"]
+    stages["source"] = sum(v for k, v in summary["timings_s"].items() if k.startswith("source/"))
     return {"wall_s": wall, "stage_s": stages, "selected": summary["rounds"][0]["selected_images"],
             "patches": summary["rounds"][0]["patches"],
             "peak_rss_mb": json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]}
@@ -70,18 +65,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=300, help="N target-train images (the demo's target-train set)")
     p.add_argument("--checkpoint", default=str(REPO / "runs" / "synthetic" / "source" / "checkpoint"))
+    p.add_argument("--tiny", action="store_true", help="N = 4 at 64x32 from a random model (the tests' smoke run)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
     if args.child:
         child(rest)
         return
-    if not Path(args.checkpoint).exists():
+    if not (args.tiny or Path(args.checkpoint).exists()):
         sys.exit(f"no checkpoint at {args.checkpoint}: run `make demo` (or pass --checkpoint)")
-    sizes = [args.n, 2 * args.n, 4 * args.n]
+    base, val = (4, 2) if args.tiny else (args.n, 50)
+    sizes = [base, 2 * base, 4 * base]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = random_checkpoint(Path(tmp) / "random.pt") if args.tiny else args.checkpoint
         for n in sizes:
-            runs.append(one_round(make_set(Path(tmp) / f"n{n}", n), Path(tmp) / f"run{n}", args.checkpoint))
+            runs.append(one_round(make_set(Path(tmp) / f"n{n}", n, val), Path(tmp) / f"run{n}", checkpoint, args.tiny))
             r = runs[-1]
             print(f"{n} target images: {r['wall_s']:.1f} s ({r['selected']} selected, {r['patches']} patches; " +
                   ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_s"].items()) + f"); driver {r['peak_rss_mb']:.0f} MB",

@@ -4,8 +4,10 @@ test marked `ray` (the failure mode of Ray on a small machine is a silent hang).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,3 +71,28 @@ def fcn_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fcn") / "model.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+def small_adaptation(benchmark: Path, source: Path) -> list[str]:
+    """Settings of the tests' two-round job: 64x32 images, a 1/16-width FCN adapted from a stand-in
+    source model, global selection of half and then three quarters of the 4 target images."""
+    return [f"data.source.root={benchmark}", f"data.target.root={benchmark}", "data.source.size=[64, 36]",
+            "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
+            f"model.source_checkpoint={source}", "train.batch_size=4", "train.epochs_per_round=2",
+            "train.checkpoint_every=1", "lse.selection=global", "lse.p0=0.5", "lse.p_step=0.25", "lse.p_max=0.75",
+            "lse.patches_per_image=2", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def small_ablation(small_benchmark, fcn_checkpoint, tmp_path_factory) -> tuple[Path, dict]:
+    """`bench/ablation.py` for seed 0, the default variant only, on the small job: (its output folder,
+    its last line). Its run, `seed_0/lse_fl`, is the tests' uninterrupted reference run of the small
+    job (tests/test_storage.py)."""
+    out = tmp_path_factory.mktemp("ablation")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "ablation.py"), "--out", str(out), "--seeds", "0",
+         "--variants", "lse_fl",
+         *[a for s in small_adaptation(small_benchmark, fcn_checkpoint) for a in ("--set", s)]],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads(done.stdout.strip().splitlines()[-1])

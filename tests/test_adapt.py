@@ -91,7 +91,7 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
     """`python jobs/adapt.py` as a user runs it (in an empty folder: it generates the benchmark),
     shrunk through SISRAY_SET to one round (the default model, ImageNet weights, target BatchNorm
     statistics and photometric augmentation included); then the same command again, and one with
-    another config. Rounds carrying over into rounds: tests/test_faults.py."""
+    another config. Rounds carrying over into rounds: tests/test_storage.py."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

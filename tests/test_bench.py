@@ -1,19 +1,24 @@
-"""Benchmarks run in their tiny modes, so that a bench that breaks fails here (their figures are
-read by people, not asserted)."""
+"""Every benchmark runs here in a tiny mode, so that a bench that breaks fails the tests. Their
+speed figures are read by people, not asserted: these tests check that each bench measures what it
+says (sizes, counts, the same work on both sides)."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _last_json(script: str, *args: str, timeout: int = 300) -> dict:
+def _last_json(script: str, *args: str, timeout: int = 600) -> dict:
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -22,3 +27,73 @@ def test_the_masking_bench_compares_like_with_like():
     figures = _last_json("masking.py", "--tiny")
     assert figures["labels_agree"] == 1.0  # both sides compute the same labels
     assert figures["sisray_s"] > figures["floor_s"] > 0 and figures["threads"] == 2
+
+
+@pytest.mark.ray  # in the processes it starts
+@pytest.mark.timeout(600, method="thread")
+def test_the_scoring_bench_times_whole_runs_of_every_image():
+    figures = _last_json("scoring.py", "--tiny")
+    assert figures["images"] == [4, 8]
+    assert figures["ray_whole_s"] > 0 and figures["bare_2x1_whole_s"] > 0 and figures["bare_1x2_whole_s"] > 0
+    assert figures["whole_run_ratio_same_layout"] == pytest.approx(
+        figures["bare_2x1_whole_s"] / figures["ray_whole_s"], rel=0.05)
+    assert figures["ray_marginal_images_per_s"] > 0 and figures["bytes_per_selected_image"] > 0
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600, method="thread")
+def test_the_training_bench_runs_the_same_steps_on_every_side():
+    figures = _last_json("train_throughput.py", "--tiny")
+    assert figures["steps"] == 3 and figures["batch_size"] == 2
+    assert min(figures["ray_fit_s"], figures["plain_2x1_s"], figures["plain_1x2_s"]) > 0
+    assert figures["steady_ratio_same_layout"] == pytest.approx(
+        figures["ray_samples_per_s"] / figures["plain_2x1_samples_per_s"], rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900, method="thread")
+def test_the_growth_bench_runs_one_round_at_n_2n_and_4n():
+    figures = _last_json("growth.py", "--tiny")
+    assert figures["n"] == [4, 8, 16]
+    assert figures["selected"] == [2, 4, 8]  # global selection of half the images
+    assert figures["patches"] == [2 * s for s in figures["selected"]]
+    assert all(w > sum(stages) > 0 for w, stages in zip(figures["wall_s"], zip(*figures["stage_s"].values())))
+
+
+def _ablation():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_ablation_reports_what_its_runs_measured(small_ablation, fcn_checkpoint):
+    """On the tests' small job, the default variant of one seed (its run is shared with the s3 fault
+    test; the other variants' settings are checked below without running them)."""
+    out, figures = small_ablation
+    run = json.loads((out / "seed_0" / "lse_fl" / "summary.json").read_text())
+    assert figures["seeds"] == [0] and set(figures["variants"]) == {"source_only", "lse_fl"}  # no target BN here
+    assert figures["variants"]["lse_fl"]["miou"] == [100 * run["final"]["miou"]]
+    assert figures["variants"]["source_only"]["miou"] == [100 * run["source_only"]["miou"]]
+    assert figures["variants"]["lse_fl"]["pseudo_label_accuracy_per_round"] == [
+        round(100 * r["pseudo_label_accuracy"]["overall"], 1) for r in run["rounds"]]
+    assert math.isnan(figures["variants"]["lse_fl"]["miou_mean_std"][1])  # one seed: no spread
+    verdict = figures["verdicts"]["lse_fl > source_only"]
+    assert verdict["difference"] == pytest.approx(100 * (run["final"]["miou"] - run["source_only"]["miou"]), abs=0.01)
+    assert not verdict["beats"]  # one seed never shows anything
+    assert _ablation().source_model(out / "seed_0" / "lse_fl") == fcn_checkpoint  # what the variants adapt from
+
+
+def test_every_ablation_variant_is_a_valid_config_that_changes_the_default():
+    from sisray.config import load_config
+
+    ablation = _ablation()
+    default = load_config(REPO / "configs" / "synthetic.yaml")
+    for name, overrides in {**ablation.ADAPTED, **ablation.SOURCE_TRAINED}.items():
+        variant = load_config(REPO / "configs" / "synthetic.yaml", overrides)  # a renamed key fails here
+        assert (variant == default) == (name == ablation.DEFAULT), name

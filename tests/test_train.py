@@ -71,22 +71,31 @@ def _spec(cfg, steps: int, **options) -> TrainSpec:
                      **options)
 
 
+# With a moving average of the weights (lse.ema_decay), which a resumed run must continue, not
+# restart, and the label space of the source's classes.
+OPTIONS = {"ema_decay": 0.5, "classes": CLASSES}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, small_benchmark, tmp_path_factory):
+    """4 steps on 2 workers, uninterrupted: the reference of the resumed and the restarted runs."""
+    folder = tmp_path_factory.mktemp("whole")
+    whole = _config(small_benchmark, folder)
+    return fit(whole, _spec(whole, 4, **OPTIONS), RunStore(folder), "source")
+
+
 @pytest.mark.ray
-def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(ray_session, small_benchmark, tmp_path):
-    """Also with a moving average of the weights (lse.ema_decay), which a resumed run must continue,
-    not restart, and the label space of the source's classes."""
-    options = {"ema_decay": 0.5, "classes": CLASSES}
-    whole = _config(small_benchmark, tmp_path / "whole")
-    result = fit(whole, _spec(whole, 4, **options), RunStore(tmp_path / "whole"), "source")
-    folder = Path(result.checkpoint.path)
+def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(uninterrupted, small_benchmark,
+                                                                                  tmp_path):
+    folder = Path(uninterrupted.checkpoint.path)
     final = torch.load(folder / "model.pt", weights_only=True)  # a plain state dict: the moving average
     student = torch.load(folder / STUDENT, weights_only=True)  # the trained weights
     assert torch.load(folder / "train_state.pt", weights_only=True)["step"] == 4
-    assert result.metrics["resumed_from"] == 0
+    assert uninterrupted.metrics["resumed_from"] == 0
     assert final["label_space.allowed"].nonzero().flatten().tolist() == list(CLASSES)
     assert not torch.allclose(final["score_fr.weight"], student["score_fr.weight"])
 
-    source = open_source(whole.data.source)
+    source = open_source(_config(small_benchmark, tmp_path).data.source)
     images = torch.stack([source[i][0] for i in range(len(source))])
     labels = torch.stack([source[i][1] for i in range(len(source))])
     model = build_model("fcn8s_vgg16", width=0.0625).eval()
@@ -99,8 +108,8 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
 
     # Interrupted after step 2, then the same command again: continues from the saved step.
     part = _config(small_benchmark, tmp_path / "part")
-    fit(part, _spec(part, 2, **options), RunStore(tmp_path / "part"), "source")
-    resumed = fit(part, _spec(part, 4, **options), RunStore(tmp_path / "part"), "source")
+    fit(part, _spec(part, 2, **OPTIONS), RunStore(tmp_path / "part"), "source")
+    resumed = fit(part, _spec(part, 4, **OPTIONS), RunStore(tmp_path / "part"), "source")
     assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == 4
     for name, weights in (("model.pt", final), (STUDENT, student)):
         again = torch.load(Path(resumed.checkpoint.path) / name, weights_only=True)
@@ -157,16 +166,14 @@ def dying_loop(loop_config):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600, method="thread")
-def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_session, small_benchmark, tmp_path):
+def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(uninterrupted, small_benchmark, tmp_path):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     DYING.update(marker=str(tmp_path / "died"), run_dir=str(tmp_path / "hit"))
-    whole = _config(small_benchmark, tmp_path / "whole")
-    final = torch.load(Path(fit(whole, _spec(whole, 4), RunStore(tmp_path / "whole"), "source").checkpoint.path)
-                       / "model.pt", weights_only=True)
+    final = torch.load(Path(uninterrupted.checkpoint.path) / "model.pt", weights_only=True)
     hit = _config(small_benchmark, tmp_path / "hit")
-    result = fit(hit, _spec(hit, 4), RunStore(tmp_path / "hit"), "source", loop=dying_loop)
+    result = fit(hit, _spec(hit, 4, **OPTIONS), RunStore(tmp_path / "hit"), "source", loop=dying_loop)
     assert (tmp_path / "died").exists()  # the worker did die, at step 4, after the step-2 checkpoint
     assert result.metrics["step"] == 4 and result.metrics["resumed_from"] == 2
     again = torch.load(Path(result.checkpoint.path) / "model.pt", weights_only=True)
