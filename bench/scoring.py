@@ -24,23 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import CONFIG, REPO, make_set, random_checkpoint
+
 sys.path.insert(0, str(REPO))
 
 
 def config(root: Path):
     from sisray.config import load_config
 
-    return load_config(REPO / "configs" / "synthetic.yaml", [
+    return load_config(CONFIG, [
         f"data.source.root={root}", f"data.target.root={root}", "tracking.enabled=false",
         "lse.p0=0.2", "lse.selection=global", "resources.num_actors=2"])
-
-
-def make_set(folder: Path, images: int) -> Path:
-    from sisray.datasets.synthetic import SyntheticSpec, generate
-
-    generate(folder, SyntheticSpec(seed=1, n_source=1, n_target_train=images, n_target_val=1))
-    return folder
 
 
 def ray_child(root: Path, checkpoint: str, spawned: float, patches: bool) -> dict:
@@ -106,18 +100,6 @@ def run(*children: list[str]) -> tuple[float, list[dict]]:
     return max(r["whole_s"] for r in results), results
 
 
-def random_checkpoint(folder: Path) -> str:
-    import torch
-
-    from sisray.labels import NUM_CLASSES
-    from sisray.models import build_model
-
-    cfg = config(folder)
-    path = folder / "random.pt"
-    torch.save(build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, "random").state_dict(), path)
-    return str(path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=32)
@@ -135,7 +117,7 @@ def main() -> None:
     small_n, large_n = (4, 8) if args.tiny else (args.n, args.large)
     with tempfile.TemporaryDirectory() as tmp:
         small, large = make_set(Path(tmp) / "small", small_n), make_set(Path(tmp) / "large", large_n)
-        checkpoint = args.checkpoint if Path(args.checkpoint).exists() else random_checkpoint(Path(tmp))
+        checkpoint = args.checkpoint if Path(args.checkpoint).exists() else random_checkpoint(Path(tmp) / "random.pt")
         ray_small_s, (ray_small,) = run(["ray", str(small), checkpoint])
         ray_large_s, (ray_large,) = run(["ray", str(large), checkpoint, "patches"])
         two_s, _ = run(*(["bare", str(large), checkpoint, "1", str(k), "2"] for k in (0, 1)))

@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import REPO, make_set
+
+sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
@@ -78,13 +80,6 @@ def plain_run(cfg, steps: int, world: int, threads: int) -> tuple[float, float]:
     return time.perf_counter() - began, out["samples_per_s"]
 
 
-def tiny_root(folder: Path) -> Path:
-    from sisray.datasets.synthetic import SyntheticSpec, generate
-
-    generate(folder, SyntheticSpec(seed=1, n_source=8, n_target_train=1, n_target_val=1))
-    return folder
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--root", default="data/synthetic")
@@ -94,7 +89,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
-        root = tiny_root(Path(tmp) / "data") if args.tiny else Path(args.root)
+        root = make_set(Path(tmp) / "data", target_train=1, source=8) if args.tiny else Path(args.root)
         steps = 3 if args.tiny else args.steps
         cfg = load_config(args.config, [f"data.source.root={root}", f"data.target.root={root}", "train.num_workers=2",
                                         "train.lr=1e-3", f"train.checkpoint_every={steps}", "tracking.enabled=false",

