@@ -4,12 +4,12 @@
 Each size is one real `jobs/adapt.py` run (its own process and Ray instance) of one round (p = 0.2,
 the demo's first) from the same source model, on a synthetic benchmark with that many target-train
 images and the same 50 target-val images: the source model's evaluation (with and without target
-BatchNorm statistics), scoring, selection, patches, focal-loss
-retraining (2 epochs over the round's patch set, as in the demo) and evaluation. Scoring, patches and
-retraining should grow linearly, evaluation not at all; the fit gives seconds per target image and
-the fixed cost. `--tiny` (N = 4, 64x32 images, a randomly initialised model, global selection) is
-the test suite's smoke run. Last line: {"n", "wall_s", "stage_s", "growth_2n", "growth_4n", "per_image_s",
-"fixed_s", "selected", "patches", "driver_rss_mb"}.
+BatchNorm statistics), scoring, selection, patches, focal-loss retraining (2 epochs over the round's
+patch set, as in the demo), the round model's target statistics and evaluation. Scoring, patches,
+retraining and target statistics should grow linearly, evaluation not at all; the fit gives seconds
+per target image and the fixed cost. `--tiny` (N = 4, 64x32 images, a randomly initialised model,
+global selection, no target statistics) is the test suite's smoke run. Last line: {"n", "wall_s",
+"stage_s", "growth_2n", "growth_4n", "per_image_s", "fixed_s", "selected", "patches", "driver_rss_mb"}.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from common import REPO, TINY, make_set, random_checkpoint
 
 sys.path.insert(0, str(REPO))
 KINDS = ("score", "select", "patches", "train", "target_bn", "eval")
+
 
 def child(args: list[str]) -> None:
     """jobs/adapt.py in this process, then this process's peak RSS (the driver's) as the last line."""
