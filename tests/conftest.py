@@ -73,6 +73,11 @@ def fcn_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def set_args(overrides: list[str]) -> list[str]:
+    """A job's command-line arguments for config overrides: --set k=v for each."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
 def small_adaptation(benchmark: Path, source: Path) -> list[str]:
     """Settings of the tests' two-round job: 64x32 images, a 1/16-width FCN adapted from a stand-in
     source model, global selection of half and then three quarters of the 4 target images."""
@@ -92,7 +97,7 @@ def small_ablation(small_benchmark, fcn_checkpoint, tmp_path_factory) -> tuple[P
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "ablation.py"), "--out", str(out), "--seeds", "0",
          "--variants", "lse_fl",
-         *[a for s in small_adaptation(small_benchmark, fcn_checkpoint) for a in ("--set", s)]],
+         *set_args(small_adaptation(small_benchmark, fcn_checkpoint))],
         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads(done.stdout.strip().splitlines()[-1])

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import set_args
 from sisray.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_pat
         for _ in range(20):  # the head's job agent can come up some seconds after its job API
             submitted = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                 "python", "jobs/adapt.py", "--run-dir", str(run_dir), *[a for s in settings for a in ("--set", s)]],
+                 "python", "jobs/adapt.py", "--run-dir", str(run_dir), *set_args(settings)],
                 env=env, capture_output=True, text=True, timeout=700)  # follows the job's logs until it ends
             if "No available agent" not in submitted.stderr:
                 break

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import small_adaptation
+from conftest import set_args, small_adaptation
 from processes import stop_when
 from sisray import storage
 from sisray.errors import StorageError
@@ -195,7 +195,7 @@ def test_a_job_on_s3_killed_on_two_machines_finishes_on_a_third_as_an_uninterrup
     whole = small_ablation[0] / "seed_0" / "lse_fl"
     location = _uri(s3_endpoint, "job")
     command = [sys.executable, str(REPO / "jobs" / "adapt.py"), "--run-dir", location,
-               *[a for o in small_adaptation(small_benchmark, fcn_checkpoint) for a in ("--set", o)]]
+               *set_args(small_adaptation(small_benchmark, fcn_checkpoint))]
 
     def env(machine: str) -> dict:
         return {**CREDENTIALS, storage.CACHE_ENV: str(tmp_path / machine)}

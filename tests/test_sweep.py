@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import set_args
 from sisray.config import load_config
 from sisray.errors import ConfigError
 from sisray.sweep import load_space, param_space, spearman, trial_config, trial_metrics, trial_slots
@@ -221,7 +222,7 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
              f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "lse.selection=global",
              "lse.patches_per_image=2", f"tracking.uri={uri}"]
     command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
-               "--num-samples", "2", "--run-dir", str(sweep), *[a for o in small for a in ("--set", o)]]
+               "--num-samples", "2", "--run-dir", str(sweep), *set_args(small)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
