@@ -1,6 +1,7 @@
 """The ablation on the built-in benchmark, over seeds: what each part of the method is worth.
 
     python bench/ablation.py [--seeds 0 1 2] [--out runs/ablation] [--variants ...] [--oracle] [--set k=v ...]
+    python bench/ablation.py --suite data/suite --out runs/suite [...]   # every target domain of the suite
 
 Per seed, `lse_fl` is the default config as it is (`jobs/adapt.py`, configs/synthetic.yaml): it
 trains the seed's source model (or takes `--set model.source_checkpoint=...`), which every other
@@ -17,6 +18,10 @@ variant of that seed adapts from, so variants differ only in what the rounds do:
     lse_fl_ema           the default + a round's model (the next round's teacher) = EMA of its weights (decay 0.9)
     source_no_photometric  a source model trained without photometric augmentation (its own run, no rounds)
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
+
+`--suite DIR` runs the same per target domain of the suite (`jobs/make_synthetic.py --suite --out
+DIR`: day, dusk, fog, camera, small): the first domain's default run trains each seed's source model,
+which every domain adapts from (the domains share their source), and prints each domain's table.
 
 `--oracle --variants lse_fl` is the quick look at how much room the benchmark leaves for adaptation
 (source-only, the default, and the oracle).
@@ -99,11 +104,13 @@ def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracle: bool) -> dict[str, dict]:
-    """The evaluation blocks of one seed's variants (and its rounds' pseudo-label accuracy)."""
+def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracle: bool,
+             source: Path | None = None) -> dict[str, dict]:
+    """The evaluation blocks of one seed's variants (and its rounds' pseudo-label accuracy). The
+    default's run trains the seed's source model, unless it is given one (`source`)."""
     base = [*common, f"seed={seed}"]
     folder = out / f"seed_{seed}"
-    job("adapt.py", folder / DEFAULT, base)
+    job("adapt.py", folder / DEFAULT, [*base, *([f"model.source_checkpoint={source}"] if source else [])])
     source = source_model(folder / DEFAULT)
     results = {}
     default = json.loads((folder / DEFAULT / "summary.json").read_text())
@@ -144,22 +151,28 @@ def beats(a: list[float], b: list[float]) -> bool:
     return ma - mb > math.sqrt((sa ** 2 + sb ** 2) / 2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="runs/ablation")
-    parser.add_argument("--variants", nargs="+", default=[*ADAPTED, *SOURCE_TRAINED], choices=[*ADAPTED, *SOURCE_TRAINED])
-    parser.add_argument("--oracle", action="store_true", help="also train the oracle of each seed")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    common = [*args.overrides, "tracking.experiment=sisray-ablation"]
-    variants = sorted(set(args.variants) | {DEFAULT}, key=[*ADAPTED, *SOURCE_TRAINED].index)
-    per_seed = {seed: run_seed(seed, Path(args.out), variants, common, args.oracle) for seed in args.seeds}
+def run_suite(suite: Path, seeds: list[int], out: Path, variants: list[str], common: list[str],
+              oracle: bool) -> dict[str, dict[int, dict]]:
+    """Every domain of the suite (SUITE[d] at SUITE/<d>), per seed: one source model per seed, trained
+    by the first domain's default run (the domains share their source), adapted in every domain."""
+    from sisray.datasets.synthetic import SUITE
 
+    first = next(iter(SUITE))
+    results: dict[str, dict[int, dict]] = {domain: {} for domain in SUITE}
+    for seed in seeds:  # every domain of a seed before the next seed: a first look comes early
+        for domain in SUITE:
+            roots = [f"data.source.root={suite / domain}", f"data.target.root={suite / domain}"]
+            source = None if domain == first else source_model(out / first / f"seed_{seed}" / DEFAULT)
+            results[domain][seed] = run_seed(seed, out / domain, variants, [*common, *roots], oracle, source)
+    return results
+
+
+def summarise(per_seed: dict[int, dict], seeds: list[int], variants: list[str]) -> dict:
+    """Per variant the mean +- std over seeds and per class; the verdicts; printed as a table."""
     names = [n for n in (*FROM_DEFAULT_RUN, *variants, "oracle") if all(n in r for r in per_seed.values())]
     figures: dict[str, dict] = {}
     for name in names:
-        blocks = [per_seed[s][name] for s in args.seeds]
+        blocks = [per_seed[s][name] for s in seeds]
         miou = [100 * b["evaluation"]["miou"] for b in blocks]
         miou19 = [100 * b["evaluation"]["miou19"] for b in blocks]
         classes = blocks[0]["evaluation"]["per_class"]
@@ -172,7 +185,7 @@ def main() -> None:
             figures[name]["pseudo_label_accuracy_per_round"] = [
                 round(100 * float(np.mean([a[r] for a in accuracy])), 1) for r in range(len(accuracy[0]))]
 
-    print(f"\n{len(args.seeds)} seeds {args.seeds}; mean +- std over seeds; benchmark mIoU = its 13 classes\n")
+    print(f"\n{len(seeds)} seeds {seeds}; mean +- std over seeds; benchmark mIoU = its 13 classes\n")
     print(f"{'':<22}{'mIoU':>14}{'mIoU19':>14}   pseudo-label accuracy per round (%)")
     for name, f in figures.items():
         (m, s), (m19, s19) = f["miou_mean_std"], f["miou19_mean_std"]
@@ -193,7 +206,31 @@ def main() -> None:
         verdicts["gap_closed"] = round(share, 3)
         print(f"\nthe default closes {100 * share:.0f}% of the source-only -> oracle gap "
               f"({source:.1f} -> {final:.1f} of {oracle:.1f})")
-    print(json.dumps({"seeds": args.seeds, "variants": figures, "verdicts": verdicts}))
+    return {"variants": figures, "verdicts": verdicts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--variants", nargs="+", default=[*ADAPTED, *SOURCE_TRAINED], choices=[*ADAPTED, *SOURCE_TRAINED])
+    parser.add_argument("--oracle", action="store_true", help="also train the oracle of each seed")
+    parser.add_argument("--suite", type=Path, help="run every target domain of the suite written there "
+                                                   "(python jobs/make_synthetic.py --suite --out DIR)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    common = [*args.overrides, "tracking.experiment=sisray-ablation"]
+    variants = sorted(set(args.variants) | {DEFAULT}, key=[*ADAPTED, *SOURCE_TRAINED].index)
+    if args.suite:
+        domains = run_suite(args.suite.resolve(), args.seeds, Path(args.out), variants, common, args.oracle)
+        figures = {}
+        for domain, per_seed in domains.items():
+            print(f"\n==== target domain: {domain}")
+            figures[domain] = summarise(per_seed, args.seeds, variants)
+        print(json.dumps({"seeds": args.seeds, "domains": figures}))
+        return
+    per_seed = {seed: run_seed(seed, Path(args.out), variants, common, args.oracle) for seed in args.seeds}
+    print(json.dumps({"seeds": args.seeds, **summarise(per_seed, args.seeds, variants)}))
 
 
 if __name__ == "__main__":

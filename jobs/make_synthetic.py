@@ -1,9 +1,11 @@
 """Generate the built-in synthetic benchmark and print its statistics.
 
-    python jobs/make_synthetic.py --out data/synthetic [--seed 0]
+    python jobs/make_synthetic.py --out data/synthetic [--seed 0] [--look dusk]
+    python jobs/make_synthetic.py --suite --out data/suite      # every target domain of the suite
 
-Writes OUT/source (GTA5 layout) and OUT/target (Cityscapes layout, train + val). Re-running on a
-complete set with the same settings does nothing; a half-written set is redone.
+Writes OUT/source (GTA5 layout) and OUT/target (Cityscapes layout, train + val); with --suite, one such
+benchmark per target domain, OUT/<domain> (day, dusk, fog, camera, small), all with the same source.
+Re-running on a complete set with the same settings does nothing; a half-written set is redone.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from sisray.cli import add_config_arguments, run  # noqa: E402
 from sisray.config import load_config  # noqa: E402
-from sisray.datasets.synthetic import SyntheticSource, SyntheticSpec, SyntheticTarget, describe, generate  # noqa: E402
+from sisray.datasets.synthetic import (SUITE, SyntheticSource, SyntheticSpec, SyntheticTarget, describe,  # noqa: E402
+                                      generate, generate_suite)
+from sisray.datasets.synthetic.scene import LOOKS  # noqa: E402
 from sisray.labels import CLASS_NAMES  # noqa: E402
 
 
@@ -31,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-target-val", type=int, default=d.n_target_val)
     p.add_argument("--appearance-gap", type=float, default=d.appearance_gap,
                    help="0: the target looks like the source (only the scale gap); 1: the full photo-like look")
+    p.add_argument("--look", choices=LOOKS, default=d.look, help="the target domain's kind (default: day)")
+    p.add_argument("--suite", action="store_true",
+                   help=f"write every domain of the suite ({', '.join(SUITE)}) as OUT/<domain>")
     p.add_argument("--processes", type=int, default=None, help="generator processes (default: one per core)")
     p.add_argument("--no-stats", action="store_true", help="skip the statistics table")
     add_config_arguments(p)  # the working sizes the statistics are read at
@@ -68,13 +75,17 @@ def print_stats(out: str, config: str, overrides: list[str]) -> None:
 def main() -> None:
     args = parse_args()
     spec = SyntheticSpec(seed=args.seed, n_source=args.n_source, n_target_train=args.n_target_train,
-                         n_target_val=args.n_target_val, appearance_gap=args.appearance_gap)
-    manifest = generate(args.out, spec, processes=args.processes)
-    counts = manifest["counts"]
-    print(f"synthetic benchmark at {args.out}: {counts['source']} source, {counts['target_train']} target-train, "
-          f"{counts['target_val']} target-val images (seed {spec.seed}; generated in {manifest['seconds']} s)")
-    if not args.no_stats:
-        print_stats(args.out, args.config, args.overrides)
+                         n_target_val=args.n_target_val, appearance_gap=args.appearance_gap, look=args.look)
+    outs = ({name: str(Path(args.out) / name) for name in SUITE} if args.suite else {args.out: args.out})
+    manifests = generate_suite(args.out, spec, args.processes) if args.suite else {
+        args.out: generate(args.out, spec, processes=args.processes)}
+    for name, manifest in manifests.items():
+        counts, look = manifest["counts"], manifest["spec"]["look"]
+        print(f"synthetic benchmark at {outs[name]}: {counts['source']} source, {counts['target_train']} target-train, "
+              f"{counts['target_val']} target-val images ({look} look; seed {spec.seed}; "
+              f"generated in {manifest['seconds']} s)")
+        if not args.no_stats:
+            print_stats(outs[name], args.config, args.overrides)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from sisray.config import Config, LSEConfig
-from sisray.datasets import unlabelled_source_classes
 from sisray.labels import NUM_CLASSES
 from sisray.run_state import RunState
-from sisray.rundir import ModelDir, RunDir
+from sisray.rundir import MODEL, ModelDir, RunDir
 from sisray.storage import RunStore, absolute, atomic_write_json
 from sisray.tracking import Tracking, evaluation_metrics
 EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class", "label_free")
@@ -44,10 +43,12 @@ def rounds_without_selection(cfg: Config, target_images: int) -> list[float]:
 
 
 def source_checkpoint(cfg: Config, store: RunStore) -> str:
-    """Where workers read the source model: the given checkpoint, or the source stage's."""
-    if cfg.model.source_checkpoint:
+    """Where workers read the source model: the source stage's, or the given checkpoint (its copy
+    narrowed to the run's label space, once that stage has written one)."""
+    folder = RunDir(store.local).source.checkpoint
+    if cfg.model.source_checkpoint and not (folder / MODEL).is_file():
         return absolute(cfg.model.source_checkpoint)
-    return store.shared(RunDir(store.local).source.checkpoint)
+    return store.shared(folder)
 
 
 def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[dict], None] | None = None) -> dict:
@@ -55,6 +56,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     round's block, in order, those finished before a resume included (a Tune trial reports them)."""
     from sisray.patch_set import report
     from sisray.stages.evaluate import evaluate_into
+    from sisray.stages.label_space import label_space, narrowed_source, unlabelled
     from sisray.stages.patch_pass import patch_pass
     from sisray.stages.score import read_scores, score_pass
     from sisray.stages.select import read_selection, select_and_threshold
@@ -63,9 +65,13 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
 
     store = state.store
     run_dir = RunDir(store.local)
-    source = source_checkpoint(cfg, store)
-    if not cfg.model.source_checkpoint:
+    state.run("source/classes", lambda: label_space(cfg, store))
+    classes = label_space(cfg, store)
+    if cfg.model.source_checkpoint:
+        state.run("source/narrow", lambda: narrowed_source(cfg, store, classes))
+    else:
         state.run("source/train", lambda: train_source(cfg, store, tracking.logger))
+    source = source_checkpoint(cfg, store)
 
     def evaluation(checkpoint: str, folder: ModelDir, step: int, prefix: str = "target_val") -> None:
         block = evaluate_into(cfg, checkpoint, folder)
@@ -83,7 +89,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
         previous = on_target_statistics(previous, run_dir.source.target_bn, "source/target_bn")
         state.run("source/target_bn_eval",
                   lambda: evaluation(previous, run_dir.source.target_bn, 0, "source_target_bn"))
-    skip = unlabelled_source_classes(cfg.data.source)
+    skip = unlabelled(classes)
     for r, p in enumerate(schedule(cfg.lse), start=1):
         folder = run_dir.round(r)
         state.run(f"{folder.name}/score", lambda: score_pass(cfg, previous, folder.scores))

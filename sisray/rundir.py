@@ -1,7 +1,7 @@
 """The names of a run directory's files, in one place.
 
     RUN/config.yaml  state.json  summary.json
-    RUN/source/checkpoint/{model.pt, train_state.pt}  eval.json  overlay.png  [target_bn/]
+    RUN/source/classes.json  checkpoint/{model.pt, train_state.pt}  eval.json  overlay.png  [target_bn/]
     RUN/round_XX/scores.parquet  selection.json  thresholds.json  patches/*.parquet
                  pseudo_labels.json  pseudo_labels.png  checkpoint/  [target_bn/]  eval.json  overlay.png
     SWEEP/sweep.json  sweep_summary.json  best_config.yaml  source/  trials/<trial id>/ (runs)  tuner/
@@ -111,6 +111,11 @@ class RunDir:
     @property
     def source(self) -> ModelDir:
         return ModelDir(self.path / "source")
+
+    @property
+    def label_space(self) -> Path:
+        """The classes the labelled training set's labels contain, counted once (stages/label_space.py)."""
+        return self.path / "source" / "classes.json"
 
     def round(self, r: int) -> RoundDir:
         return RoundDir(self.path / round_name(r))

@@ -65,12 +65,13 @@ def all_ids(rng, values, h=H, w=W) -> np.ndarray:
     return rng.permutation(ids).reshape(h, w)
 
 
-def make_gta5(root: Path, n: int = 3, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_gta5(root: Path, n: int = 3, seed: int = 0, label_ids=range(0, 34)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """GTA5 layout; its labels hold every ID of `label_ids` (default: all 34)."""
     rng = np.random.default_rng(seed)
     truth = {}
     for i in range(1, n + 1):
         name = f"{i:05d}"
-        rgb, ids = rgb_image(rng), all_ids(rng, range(0, 34))
+        rgb, ids = rgb_image(rng), all_ids(rng, label_ids)
         save_rgb(root / "images" / f"{name}.png", rgb)
         save_palette_label(root / "labels" / f"{name}.png", ids)
         truth[name] = (rgb, ids)

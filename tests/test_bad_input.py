@@ -196,7 +196,8 @@ def test_a_disk_full_while_writing_patches_is_a_clear_error_and_leaves_the_state
                         r"Free space and run the same command again: it resumes from the last finished stage",
                         str(err.value)), err.value
     saved = json.loads((run_dir / "state.json").read_text())
-    assert list(saved["finished"]) == ["source/eval", "round_01/score", "round_01/select"]
+    assert list(saved["finished"]) == ["source/classes", "source/narrow", "source/eval", "round_01/score",
+                                      "round_01/select"]
     assert sorted(p.name for p in (run_dir / "round_01").iterdir()) == ["scores.parquet", "selection.json",
                                                                         "thresholds.json"]  # no partial shard
     resumed = run_state.RunState(RunStore(run_dir), cfg)  # every finished stage's files still verify

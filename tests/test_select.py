@@ -40,11 +40,11 @@ def test_classes_the_source_never_labels_are_skipped_and_never_kept(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sisray.datasets import unlabelled_source_classes
-    from sisray.labels import CLASS_NAMES
+    from sisray.labels import CLASS_NAMES, EVAL_SETS
+    from sisray.stages.label_space import unlabelled
 
     cfg = _config(tmp_path, "data.source.name=synthia", "lse.min_per_class=1")
-    skip = unlabelled_source_classes(cfg.data.source)
+    skip = unlabelled(EVAL_SETS[16])
     assert [CLASS_NAMES[c] for c in skip] == ["terrain", "truck", "train"]
     rng = np.random.default_rng(1)
     images = 8

@@ -73,6 +73,57 @@ def test_manifest_and_rerun_is_a_no_op(small_benchmark):
     assert {p: p.stat().st_mtime_ns for p in small_benchmark.rglob("*")} == before
 
 
+def test_a_manifest_made_before_looks_existed_is_the_day_look(small_benchmark, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(small_benchmark, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["spec"]["look"]  # as the generator wrote it before
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert generate(old, SyntheticSpec(**SMALL_SPEC)) == manifest  # the same set: not refused, not redone
+    with pytest.raises(DatasetError, match="made with other settings"):
+        generate(old, SyntheticSpec(**SMALL_SPEC, look="fog"))
+
+
+def test_the_suite_looks_change_the_light_weather_or_camera_not_the_source():
+    day, day_ids = render(SyntheticSpec(), "train", 4)
+    source = render(SyntheticSpec(), "source", 4)
+    for look in ("dusk", "fog", "camera"):
+        other = SyntheticSpec(look=look)
+        assert all(np.array_equal(a, b) for a, b in zip(render(other, "source", 4), source)), look
+    dusk, dusk_ids = render(SyntheticSpec(look="dusk"), "train", 4)
+    fog, fog_ids = render(SyntheticSpec(look="fog"), "train", 4)
+    assert np.array_equal(dusk_ids, day_ids) and np.array_equal(fog_ids, day_ids)  # the same scene and camera
+    assert dusk.mean() < 0.5 * day.mean()  # low light
+    def blue_to_red(rgb):
+        return rgb[..., 2].mean() / rgb[..., 0].mean()
+    assert blue_to_red(dusk) > 1.15 * blue_to_red(day)  # a blue cast
+    sky = day_ids == 23
+    assert fog[sky].std() < 0.5 * day[sky].std() or fog[sky].mean() > day[sky].mean()  # the sky lost in grey
+    far = (day_ids == 11)  # building: farther than the road, more veiled
+    assert fog[far].std() < day[far].std()  # flat contrast
+    camera, camera_ids = render(SyntheticSpec(look="camera"), "train", 4)
+    assert not (camera_ids == 1).any() and (day_ids == 1).any()  # no ego hood (label ID 1)
+
+    def person_heights(look: str) -> list[int]:
+        return [h for i in range(12) for h in _object_heights(
+            CITYSCAPES_ID_TO_TRAINID[render(SyntheticSpec(look=look), "train", i)[1]], train_id("person"))]
+    assert np.median(person_heights("camera")) < 0.85 * np.median(person_heights("day"))  # a wider field of view
+
+
+def test_the_suite_writes_one_benchmark_per_domain(tmp_path):
+    from sisray.datasets.synthetic import SUITE, generate_suite
+
+    manifests = generate_suite(tmp_path, SyntheticSpec(n_source=2, n_target_train=2, n_target_val=1), processes=1)
+    assert list(manifests) == list(SUITE) == ["day", "dusk", "fog", "camera", "small"]
+    assert [m["spec"]["look"] for m in manifests.values()] == ["day", "dusk", "fog", "camera", "day"]
+    assert manifests["small"]["counts"]["target_train"] == 48 and manifests["day"]["counts"]["target_train"] == 2
+    assert filecmp.cmp(tmp_path / "day" / "source" / "images" / "00002.png",
+                       tmp_path / "fog" / "source" / "images" / "00002.png", shallow=False)  # one source
+    assert len(SyntheticTarget(tmp_path / "camera", "train", (64, 32))) == 2
+
+
 def test_other_settings_are_refused(small_benchmark):
     with pytest.raises(DatasetError, match="made with other settings"):
         generate(small_benchmark, SyntheticSpec(**{**SMALL_SPEC, "seed": 99}))
@@ -110,6 +161,8 @@ def test_bad_spec_is_refused(tmp_path):
         generate(tmp_path, SyntheticSpec(zoom=(2.0, 1.5)))
     with pytest.raises(DatasetError, match="appearance_gap = 1.5"):
         generate(tmp_path, SyntheticSpec(appearance_gap=1.5))
+    with pytest.raises(DatasetError, match="look = 'night': expected one of day, dusk, fog, camera"):
+        generate(tmp_path, SyntheticSpec(look="night"))
 
 
 def test_class_statistics_are_plausible():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections import Counter
@@ -181,14 +182,39 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(uni
         assert torch.allclose(final[key], again[key], atol=1e-6), key
 
 
+# A GTA5-layout source whose labels hold 4 of the 19 classes (road, building, sky, car), though the
+# GTA5 loader declares all 19: the label space is what the labels contain.
+GTA5_IDS = (0, 7, 11, 23, 26)  # unlabelled, road, building, sky, car
+GTA5_CLASSES = (0, 2, 10, 13)
+
+
+@pytest.fixture(scope="module")
+def gta5_lacking_classes(tmp_path_factory) -> Path:
+    from layouts import make_gta5
+
+    root = tmp_path_factory.mktemp("gta5")
+    make_gta5(root, n=6, label_ids=GTA5_IDS)
+    return root
+
+
 @pytest.mark.ray
-def test_train_source_publishes_the_checkpoint_and_skips_a_finished_run(ray_session, small_benchmark, tmp_path):
-    cfg = _config(small_benchmark, tmp_path / "run", "train.source_epochs=0.5")  # 6 images, batch 4: 1 step
+def test_a_source_lacking_classes_trains_a_model_that_never_predicts_them(ray_session, small_benchmark,
+                                                                        gta5_lacking_classes, tmp_path):
+    from sisray.datasets import open_target
+
+    cfg = _config(small_benchmark, tmp_path / "run", "train.source_epochs=0.5",  # 6 images, batch 4: 1 step
+                  "data.source.name=gta5", f"data.source.root={gta5_lacking_classes}")
     out = train_source(cfg, RunStore(tmp_path / "run"), None)
     assert out == tmp_path / "run" / "source" / "checkpoint"
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "train_state.pt"]
-    allowed = torch.load(out / "model.pt", weights_only=True)["label_space.allowed"]
-    assert allowed.nonzero().flatten().tolist() == list(CLASSES)  # the source's 13 classes only
+    counted = json.loads((tmp_path / "run" / "source" / "classes.json").read_text())
+    assert counted["classes"] == ["road", "building", "sky", "car"] and counted["labels"] == 6
+    model = build_model("fcn8s_vgg16", width=0.0625, init=str(out)).eval()
+    assert model.label_space.allowed.nonzero().flatten().tolist() == list(GTA5_CLASSES)
+    target = open_target(cfg.data.target, "val", with_labels=False)
+    with torch.no_grad():
+        predicted = model(torch.stack([target.load_image(i) for i in range(len(target))])).argmax(1)
+    assert set(predicted.unique().tolist()) <= set(GTA5_CLASSES)
     stamp = (out / "model.pt").stat().st_mtime_ns
     assert train_source(cfg, RunStore(tmp_path / "run"), None) == out  # finished: not trained again
     assert (out / "model.pt").stat().st_mtime_ns == stamp
@@ -204,10 +230,46 @@ def test_oracle_trains_on_the_target_train_labels(small_benchmark, tmp_path):
     assert not bool((oracle.load_label(0) == 255).all())
 
 
-def test_a_source_model_may_predict_the_classes_its_training_labels_contain(small_benchmark, tmp_path):
-    from sisray.labels import EVAL_SETS
-    from sisray.stages.train import training_classes
+def test_the_label_space_is_counted_from_the_labels_once_and_kept_with_the_run(gta5_lacking_classes, small_benchmark,
+                                                                                tmp_path, monkeypatch):
+    from sisray.datasets.base import SegmentationDataset
+    from sisray.datasets.gta5 import GTA5
+    from sisray.stages.label_space import label_space, unlabelled
 
-    synthia = _config(small_benchmark, tmp_path, "data.source.name=synthia")
-    assert training_classes(synthia) == EVAL_SETS[16]  # no terrain, truck or train
-    assert training_classes(_config(small_benchmark, tmp_path, "data.source.name=synthia", "train.oracle=true")) == CLASSES
+    assert GTA5.eval_classes == tuple(range(19))  # what the loader declares: not what decides
+    gta5 = _config(small_benchmark, tmp_path / "run", "data.source.name=gta5",
+                   f"data.source.root={gta5_lacking_classes}")
+    assert label_space(gta5, RunStore(tmp_path / "run")) == GTA5_CLASSES
+    assert unlabelled(GTA5_CLASSES) == tuple(c for c in range(19) if c not in GTA5_CLASSES)
+    counted = json.loads((tmp_path / "run" / "source" / "classes.json").read_text())
+    assert counted["pixels"]["road"] > 0 and set(counted["images"].values()) == {6}  # every label holds all 4
+
+    def not_again(self, threads=8):
+        raise AssertionError("counted twice")
+    monkeypatch.setattr(SegmentationDataset, "class_counts", not_again)
+    assert label_space(gta5, RunStore(tmp_path / "run")) == GTA5_CLASSES  # read back, not counted
+    # the oracle's label space: the target train labels' classes (the benchmark's 13)
+    oracle = _config(small_benchmark, tmp_path / "oracle", "train.oracle=true")
+    monkeypatch.undo()
+    assert label_space(oracle, RunStore(tmp_path / "oracle")) == CLASSES
+
+
+def test_a_given_source_model_is_narrowed_to_the_label_space(fcn_checkpoint, gta5_lacking_classes, small_benchmark,
+                                                             tmp_path):
+    from sisray.stages.label_space import narrowed_source
+
+    cfg = _config(small_benchmark, tmp_path / "run", f"model.source_checkpoint={fcn_checkpoint}")
+    store = RunStore(tmp_path / "run")
+    narrowed = narrowed_source(cfg, store, GTA5_CLASSES)  # the checkpoint predicts all 19
+    assert narrowed == str(tmp_path / "run" / "source" / "checkpoint")
+    given = torch.load(fcn_checkpoint, weights_only=True)
+    kept = torch.load(Path(narrowed) / "model.pt", weights_only=True)
+    assert kept["label_space.allowed"].nonzero().flatten().tolist() == list(GTA5_CLASSES)
+    assert all(torch.equal(given[k], kept[k]) for k in given if k != "label_space.allowed")
+    model = build_model("fcn8s_vgg16", width=0.0625, init=narrowed).eval()
+    with torch.no_grad():
+        predicted = model(torch.rand(2, 3, 32, 64) * 255).argmax(1)
+    assert set(predicted.unique().tolist()) <= set(GTA5_CLASSES)
+    # a checkpoint within the label space is used as it is
+    assert narrowed_source(_config(small_benchmark, tmp_path / "other", f"model.source_checkpoint={narrowed}"),
+                           RunStore(tmp_path / "other"), GTA5_CLASSES + (5,)) == narrowed

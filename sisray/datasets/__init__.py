@@ -5,11 +5,9 @@ from __future__ import annotations
 from sisray.config import DomainConfig, TargetConfig
 from sisray.datasets.base import Sample, SegmentationDataset
 from sisray.errors import DatasetError
-from sisray.labels import NUM_CLASSES
 from sisray.registry import SOURCE_DATASETS, TARGET_DATASETS, implementation
 
-__all__ = ["Sample", "SegmentationDataset", "open_source", "open_target", "source_classes", "target_eval_classes",
-           "unlabelled_source_classes"]
+__all__ = ["Sample", "SegmentationDataset", "open_source", "open_target", "target_eval_classes"]
 
 
 def _lookup(registry: dict, name: str, role: str) -> type[SegmentationDataset]:
@@ -22,16 +20,6 @@ def open_source(cfg: DomainConfig) -> SegmentationDataset:
     """The labelled source training set at its working size."""
     cls = _lookup(SOURCE_DATASETS, cfg.name, "source")
     return cls(cfg.root, "train", cfg.size, with_labels=True, skip_bad_pairs=cfg.skip_bad_pairs)
-
-
-def source_classes(cfg: DomainConfig) -> tuple[int, ...]:
-    """The trainIds a source labels: the label space of the models trained on it."""
-    return _lookup(SOURCE_DATASETS, cfg.name, "source").eval_classes
-
-
-def unlabelled_source_classes(cfg: DomainConfig) -> tuple[int, ...]:
-    """The trainIds a source never labels (SYNTHIA: terrain, truck, train): selection skips them."""
-    return tuple(c for c in range(NUM_CLASSES) if c not in source_classes(cfg))
 
 
 def target_eval_classes(cfg: TargetConfig) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from sisray.errors import DatasetError
-from sisray.labels import EVAL_SETS, IGNORE
+from sisray.labels import EVAL_SETS, IGNORE, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,27 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if not native and train_ids.shape != (height, width):
             train_ids = np.asarray(Image.fromarray(train_ids).resize((width, height), Image.NEAREST))
         return torch.from_numpy(train_ids.astype(np.int64))
+
+    def class_counts(self, threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, images) per trainId, int64 (19,) each: how many labelled pixels of each class the
+        label files hold at their own resolution, and in how many images it appears. What a model
+        trained on this set can learn to predict is counted here, not declared (`eval_classes`)."""
+        def count(sample: Sample) -> np.ndarray:
+            try:
+                ids = self.read_label_ids(sample.label)
+            except Exception as exc:  # decoding errors of PIL / OpenCV
+                raise DatasetError(f"{sample.label}: cannot decode label: {exc}") from None
+            return np.bincount(self.id_to_trainid[ids].ravel(), minlength=256)[:NUM_CLASSES]
+
+        if not self.with_labels:
+            raise DatasetError(f"{self.name} {self.split}: opened without labels, so its classes cannot be counted")
+        pixels = np.zeros(NUM_CLASSES, np.int64)
+        images = np.zeros(NUM_CLASSES, np.int64)
+        with ThreadPoolExecutor(max_workers=threads) as pool:  # decoding releases the GIL
+            for per_class in pool.map(count, self.samples):
+                pixels += per_class
+                images += per_class > 0
+        return pixels, images
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.load_image(index), self.load_label(index)

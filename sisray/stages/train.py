@@ -17,11 +17,11 @@ from pathlib import Path
 from sisray import storage
 from sisray.cluster import ray_log_level, train_workers
 from sisray.config import Config, with_absolute_paths
-from sisray.datasets import source_classes, target_eval_classes
 from sisray.errors import SisrayError
 from sisray.models import checkpoint_file
 from sisray.patch_set import count_rows
 from sisray.rundir import MODEL, TRAIN_STATE, RunDir, round_name
+from sisray.stages.label_space import label_space
 from sisray.stages.train_loop import TrainSpec, read_train_state, train_loop, training_set
 from sisray.storage import RunStore
 from sisray.tracking import RunLogger
@@ -32,11 +32,6 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 def steps_for(epochs: float, samples: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * samples / batch_size))
-
-
-def training_classes(cfg: Config) -> tuple[int, ...]:
-    """The classes the source stage's labels contain: the label space of the model it trains."""
-    return target_eval_classes(cfg.data.target) if cfg.train.oracle else source_classes(cfg.data.source)
 
 
 def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
@@ -135,7 +130,7 @@ def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path
         return destination
     workers = train_workers(cfg)
     spec = TrainSpec(cfg, folder.name, steps, cfg.model.init, workers.threads_each, logger,
-                     lr=cfg.train.lr, classes=training_classes(cfg))
+                     lr=cfg.train.lr, classes=label_space(cfg, store))
     publish_result(fit(cfg, spec, store, folder.name), destination)
     return destination
 

@@ -11,7 +11,8 @@ ground). They differ the way GTA5 and Cityscapes differ:
   focal length (`zoom`), so objects appear 1.5-2x larger: the scale gap that LSE is about.
 
 Every image is a pure function of (seed, domain, index), so the set does not depend on the number
-of processes generating it.
+of processes generating it. `SyntheticSpec.look` renders other target domains from the same scenes
+(dusk, fog and rain, another camera); `SUITE` is the set of target domains the ablation runs.
 
 The package: `scene` (scene model, `SyntheticSpec`), `render` (geometry and the two looks), `write`
 (`generate`: the layouts on disk), `loaders` (`SyntheticSource`, `SyntheticTarget`, `describe`).
@@ -20,7 +21,7 @@ The package: `scene` (scene model, `SyntheticSpec`), `render` (geometry and the 
 from sisray.datasets.synthetic.loaders import SyntheticSource, SyntheticTarget, describe, require_complete
 from sisray.datasets.synthetic.render import render
 from sisray.datasets.synthetic.scene import CLASSES, SyntheticSpec
-from sisray.datasets.synthetic.write import MANIFEST, generate
+from sisray.datasets.synthetic.write import MANIFEST, SUITE, generate, generate_suite
 
-__all__ = ["CLASSES", "MANIFEST", "SyntheticSource", "SyntheticSpec", "SyntheticTarget", "describe", "generate",
-           "render", "require_complete"]
+__all__ = ["CLASSES", "MANIFEST", "SUITE", "SyntheticSource", "SyntheticSpec", "SyntheticTarget", "describe",
+           "generate", "generate_suite", "render", "require_complete"]

@@ -12,6 +12,7 @@ from sisray.errors import DatasetError
 from sisray.labels import train_id
 
 GENERATOR_VERSION = 1
+LOOKS = ("day", "dusk", "fog", "camera")  # the target domains the generator renders (SyntheticSpec.look)
 
 # ------------------------------------------------------------------------------- materials
 # name: (Cityscapes label ID, source RGB, target RGB, target texture, texture strength, texture px/m)
@@ -68,6 +69,10 @@ class SyntheticSpec:
     # How far the target's look departs from the source's: 0 = the source's colours, no texture, haze,
     # blur or noise (only the scale gap is left); 1 = the full photo-like look.
     appearance_gap: float = 1.0
+    # The target domain's kind (render.LOOKS): "day" (the benchmark), "dusk" (low light, a blue cast,
+    # sensor noise, lit lamps and windows), "fog" (short visibility, rain streaks) or "camera" (another
+    # mounting: higher, tilted down, a shorter focal length, no ego hood).
+    look: str = "day"
     version: int = GENERATOR_VERSION
 
     def validate(self) -> None:
@@ -82,6 +87,8 @@ class SyntheticSpec:
             raise DatasetError(f"synthetic benchmark: zoom = {self.zoom}: expected 1 <= low <= high")
         if not 0.0 <= self.appearance_gap <= 1.0:
             raise DatasetError(f"synthetic benchmark: appearance_gap = {self.appearance_gap}: expected 0 to 1")
+        if self.look not in LOOKS:
+            raise DatasetError(f"synthetic benchmark: look = {self.look!r}: expected one of {', '.join(LOOKS)}")
 
 
 

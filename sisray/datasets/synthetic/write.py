@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import cv2
@@ -70,6 +70,23 @@ def _spec_record(spec: SyntheticSpec) -> dict:
     return json.loads(json.dumps(asdict(spec)))  # tuples -> lists, as stored
 
 
+# The suite of target domains (`jobs/make_synthetic.py --suite`): one benchmark each, the same source
+# (its images do not depend on the target's settings), targets that differ in kind.
+SUITE = {
+    "day": {},                     # the benchmark: photo-like textures, haze, a longer focal length
+    "dusk": {"look": "dusk"},      # low light, a colour cast, sensor noise, lit lamps and windows
+    "fog": {"look": "fog"},        # short visibility and rain streaks
+    "camera": {"look": "camera"},  # another mounting: higher, tilted down, a wider field of view
+    "small": {"n_target_train": 48},  # the day look with 48 unlabelled target images
+}
+ADDED_SPEC_KEYS = {"look": "day"}  # keys added since the first manifests, with the value they meant
+
+
+def generate_suite(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), processes: int | None = None) -> dict:
+    """Every domain of the suite as a benchmark of its own, OUT/<domain>; returns the manifests."""
+    return {name: generate(Path(out) / name, replace(spec, **changes), processes) for name, changes in SUITE.items()}
+
+
 def generate(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), processes: int | None = None) -> dict:
     """Write the benchmark to OUT/source (GTA5 layout) and OUT/target (Cityscapes layout).
 
@@ -85,7 +102,7 @@ def generate(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), processes: 
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{manifest_path}: unreadable manifest ({exc}); delete {out} to regenerate") from None
-        if manifest.get("spec") != _spec_record(spec):
+        if {**ADDED_SPEC_KEYS, **manifest.get("spec", {})} != _spec_record(spec):
             raise DatasetError(f"{out} holds a synthetic benchmark made with other settings "
                                f"{manifest.get('spec')}; choose another --out or delete {out}")
         return manifest
