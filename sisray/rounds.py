@@ -22,7 +22,7 @@ from sisray.run_state import RunState
 from sisray.rundir import MODEL, ModelDir, RunDir
 from sisray.storage import RunStore, absolute, atomic_write_json
 from sisray.tracking import Tracking, evaluation_metrics
-EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class", "label_free")
+EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class", "label_free", "class_share")
 
 
 def schedule(lse: LSEConfig) -> list[float]:

@@ -98,3 +98,44 @@ def test_every_ablation_variant_is_a_valid_config_that_changes_the_default():
     for name, overrides in {**ablation.ADAPTED, **ablation.SOURCE_TRAINED}.items():
         variant = load_config(REPO / "configs" / "synthetic.yaml", overrides)  # a renamed key fails here
         assert (variant == default) == (name == ablation.DEFAULT), name
+
+
+def test_the_suite_adapts_every_domain_from_one_source_model_per_seed(tmp_path, monkeypatch):
+    """bench/ablation.py --suite, its jobs stood in for: which job runs where, on which domain's data,
+    from which source model; and each domain's figures come from its own runs."""
+    from sisray.config import load_config, save_config
+    from sisray.datasets.synthetic import SUITE
+
+    ablation = _ablation()
+    calls = []
+
+    def stand_in(script, run_dir, overrides):  # writes what a finished job leaves behind
+        calls.append((script, run_dir, overrides))
+        run_dir.mkdir(parents=True)
+        save_config(load_config(REPO / "configs" / "synthetic.yaml", overrides), run_dir / "config.yaml")
+        domain, seed = run_dir.parts[-3], int(run_dir.parts[-2].split("_")[1])
+        score = list(SUITE).index(domain) + seed / 10  # a figure particular to the run
+
+        def block(miou):
+            return {"miou": miou, "miou19": miou, "per_class": {"road": miou}}
+        (run_dir / "summary.json").write_text(json.dumps({
+            "source_only": block(score / 100), "final": block((score + 1) / 100),
+            "rounds": [{"pseudo_label_accuracy": {"overall": 0.9}}]}))
+    monkeypatch.setattr(ablation, "job", stand_in)
+
+    results = ablation.run_suite(tmp_path / "suite", [0, 1], tmp_path / "out", ["lse_fl"], [], oracle=False)
+    assert list(results) == list(SUITE) and all(list(r) == [0, 1] for r in results.values())
+    assert [c[1].relative_to(tmp_path / "out").parts[:2] for c in calls] == [
+        (d, f"seed_{s}") for s in (0, 1) for d in SUITE]  # every domain of a seed, then the next seed
+    for script, run_dir, overrides in calls:
+        domain, seed = run_dir.parts[-3], run_dir.parts[-2]
+        assert script == "adapt.py" and f"data.target.root={tmp_path / 'suite' / domain}" in overrides
+        assert f"data.source.root={tmp_path / 'suite' / domain}" in overrides
+        given = [o for o in overrides if o.startswith("model.source_checkpoint=")]
+        if domain == "day":
+            assert not given  # trains the seed's source model
+        else:  # adapts the day run's source model of the same seed
+            assert given == [f"model.source_checkpoint={tmp_path / 'out' / 'day' / seed / 'lse_fl' / 'source' / 'checkpoint'}"]
+    figures = ablation.summarise(results["fog"], [0, 1], ["lse_fl"])
+    assert figures["variants"]["source_only"]["miou"] == pytest.approx([2.0, 2.1])
+    assert figures["variants"]["lse_fl"]["miou"] == pytest.approx([3.0, 3.1])

@@ -53,6 +53,7 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix_and_exports(ray_ses
     assert summary["label_free"]["mean_entropy"] == pytest.approx(entropy, rel=1e-5)
     assert summary["label_free"]["class_entropy"] == pytest.approx(entropy, rel=1e-5)
     assert summary["label_free"]["information"] == pytest.approx(0.0, abs=1e-5)  # one answer for every pixel
+    assert list(summary["class_share"].values()) == pytest.approx(list(p), rel=1e-5)  # the mean prediction
 
     for sample_id in truth:
         city = sample_id.split("_")[0]

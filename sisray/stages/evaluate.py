@@ -20,7 +20,7 @@ from PIL import Image
 from sisray.cluster import stage_errors
 from sisray.config import Config, with_absolute_paths
 from sisray.datasets import open_target
-from sisray.labels import NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
+from sisray.labels import CLASS_NAMES, NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
 from sisray.lse.entropy import pixel_entropy
 from sisray.metrics import ConfusionMatrix
 from sisray.models import checkpoint_file
@@ -129,6 +129,8 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
             pixels += int(batch["pixels"].sum())
     summary = total.summary(dataset.eval_classes)
     summary["label_free"] = label_free(entropy, probs, pixels)
+    # the mean prediction per class: what share of the target images each class takes (label-free)
+    summary["class_share"] = {CLASS_NAMES[c]: float(v) for c, v in enumerate(probs / max(pixels, 1))}
     summary["images"] = len(dataset)
     summary["checkpoint"] = checkpoint
     if figure and pictures:
