@@ -102,6 +102,9 @@ class TrainConfig:
     checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
     pseudo_labels: bool = True  # false: the control of "more training": rounds take as many steps on the source alone
     oracle: bool = False  # train on the target's train labels instead of the source: the upper bound
+    # a seeded share of the labelled images kept out of training: their loss at every checkpoint is the
+    # source-val loss (no target label), the curve that says when source training has converged
+    holdout: float = bounded(0.0, 0.0, 0.5)
 
 
 @dataclass

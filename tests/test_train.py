@@ -29,6 +29,15 @@ def test_every_sample_once_per_epoch_and_batches_are_seeded():
     assert global_batch(0, batch, n, seed=3) != global_batch(0, batch, n, seed=4)
 
 
+def test_a_holdout_is_a_seeded_share_of_the_labelled_set_kept_out_of_training():
+    from sisray.stages.train_loop import holdout_split
+
+    assert holdout_split(10, 0.0, seed=3) == (list(range(10)), [])  # no share: every sample, in order
+    trained, held = holdout_split(10, 0.3, seed=3)
+    assert len(held) == 3 and sorted(trained + held) == list(range(10)) and not set(trained) & set(held)
+    assert holdout_split(10, 0.3, seed=3) == (trained, held) and holdout_split(10, 0.3, seed=4)[1] != held
+
+
 def test_length_is_independent_of_batch_size_in_samples():
     assert steps_for(2.0, 600, 8) == 150 and steps_for(2.0, 600, 1) == 1200
     assert steps_for(0.5, 10, 3) == 2 and steps_for(1e-9, 10, 3) == 1
@@ -73,15 +82,16 @@ def _spec(cfg, steps: int, **options) -> TrainSpec:
 
 
 # With a moving average of the weights (lse.ema_decay), which a resumed run must continue, not
-# restart, and the label space of the source's classes.
+# restart, and the label space of the source's classes; 2 of the 6 source images held out.
 OPTIONS = {"ema_decay": 0.5, "classes": CLASSES}
+HOLDOUT = "train.holdout=0.34"
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, small_benchmark, tmp_path_factory):
     """4 steps on 2 workers, uninterrupted: the reference of the resumed and the restarted runs."""
     folder = tmp_path_factory.mktemp("whole")
-    whole = _config(small_benchmark, folder)
+    whole = _config(small_benchmark, folder, HOLDOUT)
     return fit(whole, _spec(whole, 4, **OPTIONS), RunStore(folder), "source")
 
 
@@ -107,8 +117,18 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
     assert before == pytest.approx(math.log(19), abs=1e-4)  # zero-initialised scores: uniform prediction
     assert after < before - 0.05
 
+    # the held-out images' loss at each checkpoint (steps 2 and 4): the last is the final model's
+    from sisray.stages.train_loop import holdout_split
+
+    curve = torch.load(folder / "train_state.pt", weights_only=True)["holdout_loss"]
+    assert [step for step, _ in curve] == [2, 4] and uninterrupted.metrics["holdout_loss"] == curve[-1][1]
+    _, held_out = holdout_split(len(source), 0.34, seed=0)
+    assert len(held_out) == 2
+    with torch.no_grad():
+        assert curve[-1][1] == pytest.approx(cross_entropy(model(images[held_out]), labels[held_out]).item(), rel=1e-4)
+
     # Interrupted after step 2, then the same command again: continues from the saved step.
-    part = _config(small_benchmark, tmp_path / "part")
+    part = _config(small_benchmark, tmp_path / "part", HOLDOUT)
     fit(part, _spec(part, 2, **OPTIONS), RunStore(tmp_path / "part"), "source")
     resumed = fit(part, _spec(part, 4, **OPTIONS), RunStore(tmp_path / "part"), "source")
     assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == 4
@@ -116,6 +136,9 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
         again = torch.load(Path(resumed.checkpoint.path) / name, weights_only=True)
         for key in weights:
             assert torch.allclose(weights[key].float(), again[key].float(), atol=1e-6), (name, key)
+    resumed_curve = torch.load(Path(resumed.checkpoint.path) / "train_state.pt", weights_only=True)["holdout_loss"]
+    assert [s for s, _ in resumed_curve] == [2, 4]  # the curve carries over the interruption
+    assert [v for _, v in resumed_curve] == pytest.approx([v for _, v in curve], abs=1e-5)
 
 
 DYING = {"marker": "", "run_dir": ""}  # read inside the Train workers: this module is pickled by value
@@ -173,7 +196,7 @@ def test_a_train_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(uni
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     DYING.update(marker=str(tmp_path / "died"), run_dir=str(tmp_path / "hit"))
     final = torch.load(Path(uninterrupted.checkpoint.path) / "model.pt", weights_only=True)
-    hit = _config(small_benchmark, tmp_path / "hit")
+    hit = _config(small_benchmark, tmp_path / "hit", HOLDOUT)
     result = fit(hit, _spec(hit, 4, **OPTIONS), RunStore(tmp_path / "hit"), "source", loop=dying_loop)
     assert (tmp_path / "died").exists()  # the worker did die, at step 4, after the step-2 checkpoint
     assert result.metrics["step"] == 4 and result.metrics["resumed_from"] == 2

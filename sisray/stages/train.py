@@ -22,7 +22,7 @@ from sisray.models import checkpoint_file
 from sisray.patch_set import count_rows
 from sisray.rundir import MODEL, TRAIN_STATE, RunDir, round_name
 from sisray.stages.label_space import label_space
-from sisray.stages.train_loop import TrainSpec, read_train_state, train_loop, training_set
+from sisray.stages.train_loop import TrainSpec, holdout_split, read_train_state, train_loop, training_set
 from sisray.storage import RunStore
 from sisray.tracking import RunLogger
 
@@ -123,7 +123,8 @@ def publish_result(result, destination: Path) -> None:
 def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path:
     """Source-only training: writes RUN/source/checkpoint/ (model.pt + train_state.pt)."""
     dataset = training_set(cfg)  # validated here, before any worker starts
-    steps = steps_for(cfg.train.source_epochs, len(dataset), cfg.train.batch_size)
+    trained, _ = holdout_split(len(dataset), cfg.train.holdout, cfg.seed)
+    steps = steps_for(cfg.train.source_epochs, len(trained), cfg.train.batch_size)
     folder = RunDir(store.local).source
     destination = folder.checkpoint
     if finished_step(destination) >= steps:

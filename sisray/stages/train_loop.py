@@ -73,6 +73,32 @@ def global_batch(step: int, batch_size: int, samples: int, seed: int) -> list[in
     return out
 
 
+def holdout_split(samples: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(trained, held out) indices of the labelled set: a seeded `share` of it kept out of training
+    (train.holdout). Without a share every sample is trained, in the order it always was."""
+    held = round(share * samples)
+    if not held:
+        return list(range(samples)), []
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + 999_983))
+    out = set(order[:held].tolist())
+    return [i for i in range(samples) if i not in out], sorted(out)
+
+
+@torch.no_grad()
+def held_out_loss(model, dataset, indices: list[int], device: torch.device, batch_size: int) -> float:
+    """The mean cross-entropy per labelled pixel of the held-out images, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, pixels = 0.0, 0
+    for start in range(0, len(indices), batch_size):
+        images, labels = load_batch(dataset, indices[start:start + batch_size], device)
+        valid = int((labels != 255).sum())
+        total += cross_entropy(model(images), labels).item() * valid
+        pixels += valid
+    model.train(was_training)
+    return total / max(pixels, 1)
+
+
 def training_set(cfg: Config) -> SegmentationDataset:
     """The labelled set of the source stage: the source, or with `train.oracle` the target's train labels."""
     if cfg.train.oracle:
@@ -87,7 +113,7 @@ def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[torch
 
 
 def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed: int,
-                     average: AveragedModel | None) -> None:
+                     average: AveragedModel | None, holdout_curve: list) -> None:
     # model.pt is a plain state dict, usable on its own (evaluate --checkpoint, model.init): the
     # moving average when there is one; the trained weights then go to student.pt, for resuming.
     if average is not None:
@@ -95,17 +121,17 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed:
         model = average.module
     torch.save(model.state_dict(), folder / MODEL)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "seed": seed}, folder / TRAIN_STATE)
+                "seed": seed, "holdout_loss": holdout_curve}, folder / TRAIN_STATE)
 
 
 def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, seed: int,
-            average: AveragedModel | None = None) -> None:
+            average: AveragedModel | None = None, holdout_curve: list = ()) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed, average)
+            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed, average, list(holdout_curve))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -158,6 +184,7 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
     dataset = training_set(cfg)
+    trained_ids, held_out_ids = holdout_split(len(dataset), cfg.train.holdout, cfg.seed)
     # without pseudo-labels (the continued-source control) a round trains as many steps on the source alone
     patches = (PatchDataset(spec.patches, cfg.data.target.size, cfg.lse.confidence_weight)
                if spec.patches and cfg.train.pseudo_labels else None)
@@ -169,6 +196,7 @@ def train_loop(loop_config: dict) -> None:
     optimizer, scheduler = make_optimizer(model, spec.lr, spec.steps, carried, spec.warmup_steps)
     average = moving_average(model, spec.ema_decay) if spec.ema_decay else None
     start = 0
+    holdout_curve: list[list[float]] = []  # [step, held-out loss] at every checkpoint
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
@@ -181,6 +209,7 @@ def train_loop(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
+        holdout_curve = state.get("holdout_loss", [])
         if average is not None:
             average.n_averaged.fill_(start)  # already averaging: the next update must not restart it
     net = ray.train.torch.prepare_model(model)  # device placement, and DDP when world > 1
@@ -197,8 +226,8 @@ def train_loop(loop_config: dict) -> None:
         net.train()
         if spec.frozen_bn:
             freeze_batchnorm_statistics(net)
-        indices = global_batch(step, cfg.train.batch_size, len(dataset), stream_seed(cfg.seed, spec.round, 0))
-        labelled = load_batch(dataset, indices[mine], device)
+        indices = global_batch(step, cfg.train.batch_size, len(trained_ids), stream_seed(cfg.seed, spec.round, 0))
+        labelled = load_batch(dataset, [trained_ids[i] for i in indices[mine]], device)
         if cfg.train.photometric:
             labelled = (photometric(labelled[0], torch.Generator().manual_seed(draws)), labelled[1])
         pseudo = None
@@ -221,7 +250,13 @@ def train_loop(loop_config: dict) -> None:
             # steady-state throughput: the median step leaves out the warm-up of the first steps
             samples_per_s = cfg.train.batch_size / statistics.median(step_times)
             metrics = {"step": done, "loss": parts["loss"], "resumed_from": start, "samples_per_s": samples_per_s}
-            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed, average)
+            if held_out_ids and rank == 0:  # the published model's loss on the labelled images it never saw
+                published = average.module if average is not None else model
+                holdout_curve.append([done, held_out_loss(published, dataset, held_out_ids, device, per_worker)])
+                metrics["holdout_loss"] = holdout_curve[-1][1]
+                if spec.logger:
+                    spec.logger.metrics({f"{spec.stage}/holdout_loss": holdout_curve[-1][1]}, step=done)
+            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed, average, holdout_curve)
     if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
         metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
-        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average)
+        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average, holdout_curve)
