@@ -78,7 +78,10 @@ def main() -> None:
         columns["+ target BN"] = summary["source_target_bn"]
     columns.update({f"round {b['round']} (p={b['p']:g})": b["evaluation"] for b in summary["rounds"]})
     columns["final"] = summary["final"]
-    print("\nLSE on target val (IoU %; the final model is the last round's):")
+    which = "the last the safeguard accepted" if cfg.lse.safeguard else "the last round's"
+    print(f"\nLSE on target val (IoU %; the final model is {which}):")
+    for verdict in summary["safeguard"]:
+        print(f"safeguard: {verdict['reason']}")
     print(format_iou_table(columns, target_eval_classes(cfg.data.target)))
     shares = rounds.stage_shares(summary)
     print(f"\nwall time of the stages {summary['wall_s']:.0f} s: " +

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 from sisray.config import Config, LSEConfig
 from sisray.labels import NUM_CLASSES
 from sisray.run_state import RunState
-from sisray.rundir import MODEL, ModelDir, RunDir
+from sisray.rundir import MODEL, SAFEGUARD, ModelDir, RunDir
 from sisray.storage import RunStore, absolute, atomic_write_json
 from sisray.tracking import Tracking, evaluation_metrics
 EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class", "label_free", "class_share")
@@ -58,6 +59,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     from sisray.stages.evaluate import evaluate_into
     from sisray.stages.label_space import label_space, narrowed_source, unlabelled
     from sisray.stages.patch_pass import patch_pass
+    from sisray.stages.safeguard import judge_candidate, read_verdict
     from sisray.stages.score import read_scores, score_pass
     from sisray.stages.select import read_selection, select_and_threshold
     from sisray.stages.target_bn import target_batchnorm
@@ -83,16 +85,37 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
         state.run(stage, lambda: target_batchnorm(cfg, model, folder.checkpoint))
         return store.shared(folder.checkpoint)
 
+    def judged(where: str, kind: str, candidate: tuple[str, ModelDir, str], incumbent_scores: Path,
+               incumbent: str) -> bool:
+        """With lse.safeguard: score the candidate model on the target-train images and judge it
+        against the incumbent's scores (RUN/<where>/safeguard.json); whether it is accepted."""
+        model, scored, name = candidate
+        state.run(f"{where}/{kind}", lambda: score_pass(cfg, model, scored.target_scores))
+        verdict = run_dir.path / where / SAFEGUARD
+        state.run(f"{where}/safeguard", lambda: judge_candidate(
+            cfg, where, scored.target_scores, incumbent_scores, run_dir.label_space, classes, verdict, name, incumbent))
+        return read_verdict(verdict).accepted
+
     state.run("source/eval", lambda: evaluation(source, run_dir.source, 0))
-    previous = source
+    teacher = (source, run_dir.source, "the source model")  # the model the next round learns from
+    use_target_bn = cfg.lse.target_bn
     if cfg.lse.target_bn:
-        previous = on_target_statistics(previous, run_dir.source.target_bn, "source/target_bn")
+        adapted = on_target_statistics(source, run_dir.source.target_bn, "source/target_bn")
         state.run("source/target_bn_eval",
-                  lambda: evaluation(previous, run_dir.source.target_bn, 0, "source_target_bn"))
+                  lambda: evaluation(adapted, run_dir.source.target_bn, 0, "source_target_bn"))
+        candidate = (adapted, run_dir.source.target_bn, "the source model with target BatchNorm statistics")
+        if cfg.lse.safeguard:
+            state.run("source/target_scores", lambda: score_pass(cfg, source, run_dir.source.target_scores))
+            use_target_bn = judged("source", "target_bn_scores", candidate, run_dir.source.target_scores,
+                                   "the source model")
+        teacher = candidate if use_target_bn else teacher
     skip = unlabelled(classes)
     for r, p in enumerate(schedule(cfg.lse), start=1):
         folder = run_dir.round(r)
-        state.run(f"{folder.name}/score", lambda: score_pass(cfg, previous, folder.scores))
+        previous, teacher_folder, teacher_name = teacher
+        scored = teacher_folder.target_scores  # the safeguard scored the teacher already: no second pass
+        state.run(f"{folder.name}/score", lambda: folder.path.mkdir(exist_ok=True) or shutil.copyfile(
+            scored, folder.scores) if scored.is_file() else score_pass(cfg, previous, folder.scores))
         state.run(f"{folder.name}/select",
                   lambda: select_and_threshold(cfg, read_scores(folder.scores), p, folder, skip))
         state.run(f"{folder.name}/patches",
@@ -107,10 +130,13 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
                     tracking.artifact(artifact, folder.name)
         state.run(f"{folder.name}/report", pseudo_labels)
         state.run(f"{folder.name}/train", lambda: train_round(cfg, store, r, previous, tracking.logger))
-        previous = store.shared(folder.checkpoint)
-        if cfg.lse.target_bn:
-            previous = on_target_statistics(previous, folder.target_bn, f"{folder.name}/target_bn")
-        state.run(f"{folder.name}/eval", lambda: evaluation(previous, folder, r))
+        trained, trained_folder = store.shared(folder.checkpoint), folder
+        if use_target_bn:
+            trained, trained_folder = on_target_statistics(trained, folder.target_bn, f"{folder.name}/target_bn"), folder.target_bn
+        state.run(f"{folder.name}/eval", lambda: evaluation(trained, folder, r))
+        candidate = (trained, trained_folder, f"round {r}'s model")
+        if not cfg.lse.safeguard or judged(folder.name, "target_scores", candidate, folder.scores, teacher_name):
+            teacher = candidate
         # once per round (a resumed job does not log it twice), with the eval stage's time known
         state.run(f"{folder.name}/log",
                   lambda: tracking.metrics(round_metrics(round_block(run_dir, state, r, p)), step=r))
@@ -130,7 +156,7 @@ def evaluation_block(path: Path) -> dict:
     return {k: v for k, v in _read(path).items() if k in EVAL_KEYS}
 
 
-ROUND_STAGES = ("score", "select", "patches", "report", "train", "target_bn", "eval")
+ROUND_STAGES = ("score", "select", "patches", "report", "train", "target_bn", "eval", "target_scores", "safeguard")
 
 
 def round_block(run_dir: RunDir, state: RunState, r: int, p: float) -> dict:
@@ -146,7 +172,21 @@ def round_block(run_dir: RunDir, state: RunState, r: int, p: float) -> dict:
              "timings_s": {s: state.seconds(f"{folder.name}/{s}") for s in ROUND_STAGES}}
     if "pseudo_label_accuracy" in report:
         block["pseudo_label_accuracy"] = report["pseudo_label_accuracy"]  # diagnostic: target labels
+    if folder.safeguard.is_file():
+        block["safeguard"] = _read(folder.safeguard)
     return block
+
+
+def final_evaluation(cfg: Config, run_dir: RunDir, rounds: list[dict]) -> dict:
+    """The evaluation of the run's final model: the last round's, or with lse.safeguard the last
+    model it accepted (the source model, with target BatchNorm statistics if those were accepted)."""
+    if not cfg.lse.safeguard:
+        return rounds[-1]["evaluation"]
+    accepted = [b for b in rounds if b["safeguard"]["accepted"]]
+    if accepted:
+        return accepted[-1]["evaluation"]
+    target_bn = cfg.lse.target_bn and _read(run_dir.source.safeguard)["accepted"]
+    return evaluation_block(run_dir.source.target_bn.eval if target_bn else run_dir.source.eval)
 
 
 def round_metrics(block: dict) -> dict[str, float]:
@@ -162,14 +202,17 @@ def round_metrics(block: dict) -> dict[str, float]:
 
 
 def write_summary(cfg: Config, run_dir: RunDir, state: RunState) -> dict:
-    """RUN/summary.json from the finished stages: source_only, rounds, final (the last round's model)."""
+    """RUN/summary.json from the finished stages: source_only, rounds, the safeguard's verdicts, final
+    (the last round's model, or the last model the safeguard accepted)."""
     rounds = [round_block(run_dir, state, r, p) for r, p in enumerate(schedule(cfg.lse), start=1)
-              if state.finished(f"{run_dir.round(r).name}/eval")]
+              if state.finished(f"{run_dir.round(r).name}/{'safeguard' if cfg.lse.safeguard else 'eval'}")]
     block = {"source_only": evaluation_block(run_dir.source.eval) if state.finished("source/eval") else None,
              "source_target_bn": evaluation_block(run_dir.source.target_bn.eval)
              if state.finished("source/target_bn_eval") else None,
              "rounds": rounds,
-             "final": rounds[-1]["evaluation"] if len(rounds) == len(schedule(cfg.lse)) else None,
+             "safeguard": [_read(f) for f in (run_dir.source.safeguard, *(run_dir.round(b["round"]).safeguard
+                                                                       for b in rounds)) if f.is_file()],
+             "final": final_evaluation(cfg, run_dir, rounds) if len(rounds) == len(schedule(cfg.lse)) else None,
              "complete": len(rounds) == len(schedule(cfg.lse)),
              "timings_s": dict(state.data["finished"]),
              "wall_s": round(sum(state.data["finished"].values()), 2)}

@@ -2,6 +2,7 @@
 
     RUN/config.yaml  state.json  summary.json
     RUN/source/classes.json  checkpoint/{model.pt, train_state.pt}  eval.json  overlay.png  [target_bn/]
+               [target_scores.parquet  safeguard.json]  (lse.safeguard, also in round folders)
     RUN/round_XX/scores.parquet  selection.json  thresholds.json  patches/*.parquet
                  pseudo_labels.json  pseudo_labels.png  checkpoint/  [target_bn/]  eval.json  overlay.png
     SWEEP/sweep.json  sweep_summary.json  best_config.yaml  source/  trials/<trial id>/ (runs)  tuner/
@@ -22,6 +23,7 @@ BOOKKEEPING = (CONFIG, STATE, SUMMARY)  # files no stage's record covers
 
 MODEL = "model.pt"  # a plain state dict: usable on its own (evaluate --checkpoint, model.init)
 TRAIN_STATE = "train_state.pt"  # optimiser, scheduler, step, seed
+SAFEGUARD = "safeguard.json"  # a verdict of the safeguard (lse.safeguard), in the folder of the decision
 STUDENT = "student.pt"  # the trained weights, beside their moving average in model.pt (lse.ema_decay)
 
 SWEEP_STATE = "sweep.json"
@@ -54,6 +56,16 @@ class ModelDir:
     @property
     def overlay(self) -> Path:
         return self.path / "overlay.png"
+
+    @property
+    def target_scores(self) -> Path:
+        """This model's scoring records on the target-train images (lse.safeguard)."""
+        return self.path / "target_scores.parquet"
+
+    @property
+    def safeguard(self) -> Path:
+        """The safeguard's verdict on the change this folder's stage proposes (lse.safeguard)."""
+        return self.path / SAFEGUARD
 
     @property
     def target_bn(self) -> ModelDir:

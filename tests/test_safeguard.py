@@ -1,0 +1,188 @@
+"""The label-free safeguard (lse.safeguard): its distance and verdicts (pure), and how the rounds
+follow its verdicts, with every Ray stage stood in for so that each model's predictions are chosen
+by the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sisray import rounds, run_state
+from sisray.config import load_config
+from sisray.datasets.synthetic import CLASSES as BENCHMARK
+from sisray.safeguard import judge, predicted_share, prior_distance, source_share
+from sisray.storage import RunStore
+from sisray.tracking import Tracking
+
+CLASSES = (0, 2, 10, 13)  # road, building, sky, car
+PRIOR = np.array([0.4, 0.3, 0.2, 0.1])
+
+
+def counts_like(share, classes=CLASSES, images: int = 4) -> np.ndarray:
+    """(images, 19) predicted-pixel counts whose class proportions are `share` over `classes`."""
+    counts = np.zeros((images, 19), np.int64)
+    counts[:, list(classes)] = np.round(np.asarray(share) * 1000).astype(np.int64)
+    return counts
+
+
+def test_the_distance_is_zero_for_the_source_proportions_and_counts_every_class_alike():
+    assert predicted_share(counts_like(PRIOR), CLASSES) == pytest.approx(PRIOR)
+    assert prior_distance(PRIOR, PRIOR) == 0.0
+    road_halved = prior_distance(np.array([0.2, 0.4, 0.27, 0.13]), PRIOR)
+    car_halved = prior_distance(np.array([0.42, 0.32, 0.21, 0.05]), PRIOR)
+    assert car_halved > 0.15 and road_halved > 0.15  # a rare class counts as much as the road
+    # a class never predicted is far, not infinitely far
+    assert np.isfinite(prior_distance(np.array([0.5, 0.3, 0.2, 0.0]), PRIOR))
+    assert source_share({"road": 40, "building": 30, "sky": 20, "car": 10, "person": 99}, CLASSES) == pytest.approx(PRIOR)
+
+
+def test_a_candidate_further_from_the_source_proportions_than_the_tolerance_is_rejected():
+    collapsed = counts_like([0.7, 0.25, 0.05, 0.0])
+    near = counts_like([0.38, 0.31, 0.2, 0.11])
+    kept = judge("round_02", collapsed, near, PRIOR, CLASSES, 0.05, "round 2's model", "round 1's model")
+    assert not kept.accepted and kept.candidate_distance > kept.incumbent_distance + 0.05
+    assert kept.reason.startswith("round 2's model rejected, keeping round 1's model: the distance")
+    assert judge("round_02", near, collapsed, PRIOR, CLASSES, 0.05, "a", "b").accepted
+    slightly = counts_like([0.39, 0.31, 0.2, 0.1])
+    assert judge("round_02", near, slightly, PRIOR, CLASSES, 1.0, "a", "b").accepted  # within the tolerance
+
+
+def _model_kind(checkpoint: str) -> str:
+    """Which model a checkpoint location is: source, source_bn, round_01, round_01_bn, ..."""
+    parts = Path(checkpoint).parts
+    where = parts[-2] if parts[-1] in ("checkpoint", "target_bn", "model.pt") else parts[-1]
+    if parts[-1] == "model.pt":
+        parts = parts[:-1]
+        where = parts[-2] if parts[-1] in ("checkpoint", "target_bn") else parts[-1]
+    return where + ("_bn" if parts[-1] == "target_bn" else "")
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """Every stage of the rounds stood in for; `predicts[kind]` is the class proportions model
+    `kind` predicts on the target, `miou[kind]` its evaluation. Returns (predicts, miou, calls)."""
+    from sisray import patch_set
+    from sisray.stages import evaluate, patch_pass, score, select, target_bn, train
+
+    predicts: dict[str, list[float]] = {}
+    miou: dict[str, float] = {}
+    calls: list[tuple[str, str]] = []
+
+    def score_pass(cfg, checkpoint, out):
+        kind = _model_kind(str(checkpoint))
+        calls.append(("score", kind))
+        counts = counts_like(predicts[kind], BENCHMARK)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"index": np.arange(4), "sample_id": [str(i) for i in range(4)],
+                                 "counts": counts.tolist(), "scores": np.ones((4, 19), np.float32).tolist(),
+                                 "mean_entropy": np.zeros((4, 19), np.float32).tolist(),
+                                 "histograms": np.zeros((4, 19, 2), np.int64).tolist(), "error": [""] * 4}), out)
+
+    def evaluate_into(cfg, checkpoint, folder):
+        kind = _model_kind(str(checkpoint))
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.eval.write_text(json.dumps({"miou": miou[kind], "miou19": miou[kind], "per_class": {}}))
+        return {"miou": miou[kind], "miou19": miou[kind], "miou16": None, "miou13": None, "pixel_accuracy": 0.0,
+                "per_class": {}}
+
+    def with_target_statistics(cfg, model, destination):
+        calls.append(("target_bn", _model_kind(str(model))))
+        destination.mkdir(parents=True, exist_ok=True)
+        (destination / "model.pt").write_bytes(b"bn")
+
+    def train_round(cfg, store, r, previous, logger):
+        calls.append((f"train round {r}", _model_kind(str(previous))))
+        folder = store.local / f"round_{r:02d}" / "checkpoint"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.pt").write_bytes(b"trained")
+
+    def select_and_threshold(cfg, tables, p, folder, skip):
+        folder.selection.write_text(json.dumps({"selected_index": [0]}))
+        folder.thresholds.write_text(json.dumps({"estimator": "cutoff_image", "tau": {}}))
+
+    monkeypatch.setattr(score, "score_pass", score_pass)
+    monkeypatch.setattr(evaluate, "evaluate_into", evaluate_into)
+    monkeypatch.setattr(target_bn, "target_batchnorm", with_target_statistics)
+    monkeypatch.setattr(train, "train_round", train_round)
+    monkeypatch.setattr(select, "select_and_threshold", select_and_threshold)
+    monkeypatch.setattr(select, "read_selection", lambda folder: ([0], np.zeros(19)))
+    monkeypatch.setattr(patch_pass, "patch_pass", lambda *args, **kwargs: None)
+    monkeypatch.setattr(patch_set, "report", lambda *args: {
+        "images_scored": 4, "images_skipped": 0, "selected_images": 1, "patches": 2, "ignored_share": 0.5,
+        "coverage": {}, "tau": {}})
+    return predicts, miou, calls
+
+
+COLLAPSED = [0.9] + [0.1 / 12] * 12  # road everywhere, the rest nearly never
+
+
+def source_proportions(small_benchmark) -> list[float]:
+    """The benchmark's 13 classes in the proportions of its source labels: what a good model predicts."""
+    from sisray.datasets.synthetic import SyntheticSource
+
+    pixels, _ = SyntheticSource(small_benchmark, "train", (64, 36)).class_counts()
+    return list(pixels[list(BENCHMARK)] / pixels[list(BENCHMARK)].sum())
+
+
+def _run(tmp_path, small_benchmark, fcn_checkpoint, *extra):
+    from sisray.stages.label_space import label_space
+
+    cfg = load_config(None, [
+        "data.source.name=synthetic", f"data.source.root={small_benchmark}", "data.target.name=synthetic",
+        f"data.target.root={small_benchmark}", "model.name=fcn8s_vgg16", "model.width=0.0625",
+        f"model.source_checkpoint={fcn_checkpoint}", "lse.p0=0.5", "lse.p_step=0.25", "lse.p_max=0.75",
+        "lse.safeguard=true", f"run_dir={tmp_path / 'run'}", "tracking.enabled=false", *extra])
+    store = RunStore(tmp_path / "run")
+    classes = label_space(cfg, store)
+    return cfg, classes, rounds.run(cfg, run_state.RunState(store, cfg), Tracking(cfg, "adapt"))
+
+
+def test_rejected_target_statistics_and_a_rejected_round_keep_the_incumbent(stand_ins, small_benchmark,
+                                                                           fcn_checkpoint, tmp_path):
+    predicts, miou, calls = stand_ins
+    good, collapsed = source_proportions(small_benchmark), COLLAPSED
+    predicts.update(source=good, source_bn=collapsed, round_01=good, round_02=collapsed)
+    miou.update(source=0.30, source_bn=0.20, round_01=0.35, round_02=0.10)
+    cfg, classes, summary = _run(tmp_path, small_benchmark, fcn_checkpoint, "lse.target_bn=true")
+
+    assert [v["decision"] for v in summary["safeguard"]] == ["source", "round_01", "round_02"]
+    assert [v["accepted"] for v in summary["safeguard"]] == [False, True, False]
+    # BN rejected: round 1 learns from the plain source model, from its scores (no second pass), and
+    # no round model gets target statistics
+    assert ("train round 1", "source") in calls and ("train round 2", "round_01") in calls
+    assert [c for c in calls if c[0] == "target_bn"] == [("target_bn", "source")]
+    assert calls.count(("score", "source")) == 1 and calls.count(("score", "round_01")) == 1
+    run = tmp_path / "run"
+    assert (run / "round_01" / "scores.parquet").read_bytes() == (run / "source" / "target_scores.parquet").read_bytes()
+    assert (run / "round_02" / "scores.parquet").read_bytes() == (run / "round_01" / "target_scores.parquet").read_bytes()
+    assert summary["final"]["miou"] == 0.35  # round 1's model: round 2's was rejected
+    assert summary["rounds"][1]["safeguard"]["reason"].startswith("round 2's model rejected, keeping round 1's model")
+
+
+def test_accepted_target_statistics_carry_on_into_the_rounds(stand_ins, small_benchmark, fcn_checkpoint, tmp_path):
+    predicts, miou, calls = stand_ins
+    collapsed, good = COLLAPSED, source_proportions(small_benchmark)
+    predicts.update(source=collapsed, source_bn=good, round_01_bn=good, round_02_bn=collapsed)
+    miou.update(source=0.1, source_bn=0.3, round_01_bn=0.35, round_02_bn=0.2)
+    cfg, classes, summary = _run(tmp_path, small_benchmark, fcn_checkpoint, "lse.target_bn=true")
+    assert [v["accepted"] for v in summary["safeguard"]] == [True, True, False]
+    assert ("train round 1", "source_bn") in calls and ("train round 2", "round_01_bn") in calls
+    assert [c[1] for c in calls if c[0] == "target_bn"] == ["source", "round_01", "round_02"]
+    assert summary["final"]["miou"] == 0.35
+
+
+def test_without_rounds_accepted_the_final_model_is_the_source_model(stand_ins, small_benchmark, fcn_checkpoint,
+                                                                     tmp_path):
+    predicts, miou, calls = stand_ins
+    good, collapsed = source_proportions(small_benchmark), COLLAPSED
+    predicts.update(source=good, round_01=collapsed, round_02=collapsed)
+    miou.update(source=0.3, round_01=0.2, round_02=0.1)
+    cfg, classes, summary = _run(tmp_path, small_benchmark, fcn_checkpoint, "lse.target_bn=false")
+    assert [v["accepted"] for v in summary["safeguard"]] == [False, False]
+    assert ("train round 2", "source") in calls  # round 2 learns from the model kept: the source model
+    assert summary["final"]["miou"] == 0.3
