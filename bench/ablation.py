@@ -16,6 +16,7 @@ variant of that seed adapts from, so variants differ only in what the rounds do:
     lse_fl_source_bn     the default without target BatchNorm statistics (the paper's method alone)
     lse_fl_confidence    the default + each pseudo-labelled pixel's loss weighted by the teacher's confidence
     lse_fl_ema           the default + a round's model (the next round's teacher) = EMA of its weights (decay 0.9)
+    lse_fl_safeguard     the default + the label-free safeguard (target BN and each round's model judged)
     source_no_photometric  a source model trained without photometric augmentation (its own run, no rounds)
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
 
@@ -55,6 +56,7 @@ ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source
     "lse_fl_source_bn": ["lse.target_bn=false"],
     "lse_fl_confidence": ["lse.confidence_weight=true"],
     "lse_fl_ema": ["lse.ema_decay=0.9"],  # rounds of ~25-30 steps: an average over the last ~10
+    "lse_fl_safeguard": ["lse.safeguard=true"],
 }
 SOURCE_TRAINED = {  # variant -> overrides of jobs/train_source.py: a source model of its own
     "source_no_photometric": ["train.photometric=false"],
@@ -65,6 +67,7 @@ COMPARISONS = [  # (A, B): does A beat B?
     (DEFAULT, "plain_self_training"), (DEFAULT, "lse"), (DEFAULT, "lse_fl_source_bn"),
     ("lse_fl_source_bn", "source_only"), ("source_target_bn", "source_only"),
     ("lse_fl_confidence", DEFAULT), ("lse_fl_ema", DEFAULT), ("source_only", "source_no_photometric"),
+    ("lse_fl_safeguard", DEFAULT), ("lse_fl_safeguard", "source_only"),
 ]
 
 
@@ -128,6 +131,8 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
         results[name] = {"evaluation": summary["final"],
                          "pseudo_label_accuracy": [r.get("pseudo_label_accuracy", {}).get("overall")
                                                    for r in summary["rounds"]]}
+        if summary.get("safeguard"):
+            results[name]["safeguard"] = safeguard_record(summary)
     if oracle:
         from sisray.config import load_config
         from sisray.datasets import open_source, open_target
@@ -138,6 +143,23 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
         job("train_source.py", folder / "oracle", [*base, "train.oracle=true", f"train.source_epochs={epochs}"])
         results["oracle"] = {"evaluation": json.loads((folder / "oracle" / "source" / "eval.json").read_text())}
     return results
+
+
+def safeguard_record(summary: dict) -> list[dict]:
+    """Each verdict of the safeguard beside what target-val mIoU says of it: `right` when it accepted a
+    candidate at least as good as the model it replaced, or rejected a worse one."""
+    incumbent = summary["source_only"]
+    candidates = {"source": summary["source_target_bn"],
+                  **{f"round_{b['round']:02d}": b["evaluation"] for b in summary["rounds"]}}
+    record = []
+    for verdict in summary["safeguard"]:
+        candidate = candidates[verdict["decision"]]
+        better = candidate["miou"] >= incumbent["miou"]
+        record.append({"decision": verdict["decision"], "accepted": verdict["accepted"],
+                       "gain": round(100 * (candidate["miou"] - incumbent["miou"]), 2),
+                       "right": better == verdict["accepted"]})
+        incumbent = candidate if verdict["accepted"] else incumbent
+    return record
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -180,6 +202,11 @@ def summarise(per_seed: dict[int, dict], seeds: list[int], variants: list[str]) 
                      for c in classes if any(b["evaluation"]["per_class"][c] is not None for b in blocks)}
         figures[name] = {"miou": miou, "miou_mean_std": [round(v, 2) for v in mean_std(miou)],
                          "miou19_mean_std": [round(v, 2) for v in mean_std(miou19)], "per_class": per_class}
+        if all("safeguard" in b for b in blocks):
+            decisions = [d for b in blocks for d in b["safeguard"]]
+            figures[name]["safeguard"] = {"decisions": len(decisions), "right": sum(d["right"] for d in decisions),
+                                          "rejected": sum(not d["accepted"] for d in decisions), "per_seed": [
+                                              b["safeguard"] for b in blocks]}
         accuracy = [b.get("pseudo_label_accuracy") for b in blocks]
         if accuracy[0]:
             figures[name]["pseudo_label_accuracy_per_round"] = [
@@ -191,6 +218,9 @@ def summarise(per_seed: dict[int, dict], seeds: list[int], variants: list[str]) 
         (m, s), (m19, s19) = f["miou_mean_std"], f["miou19_mean_std"]
         accuracy = " / ".join(f"{a:.1f}" for a in f.get("pseudo_label_accuracy_per_round", []))
         print(f"{name:<22}{m:>8.1f} +-{s:>4.1f}{m19:>8.1f} +-{s19:>4.1f}   {accuracy}")
+        if "safeguard" in f:
+            g = f["safeguard"]
+            print(f"{'':<22}safeguard: {g['right']} of {g['decisions']} verdicts right ({g['rejected']} rejections)")
     verdicts = {}
     print("\nverdicts (A beats B: mean difference > pooled std):")
     for a, b in COMPARISONS:

@@ -139,3 +139,19 @@ def test_the_suite_adapts_every_domain_from_one_source_model_per_seed(tmp_path, 
     figures = ablation.summarise(results["fog"], [0, 1], ["lse_fl"])
     assert figures["variants"]["source_only"]["miou"] == pytest.approx([2.0, 2.1])
     assert figures["variants"]["lse_fl"]["miou"] == pytest.approx([3.0, 3.1])
+
+
+def test_the_safeguard_record_says_which_verdicts_target_labels_bear_out():
+    def ev(miou):
+        return {"miou": miou}
+    summary = {"source_only": ev(0.30), "source_target_bn": ev(0.25),
+               "rounds": [{"round": 1, "evaluation": ev(0.35)}, {"round": 2, "evaluation": ev(0.33)}],
+               "safeguard": [{"decision": "source", "accepted": True}, {"decision": "round_01", "accepted": True},
+                             {"decision": "round_02", "accepted": True}]}
+    record = _ablation().safeguard_record(summary)
+    # BN accepted though worse (wrong); round 1 (0.35 against the BN model's 0.25) right; round 2 (0.33
+    # against round 1's 0.35) accepted: wrong
+    assert [(r["right"], r["gain"]) for r in record] == [(False, -5.0), (True, 10.0), (False, -2.0)]
+    summary["safeguard"][0]["accepted"] = False  # BN rejected: round 1 is compared with the source model
+    record = _ablation().safeguard_record(summary)
+    assert [(r["right"], r["gain"]) for r in record] == [(True, -5.0), (True, 5.0), (False, -2.0)]
