@@ -79,7 +79,7 @@ def test_a_manifest_made_before_looks_existed_is_the_day_look(small_benchmark, t
     old = tmp_path / "old"
     shutil.copytree(small_benchmark, old)
     manifest = json.loads((old / MANIFEST).read_text())
-    del manifest["spec"]["look"]  # as the generator wrote it before
+    del manifest["spec"]["look"], manifest["spec"]["drives"]  # as the generator wrote it before
     (old / MANIFEST).write_text(json.dumps(manifest))
     assert generate(old, SyntheticSpec(**SMALL_SPEC)) == manifest  # the same set: not refused, not redone
     with pytest.raises(DatasetError, match="made with other settings"):
@@ -112,12 +112,25 @@ def test_the_suite_looks_change_the_light_weather_or_camera_not_the_source():
     assert np.median(person_heights("camera")) < 0.85 * np.median(person_heights("day"))  # a wider field of view
 
 
+def test_drives_are_consecutive_frames_of_one_street_and_leave_val_alone():
+    spec = SyntheticSpec(n_target_train=8, drives=2)  # frames 0-3 of drive 0, then of drive 1
+    labels = [render(spec, "train", i)[1] for i in range(8)]
+    same = np.mean(labels[0] == labels[1])
+    assert 0.6 < same < 1.0  # the camera moved on: nearly, not exactly, the same view
+    assert np.mean(labels[0] == labels[4]) < same  # another drive, another street
+    assert np.mean(labels[0] == labels[3]) < same  # further down the street: less alike
+    assert np.array_equal(render(spec, "val", 2)[1], render(SyntheticSpec(), "val", 2)[1])
+    with pytest.raises(DatasetError, match="drives = 9: expected 0 to n_target_train"):
+        SyntheticSpec(n_target_train=8, drives=9).validate()
+
+
 def test_the_suite_writes_one_benchmark_per_domain(tmp_path):
     from sisray.datasets.synthetic import SUITE, generate_suite
 
     manifests = generate_suite(tmp_path, SyntheticSpec(n_source=2, n_target_train=2, n_target_val=1), processes=1)
-    assert list(manifests) == list(SUITE) == ["day", "dusk", "fog", "camera", "small"]
-    assert [m["spec"]["look"] for m in manifests.values()] == ["day", "dusk", "fog", "camera", "day"]
+    assert list(manifests) == list(SUITE) == ["day", "dusk", "fog", "camera", "small", "drive"]
+    assert [m["spec"]["look"] for m in manifests.values()] == ["day", "dusk", "fog", "camera", "day", "day"]
+    assert manifests["drive"]["spec"]["drives"] == 4 and manifests["drive"]["counts"]["target_train"] == 48
     assert manifests["small"]["counts"]["target_train"] == 48 and manifests["day"]["counts"]["target_train"] == 2
     assert filecmp.cmp(tmp_path / "day" / "source" / "images" / "00002.png",
                        tmp_path / "fog" / "source" / "images" / "00002.png", shallow=False)  # one source

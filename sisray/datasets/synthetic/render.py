@@ -4,6 +4,7 @@ and noise for the target."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 import cv2
@@ -57,11 +58,11 @@ def _draw_ground(cv: Canvas, scene: Scene) -> None:
     kerb = np.where(x < 0, scene.sidewalk[0], scene.sidewalk[1]) + scene.road_half
     material = np.where(ax < scene.road_half, MATERIAL["road"],
                         np.where(ax < kerb, MATERIAL["sidewalk"], MATERIAL["terrain"]))
-    centre_line = (ax < 0.08) & (np.mod(z, 6.0) < 3.0)
+    centre_line = (ax < 0.08) & (np.mod(z + scene.travel, 6.0) < 3.0)  # painted on the street, not the camera
     edge_line = (ax > scene.road_half - 0.25) & (ax < scene.road_half - 0.12)
     material = np.where((material == MATERIAL["road"]) & (centre_line | edge_line), MATERIAL["marking"], material)
     z = np.broadcast_to(z, material.shape)
-    cv.paint(region, np.ones(material.shape, bool), z, material, x, z, 1.0, 1.0 - 0.15 * np.exp(-z / 20))
+    cv.paint(region, np.ones(material.shape, bool), z, material, x, z + scene.travel, 1.0, 1.0 - 0.15 * np.exp(-z / 20))
 
 
 def _facade_material(material, s_columns, t, pitch):
@@ -78,7 +79,7 @@ def _facade_material(material, s_columns, t, pitch):
     return np.where(is_building & window, MATERIAL["window"], material)
 
 
-def _draw_layer(cv: Canvas, layer: Layer, pitch: float, side_shade: float) -> None:
+def _draw_layer(cv: Canvas, layer: Layer, pitch: float, side_shade: float, travel: float) -> None:
     cam = cv.cam
     du = cv.u[0] - cam.cx
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -93,8 +94,8 @@ def _draw_layer(cv: Canvas, layer: Layer, pitch: float, side_shade: float) -> No
     bottom = cam.horizon + cam.focal * cam.elevation / z
     mask = valid[None, :] & (cv.v >= top[None, :]) & (cv.v < bottom[None, :])
     t = cam.elevation + (cam.horizon - cv.v) * z[None, :] / cam.focal
-    s = np.broadcast_to(z[None, :], mask.shape)
-    material = _facade_material(np.broadcast_to(material[None, :], mask.shape), z, t, pitch)
+    s = np.broadcast_to(z[None, :] + travel, mask.shape)  # along the facade, fixed to the street
+    material = _facade_material(np.broadcast_to(material[None, :], mask.shape), z + travel, t, pitch)
     cv.paint((slice(None), slice(None)), mask, s, material, s, t, layer.tints[idx][None, :, :], side_shade)
 
 
@@ -150,7 +151,7 @@ def render_geometry(scene: Scene, cam: Camera, ego_hood: bool) -> Canvas:
     _draw_ground(cv, scene)
     _draw_far_facade(cv, scene)
     for layer in scene.layers:
-        _draw_layer(cv, layer, scene.window_pitch, 0.8 if layer.side < 0 else 1.0)
+        _draw_layer(cv, layer, scene.window_pitch, 0.8 if layer.side < 0 else 1.0, scene.travel)
     for thing in scene.things:
         if thing.z > 1.0:
             for part in thing.parts:
@@ -257,11 +258,27 @@ def target_camera(spec: SyntheticSpec, scene: Scene, width: int, height: int, rn
                   x0=x0, elevation=rng.uniform(2.2, 3.0))
 
 
+DRIVE_STEP = 1.5  # metres the camera moves between two frames of a drive (SyntheticSpec.drives)
+
+
+def frames_per_drive(spec: SyntheticSpec) -> int:
+    return -(-spec.n_target_train // spec.drives)
+
+
+def advance(scene: Scene, distance: float) -> Scene:
+    """The scene seen from `distance` metres further down the street: everything comes closer."""
+    layers = [replace(layer, starts=layer.starts - distance, ends=layer.ends - distance) for layer in scene.layers]
+    things = [replace(thing, z=thing.z - distance) for thing in scene.things]
+    return replace(scene, layers=layers, things=things, far_z=scene.far_z - distance, travel=scene.travel + distance)
+
+
 def render(spec: SyntheticSpec, domain: str, index: int) -> tuple[np.ndarray, np.ndarray]:
     """(RGB uint8 (H, W, 3), Cityscapes label IDs uint8 (H, W)) of one image; a pure function. The
-    look of the target (`spec.look`) changes neither the source nor the target's scenes."""
+    look of the target (`spec.look`) changes neither the source nor the target's scenes. With
+    `spec.drives`, target-train image i is frame i % F of drive i // F (F frames a drive)."""
     code = {"source": 0, "train": 1, "val": 2}[domain]
-    rng = np.random.default_rng([spec.seed, code, index])
+    drive, frame = divmod(index, frames_per_drive(spec)) if spec.drives and domain == "train" else (index, None)
+    rng = np.random.default_rng([spec.seed, code, drive])
     scene = sample_scene(rng)
     if domain == "source":
         width, height = spec.source_size
@@ -270,6 +287,8 @@ def render(spec: SyntheticSpec, domain: str, index: int) -> tuple[np.ndarray, np
         cv = render_geometry(scene, cam, ego_hood=False)
         return shade_source(cv, rng), LABEL_ID[cv.material]
     cam = target_camera(spec, scene, *spec.target_size, rng)
+    if frame is not None:  # a frame of a drive: the camera moved on; light and noise are the frame's own
+        scene, rng = advance(scene, frame * DRIVE_STEP), np.random.default_rng([spec.seed, code, drive, frame])
     cv = render_geometry(scene, cam, ego_hood=spec.look != "camera")
     rgb = shade_target(cv, rng, spec.appearance_gap)
     if spec.look in LOOK_OF:

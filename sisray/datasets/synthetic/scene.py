@@ -73,6 +73,9 @@ class SyntheticSpec:
     # sensor noise, lit lamps and windows), "fog" (short visibility, rain streaks) or "camera" (another
     # mounting: higher, tilted down, a shorter focal length, no ego hood).
     look: str = "day"
+    # 0: every target-train image shows a scene of its own; k: the target-train images are consecutive
+    # frames of k drives (video: neighbouring frames nearly alike), 1.5 m apart
+    drives: int = 0
     version: int = GENERATOR_VERSION
 
     def validate(self) -> None:
@@ -87,6 +90,9 @@ class SyntheticSpec:
             raise DatasetError(f"synthetic benchmark: zoom = {self.zoom}: expected 1 <= low <= high")
         if not 0.0 <= self.appearance_gap <= 1.0:
             raise DatasetError(f"synthetic benchmark: appearance_gap = {self.appearance_gap}: expected 0 to 1")
+        if not 0 <= self.drives <= self.n_target_train:
+            raise DatasetError(f"synthetic benchmark: drives = {self.drives}: expected 0 to n_target_train "
+                               f"({self.n_target_train})")
         if self.look not in LOOKS:
             raise DatasetError(f"synthetic benchmark: look = {self.look!r}: expected one of {', '.join(LOOKS)}")
 
@@ -156,6 +162,7 @@ class Scene:
     far_over_road: bool
     things: list[Thing] = field(default_factory=list)
     window_pitch: float = 3.0
+    travel: float = 0.0  # metres the camera has moved down the street (render.advance)
 
 
 def _tint(rng: np.random.Generator, spread: float = 0.15) -> tuple[float, float, float]:

@@ -78,8 +78,9 @@ SUITE = {
     "fog": {"look": "fog"},        # short visibility and rain streaks
     "camera": {"look": "camera"},  # another mounting: higher, tilted down, a wider field of view
     "small": {"n_target_train": 48},  # the day look with 48 unlabelled target images
+    "drive": {"n_target_train": 48, "drives": 4},  # 48 frames of 4 drives: a short video, frames nearly alike
 }
-ADDED_SPEC_KEYS = {"look": "day"}  # keys added since the first manifests, with the value they meant
+ADDED_SPEC_KEYS = {"look": "day", "drives": 0}  # keys added since the first manifests, with the value they meant
 
 
 def generate_suite(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), processes: int | None = None) -> dict:
