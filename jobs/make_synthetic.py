@@ -4,7 +4,7 @@
     python jobs/make_synthetic.py --suite --out data/suite      # every target domain of the suite
 
 Writes OUT/source (GTA5 layout) and OUT/target (Cityscapes layout, train + val); with --suite, one such
-benchmark per target domain, OUT/<domain> (day, dusk, fog, camera, small), all with the same source.
+benchmark per target domain, OUT/<domain> (day, dusk, fog, camera, small, drive), all with the same source.
 Re-running on a complete set with the same settings does nothing; a half-written set is redone.
 """
 
@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--appearance-gap", type=float, default=d.appearance_gap,
                    help="0: the target looks like the source (only the scale gap); 1: the full photo-like look")
     p.add_argument("--look", choices=LOOKS, default=d.look, help="the target domain's kind (default: day)")
+    p.add_argument("--drives", type=int, default=d.drives,
+                   help="target-train images as consecutive frames of this many drives (default 0: a scene each)")
     p.add_argument("--suite", action="store_true",
                    help=f"write every domain of the suite ({', '.join(SUITE)}) as OUT/<domain>")
     p.add_argument("--processes", type=int, default=None, help="generator processes (default: one per core)")
@@ -75,7 +77,8 @@ def print_stats(out: str, config: str, overrides: list[str]) -> None:
 def main() -> None:
     args = parse_args()
     spec = SyntheticSpec(seed=args.seed, n_source=args.n_source, n_target_train=args.n_target_train,
-                         n_target_val=args.n_target_val, appearance_gap=args.appearance_gap, look=args.look)
+                         n_target_val=args.n_target_val, appearance_gap=args.appearance_gap, look=args.look,
+                         drives=args.drives)
     outs = ({name: str(Path(args.out) / name) for name in SUITE} if args.suite else {args.out: args.out})
     manifests = generate_suite(args.out, spec, args.processes) if args.suite else {
         args.out: generate(args.out, spec, processes=args.processes)}
