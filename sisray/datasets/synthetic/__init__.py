@@ -14,7 +14,8 @@ Every image is a pure function of (seed, domain, index), so the set does not dep
 of processes generating it. `SyntheticSpec.look` renders other target domains from the same scenes
 (dusk, fog and rain, another camera); `SUITE` is the set of target domains the ablation runs.
 
-The package: `scene` (scene model, `SyntheticSpec`), `render` (geometry and the two looks), `write`
+The package: `scene` (scene model, `SyntheticSpec`), `render` (geometry and the two looks), `looks`
+(the suite's other target domains), `write`
 (`generate`: the layouts on disk), `loaders` (`SyntheticSource`, `SyntheticTarget`, `describe`).
 """
 
