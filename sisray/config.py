@@ -88,7 +88,9 @@ class LSEConfig:
     # keep the incumbent model when target BN statistics or a round's model move the predicted class
     # proportions on the target-train images further from the source's (sisray/safeguard.py)
     safeguard: bool = False
-    safeguard_tolerance: float = bounded(0.05, 0.0)  # how much further (mean |log ratio| of class shares) is tolerated
+    # how much further (mean |log ratio| of class shares) is tolerated: good rounds on the suite moved up to
+    # +0.1 (the target's framing holds more car and person pixels, which the rounds learn); a collapse moves 0.5+
+    safeguard_tolerance: float = bounded(0.15, 0.0)
 
 
 @dataclass

@@ -13,6 +13,12 @@ is the mean over the label space of |log(predicted share / source share)|, so th
 moves the prediction further from the source's proportions than the incumbent, by more than
 `tolerance` (lse.safeguard_tolerance).
 
+What it can and cannot see (measured on the suite, target-val predictions): target BatchNorm
+statistics that helped (+5 to +20 mIoU) brought the proportions 0.5 to 1.6 closer to the source's;
+rounds that helped moved them up to 0.1 further away, because a target camera with a longer focal
+length shows more car and person pixels and the rounds learn that. The source's proportions are a
+prior, not the truth: the check guards against collapse, it does not rank good models.
+
 Pure functions on numpy tables; the stages that score and record are in sisray/stages/safeguard.py.
 """
 
