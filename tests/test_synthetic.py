@@ -127,7 +127,8 @@ def test_drives_are_consecutive_frames_of_one_street_and_leave_val_alone():
 def test_the_suite_writes_one_benchmark_per_domain(tmp_path):
     from sisray.datasets.synthetic import SUITE, generate_suite
 
-    manifests = generate_suite(tmp_path, SyntheticSpec(n_source=2, n_target_train=2, n_target_val=1), processes=1)
+    tiny = SyntheticSpec(n_source=2, n_target_train=2, n_target_val=1, source_size=(48, 32), target_size=(64, 32))
+    manifests = generate_suite(tmp_path, tiny, processes=1)
     assert list(manifests) == list(SUITE) == ["day", "dusk", "fog", "camera", "small", "drive"]
     assert [m["spec"]["look"] for m in manifests.values()] == ["day", "dusk", "fog", "camera", "day", "day"]
     assert manifests["drive"]["spec"]["drives"] == 4 and manifests["drive"]["counts"]["target_train"] == 48
