@@ -129,8 +129,9 @@ def test_the_suite_writes_one_benchmark_per_domain(tmp_path):
 
     tiny = SyntheticSpec(n_source=2, n_target_train=2, n_target_val=1, source_size=(48, 32), target_size=(64, 32))
     manifests = generate_suite(tmp_path, tiny, processes=1)
-    assert list(manifests) == list(SUITE) == ["day", "dusk", "fog", "camera", "small", "drive"]
-    assert [m["spec"]["look"] for m in manifests.values()] == ["day", "dusk", "fog", "camera", "day", "day"]
+    assert list(manifests) == list(SUITE) == ["day", "dusk", "fog", "camera", "small", "drive", "near"]
+    assert [m["spec"]["look"] for m in manifests.values()] == ["day", "dusk", "fog", "camera", "day", "day", "day"]
+    assert manifests["near"]["spec"]["appearance_gap"] == 0.2 and manifests["near"]["spec"]["zoom"] == [1.0, 1.2]
     assert manifests["drive"]["spec"]["drives"] == 4 and manifests["drive"]["counts"]["target_train"] == 48
     assert manifests["small"]["counts"]["target_train"] == 48 and manifests["day"]["counts"]["target_train"] == 2
     assert filecmp.cmp(tmp_path / "day" / "source" / "images" / "00002.png",

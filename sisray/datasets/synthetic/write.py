@@ -79,6 +79,7 @@ SUITE = {
     "camera": {"look": "camera"},  # another mounting: higher, tilted down, a wider field of view
     "small": {"n_target_train": 48},  # the day look with 48 unlabelled target images
     "drive": {"n_target_train": 48, "drives": 4},  # 48 frames of 4 drives: a short video, frames nearly alike
+    "near": {"appearance_gap": 0.2, "zoom": (1.0, 1.2)},  # nearly the source's look and framing: little to adapt
 }
 ADDED_SPEC_KEYS = {"look": "day", "drives": 0}  # keys added since the first manifests, with the value they meant
 
