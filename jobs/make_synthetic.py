@@ -4,7 +4,7 @@
     python jobs/make_synthetic.py --suite --out data/suite      # every target domain of the suite
 
 Writes OUT/source (GTA5 layout) and OUT/target (Cityscapes layout, train + val); with --suite, one such
-benchmark per target domain, OUT/<domain> (day, dusk, fog, camera, small, drive), all with the same source.
+benchmark per target domain, OUT/<domain> (day, dusk, fog, camera, small, drive, near), all with the same source.
 Re-running on a complete set with the same settings does nothing; a half-written set is redone.
 """
 
