@@ -21,8 +21,9 @@ variant of that seed adapts from, so variants differ only in what the rounds do:
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
 
 `--suite DIR` runs the same per target domain of the suite (`jobs/make_synthetic.py --suite --out
-DIR`: day, dusk, fog, camera, small, drive, near): the first domain's default run trains each seed's source model,
-which every domain adapts from (the domains share their source), and prints each domain's table.
+DIR`: day, dusk, fog, camera, small, drive, near): the first domain's default run trains each
+seed's source model, which every domain adapts from (the domains share their source), and prints
+each domain's table.
 
 `--oracle --variants lse_fl` is the quick look at how much room the benchmark leaves for adaptation
 (source-only, the default, and the oracle).

@@ -3,8 +3,9 @@
     python jobs/make_synthetic.py --out data/synthetic [--seed 0] [--look dusk]
     python jobs/make_synthetic.py --suite --out data/suite      # every target domain of the suite
 
-Writes OUT/source (GTA5 layout) and OUT/target (Cityscapes layout, train + val); with --suite, one such
-benchmark per target domain, OUT/<domain> (day, dusk, fog, camera, small, drive, near), all with the same source.
+Writes OUT/source (GTA5 layout) and OUT/target (Cityscapes layout, train + val); with --suite, one
+such benchmark per target domain, OUT/<domain> (day, dusk, fog, camera, small, drive, near), all
+with the same source.
 Re-running on a complete set with the same settings does nothing; a half-written set is redone.
 """
 
