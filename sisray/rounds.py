@@ -113,9 +113,14 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     for r, p in enumerate(schedule(cfg.lse), start=1):
         folder = run_dir.round(r)
         previous, teacher_folder, teacher_name = teacher
-        scored = teacher_folder.target_scores  # the safeguard scored the teacher already: no second pass
-        state.run(f"{folder.name}/score", lambda: folder.path.mkdir(exist_ok=True) or shutil.copyfile(
-            scored, folder.scores) if scored.is_file() else score_pass(cfg, previous, folder.scores))
+
+        def score() -> None:  # with the safeguard the teacher's scores exist already: no second pass
+            if not teacher_folder.target_scores.is_file():
+                score_pass(cfg, previous, folder.scores)
+                return
+            folder.path.mkdir(exist_ok=True)
+            shutil.copyfile(teacher_folder.target_scores, folder.scores)
+        state.run(f"{folder.name}/score", score)
         state.run(f"{folder.name}/select",
                   lambda: select_and_threshold(cfg, read_scores(folder.scores), p, folder, skip))
         state.run(f"{folder.name}/patches",
@@ -132,7 +137,8 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
         state.run(f"{folder.name}/train", lambda: train_round(cfg, store, r, previous, tracking.logger))
         trained, trained_folder = store.shared(folder.checkpoint), folder
         if use_target_bn:
-            trained, trained_folder = on_target_statistics(trained, folder.target_bn, f"{folder.name}/target_bn"), folder.target_bn
+            trained = on_target_statistics(trained, folder.target_bn, f"{folder.name}/target_bn")
+            trained_folder = folder.target_bn
         state.run(f"{folder.name}/eval", lambda: evaluation(trained, folder, r))
         candidate = (trained, trained_folder, f"round {r}'s model")
         if not cfg.lse.safeguard or judged(folder.name, "target_scores", candidate, folder.scores, teacher_name):
