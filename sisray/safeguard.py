@@ -53,7 +53,7 @@ def prior_distance(share: np.ndarray, prior: np.ndarray) -> float:
 @dataclass(frozen=True)
 class Verdict:
     """Whether a candidate model replaces the incumbent, the figures that decided, and why, in words."""
-    decision: str  # "target_bn" or "round_XX"
+    decision: str  # the folder of the decision: "source" (target BN statistics) or "round_XX"
     accepted: bool
     candidate_distance: float
     incumbent_distance: float
