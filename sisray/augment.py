@@ -1,8 +1,12 @@
-"""Photometric augmentation of labelled batches: colour jitter and Gaussian blur, per image.
+"""Augmentation of training batches, beyond the paper.
 
-A source-only model learns the source's exact colours; jittering them (and softening its hard
-rendered edges) makes it lean on shape and context, which carry over to the target. The labels do
-not change: nothing moves. The strengths are DACS / DAFormer's augmentation strengths.
+- `photometric`: colour jitter and Gaussian blur, per image. A source-only model learns the source's
+  exact colours; jittering them (and softening its hard rendered edges) makes it lean on shape and
+  context, which carry over to the target. The labels do not change: nothing moves. The strengths
+  are DACS / DAFormer's augmentation strengths.
+- `class_mix`: DACS's ClassMix (Tranheden et al. 2021). Half of the classes of a labelled source
+  image are pasted onto a pseudo-labelled target patch, with their true labels: the student sees
+  source objects in target context, and target pixels beside exact source labels.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import math
 
 import torch
 from torchvision.transforms.v2 import functional as TF
+
+from sisray.labels import IGNORE
 
 JITTER = 0.2  # brightness, contrast and saturation factors drawn from [0.8, 1.2]
 HUE = 0.05  # hue shift drawn from [-0.05, 0.05] of the colour wheel
@@ -34,3 +40,34 @@ def photometric(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
             image = TF.gaussian_blur(image, [size, size], [sigma, sigma])
         out.append(image)
     return torch.stack(out).clamp(0, 1) * 255
+
+
+def class_mix(source: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, ...],
+              generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Target batch (images (N, 3, h, w), labels (N, h, w)[, weights (N, h, w)]) with, on image i, the
+    pixels of ceil(n/2) of the n classes of source label i, drawn from `generator`: the source image
+    and label there (weight 1). Sources larger than the target are cropped at a drawn offset, smaller
+    ones resized. Ignored source pixels (255) are never pasted."""
+    images, labels = _source_at(source[0].float(), source[1], target[1].shape[-2:], generator)
+    pasted = torch.zeros_like(labels, dtype=torch.bool)
+    for i, label in enumerate(labels):
+        present = label.unique()
+        present = present[present != IGNORE]
+        chosen = present[torch.randperm(len(present), generator=generator)[:(len(present) + 1) // 2]]
+        pasted[i] = torch.isin(label, chosen)
+    mixed = [torch.where(pasted[:, None], images, target[0].float()), torch.where(pasted, labels, target[1])]
+    if len(target) > 2:
+        mixed.append(torch.where(pasted, torch.ones_like(target[2]), target[2]))
+    return tuple(mixed)
+
+
+def _source_at(images: torch.Tensor, labels: torch.Tensor, size: torch.Size,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source images and labels at the target's (h, w): a drawn crop, or a resize where smaller."""
+    (h, w), (sh, sw) = size, labels.shape[-2:]
+    if sh < h or sw < w:
+        return (torch.nn.functional.interpolate(images, size=(h, w), mode="bilinear", align_corners=False),
+                torch.nn.functional.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long())
+    top = int(torch.randint(sh - h + 1, (1,), generator=generator))
+    left = int(torch.randint(sw - w + 1, (1,), generator=generator))
+    return images[..., top:top + h, left:left + w], labels[..., top:top + h, left:left + w]

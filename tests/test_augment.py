@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import torch
 
-from sisray.augment import photometric
+import pytest
+
+from sisray.augment import class_mix, photometric
+from sisray.labels import IGNORE
 
 
 def _images() -> torch.Tensor:
@@ -30,3 +33,58 @@ def test_photometric_keeps_the_layout_of_the_scene():
     image[..., 16:] = 200
     out = photometric(image, torch.Generator().manual_seed(1))[0].mean(0)
     assert bool((out[:, :14] < out[:, 18:].min()).all())
+
+
+def _mix_batches(source_height: int = 24):
+    """A source batch whose labels hold classes 0-4 in vertical bands (and an ignored band), a
+    pseudo-labelled target batch of label 9 (ignored on its right half) with its confidences."""
+    g = torch.Generator().manual_seed(3)
+    source = torch.randint(0, 256, (2, 3, source_height, 32), dtype=torch.uint8, generator=g)
+    bands = torch.tensor([0, 1, 2, 3, 4, IGNORE]).repeat_interleave(6)[:32]
+    source_labels = bands.expand(2, source_height, 32).clone()
+    target = torch.full((2, 3, 16, 32), 77.0)
+    target_labels = torch.full((2, 16, 32), 9)
+    target_labels[..., 16:] = IGNORE
+    return (source, source_labels), (target, target_labels, torch.full((2, 16, 32), 0.25))
+
+
+def test_class_mix_pastes_half_of_the_source_classes_with_their_labels():
+    (source, source_labels), target = _mix_batches(source_height=16)  # same size: no crop
+    images, labels, weights = class_mix((source, source_labels), target, torch.Generator().manual_seed(0))
+    assert images.shape == target[0].shape and labels.shape == target[1].shape
+    for i in range(2):
+        pasted = labels[i] != target[1][i]  # the source's classes (0-4) are none of the target's labels (9, ignored)
+        classes = set(source_labels[i][pasted].tolist())
+        assert len(classes) == 3 and IGNORE not in classes  # ceil(5 / 2) of the five labelled classes
+        assert torch.equal(images[i][:, pasted], source[i][:, pasted].float())  # the source's pixels, its labels
+        assert torch.equal(labels[i][pasted], source_labels[i][pasted])
+        assert bool((weights[i][pasted] == 1).all()) and bool((weights[i][~pasted] == 0.25).all())
+        assert bool((images[i][:, ~pasted] == 77).all())  # the rest is the target patch, its pseudo-label
+        assert torch.equal(labels[i][~pasted], target[1][i][~pasted])
+    again = class_mix((source, source_labels), target, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip((images, labels, weights), again))  # seeded
+
+
+def test_class_mix_crops_a_taller_source_image_and_label_alike():
+    """The source image's channels hold its row and column: every pasted pixel comes from one crop
+    offset, and carries the label of its own source pixel."""
+    _, (target, target_labels, _) = _mix_batches()
+    rows, columns = torch.meshgrid(torch.arange(24), torch.arange(32), indexing="ij")
+    source = torch.stack([rows, columns, rows]).expand(2, 3, 24, 32).to(torch.uint8)
+    source_labels = ((rows // 5 + columns // 7) % 5).expand(2, 24, 32)  # classes 0-4 in a checkerboard
+    for seed in range(4):
+        images, labels = class_mix((source, source_labels), (target, target_labels), torch.Generator().manual_seed(seed))
+        for i in range(2):
+            pasted = labels[i] != target_labels[i]
+            offsets = images[i][0][pasted] - rows[:16][pasted]
+            assert len(offsets.unique()) == 1 and 0 <= int(offsets[0]) <= 8  # one crop, inside the source
+            from_row, from_column = images[i][0][pasted].long(), images[i][1][pasted].long()
+            assert torch.equal(labels[i][pasted], source_labels[i, from_row, from_column])
+
+
+def test_class_mix_resizes_a_smaller_source():
+    source, (target, target_labels, _) = _mix_batches(source_height=8)
+    images, labels = class_mix(source, (target, target_labels), torch.Generator().manual_seed(1))
+    assert images.shape == target.shape and labels.shape == target_labels.shape
+    pasted = labels != target_labels
+    assert bool(pasted.any()) and set(labels[pasted].tolist()) <= {0, 1, 2, 3, 4}

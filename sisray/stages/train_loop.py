@@ -24,7 +24,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from sisray import storage
-from sisray.augment import photometric
+from sisray.augment import class_mix, photometric
 from sisray.config import Config
 from sisray.datasets import SegmentationDataset, open_source, open_target
 from sisray.labels import NUM_CLASSES
@@ -228,12 +228,15 @@ def train_loop(loop_config: dict) -> None:
             freeze_batchnorm_statistics(net)
         indices = global_batch(step, cfg.train.batch_size, len(trained_ids), stream_seed(cfg.seed, spec.round, 0))
         labelled = load_batch(dataset, [trained_ids[i] for i in indices[mine]], device)
+        augmentation = torch.Generator().manual_seed(draws)
         if cfg.train.photometric:
-            labelled = (photometric(labelled[0], torch.Generator().manual_seed(draws)), labelled[1])
+            labelled = (photometric(labelled[0], augmentation), labelled[1])
         pseudo = None
         if patches is not None:
             indices = global_batch(step, cfg.train.batch_size, len(patches), stream_seed(cfg.seed, spec.round, 1))
             pseudo = load_batch(patches, indices[mine], device)
+            if cfg.lse.classmix:
+                pseudo = class_mix(labelled, pseudo, augmentation)
         parts = training_step(net, optimizer, labelled, pseudo, cfg.lse.beta, cfg.lse.gamma, use_amp)
         scheduler.step()
         if average is not None:
