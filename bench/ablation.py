@@ -18,6 +18,8 @@ variant of that seed adapts from, so variants differ only in what the rounds do:
     lse_fl_ema           the default + a round's model (the next round's teacher) = EMA of its weights (decay 0.9)
     lse_fl_safeguard     the default + the label-free safeguard (target BN and each round's model judged)
     lse_fl_classmix      the default + ClassMix: half of a source image's classes pasted onto each patch (DACS)
+    lse_fl_patch_jitter  the default + colour jitter and blur of the pseudo-labelled batches too
+    lse_fl_classmix_jitter  both: DACS's student input (the mixed patches jittered)
     source_no_photometric  a source model trained without photometric augmentation (its own run, no rounds)
     source_converged     the source model trained to convergence (15 epochs, chosen by the source-val loss)
     lse_fl_converged     the default's rounds from the converged source model (also gives its + target BN)
@@ -62,6 +64,8 @@ ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source
     "lse_fl_ema": ["lse.ema_decay=0.9"],  # rounds of ~25-30 steps: an average over the last ~10
     "lse_fl_safeguard": ["lse.safeguard=true"],
     "lse_fl_classmix": ["lse.classmix=true"],
+    "lse_fl_patch_jitter": ["train.photometric_patches=true"],
+    "lse_fl_classmix_jitter": ["lse.classmix=true", "train.photometric_patches=true"],  # DACS's student input
 }
 SOURCE_TRAINED = {  # variant -> overrides of jobs/train_source.py: a source model of its own
     "source_no_photometric": ["train.photometric=false"],
@@ -80,6 +84,7 @@ COMPARISONS = [  # (A, B): does A beat B?
     ("lse_fl_source_bn", "source_only"), ("source_target_bn", "source_only"),
     ("lse_fl_confidence", DEFAULT), ("lse_fl_ema", DEFAULT), ("source_only", "source_no_photometric"),
     ("lse_fl_safeguard", DEFAULT), ("lse_fl_safeguard", "source_only"), ("lse_fl_classmix", DEFAULT),
+    ("lse_fl_patch_jitter", DEFAULT), ("lse_fl_classmix_jitter", DEFAULT), ("lse_fl_classmix_jitter", "lse_fl_classmix"),
     (DEFAULT, "source_converged"), (DEFAULT, "source_converged_target_bn"),
     ("lse_fl_converged", "source_converged_target_bn"), ("lse_fl_converged", DEFAULT),
 ]

@@ -105,6 +105,7 @@ class TrainConfig:
     round_warmup: float = bounded(0.0, 0.0, 1.0)  # share of a round's steps over which its rate rises linearly from 0
     round_bn: Literal["train", "frozen"] = "train"  # frozen: BatchNorm statistics stay as they are during the rounds
     photometric: bool = False  # colour jitter and blur of the labelled batches (sisray/augment.py); the reference: none
+    photometric_patches: bool = False  # the same on the pseudo-labelled batches of the rounds (after ClassMix, as in DACS)
     log_every: int = bounded(10, 1)  # steps between logged losses
     checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
     pseudo_labels: bool = True  # false: the control of "more training": rounds take as many steps on the source alone

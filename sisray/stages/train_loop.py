@@ -237,6 +237,8 @@ def train_loop(loop_config: dict) -> None:
             pseudo = load_batch(patches, indices[mine], device)
             if cfg.lse.classmix:
                 pseudo = class_mix(labelled, pseudo, augmentation)
+            if cfg.train.photometric_patches:
+                pseudo = (photometric(pseudo[0], augmentation), *pseudo[1:])
         parts = training_step(net, optimizer, labelled, pseudo, cfg.lse.beta, cfg.lse.gamma, use_amp)
         scheduler.step()
         if average is not None:
