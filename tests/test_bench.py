@@ -102,7 +102,8 @@ def test_every_ablation_variant_is_a_valid_config_that_changes_the_default():
 
 def test_the_suite_adapts_every_domain_from_one_source_model_per_seed(tmp_path, monkeypatch):
     """bench/ablation.py --suite, its jobs stood in for: which job runs where, on which domain's data,
-    from which source model; and each domain's figures come from its own runs."""
+    from which source model (the default's and a source-trained variant's, both trained on the first
+    domain only); and each domain's figures come from its own runs."""
     from sisray.config import load_config, save_config
     from sisray.datasets.synthetic import SUITE
 
@@ -114,31 +115,46 @@ def test_the_suite_adapts_every_domain_from_one_source_model_per_seed(tmp_path, 
         run_dir.mkdir(parents=True)
         save_config(load_config(REPO / "configs" / "synthetic.yaml", overrides), run_dir / "config.yaml")
         domain, seed = run_dir.parts[-3], int(run_dir.parts[-2].split("_")[1])
-        score = list(SUITE).index(domain) + seed / 10  # a figure particular to the run
+        score = list(SUITE).index(domain) + seed / 10 + (0.5 if run_dir.name != "lse_fl" else 0)  # particular to the run
 
         def block(miou):
             return {"miou": miou, "miou19": miou, "per_class": {"road": miou}}
+        if script == "train_source.py":
+            (run_dir / "source").mkdir()
+            (run_dir / "source" / "eval.json").write_text(json.dumps(block(score / 100)))
+            return
         (run_dir / "summary.json").write_text(json.dumps({
-            "source_only": block(score / 100), "final": block((score + 1) / 100),
-            "rounds": [{"pseudo_label_accuracy": {"overall": 0.9}}]}))
+            "source_only": block(score / 100), "source_target_bn": block((score + 0.2) / 100),
+            "final": block((score + 1) / 100), "rounds": [{"pseudo_label_accuracy": {"overall": 0.9}}]}))
     monkeypatch.setattr(ablation, "job", stand_in)
 
-    results = ablation.run_suite(tmp_path / "suite", [0, 1], tmp_path / "out", ["lse_fl"], [], oracle=False)
+    variants = ["lse_fl", "source_high_lr", "lse_fl_high_lr"]
+    results = ablation.run_suite(tmp_path / "suite", [0, 1], tmp_path / "out", variants, [], oracle=False)
     assert list(results) == list(SUITE) and all(list(r) == [0, 1] for r in results.values())
-    assert [c[1].relative_to(tmp_path / "out").parts[:2] for c in calls] == [
+    adapted = [c for c in calls if c[1].name == "lse_fl"]
+    assert [c[1].relative_to(tmp_path / "out").parts[:2] for c in adapted] == [
         (d, f"seed_{s}") for s in (0, 1) for d in SUITE]  # every domain of a seed, then the next seed
+    trained = [c[1].relative_to(tmp_path / "out").parts for c in calls if c[0] == "train_source.py"]
+    assert trained == [("day", "seed_0", "source_high_lr"), ("day", "seed_1", "source_high_lr")]
     for script, run_dir, overrides in calls:
         domain, seed = run_dir.parts[-3], run_dir.parts[-2]
-        assert script == "adapt.py" and f"data.target.root={tmp_path / 'suite' / domain}" in overrides
+        assert f"data.target.root={tmp_path / 'suite' / domain}" in overrides
         assert f"data.source.root={tmp_path / 'suite' / domain}" in overrides
         given = [o for o in overrides if o.startswith("model.source_checkpoint=")]
-        if domain == "day":
+        if run_dir.name == "lse_fl_high_lr":  # the day domain's model of the variant, in every domain
+            day = tmp_path / "out" / "day" / seed / "source_high_lr" / "source" / "checkpoint"
+            assert given == [f"model.source_checkpoint={day}"]
+        elif script == "train_source.py" or domain == "day":
             assert not given  # trains the seed's source model
         else:  # adapts the day run's source model of the same seed
             assert given == [f"model.source_checkpoint={tmp_path / 'out' / 'day' / seed / 'lse_fl' / 'source' / 'checkpoint'}"]
-    figures = ablation.summarise(results["fog"], [0, 1], ["lse_fl"])
-    assert figures["variants"]["source_only"]["miou"] == pytest.approx([2.0, 2.1])
-    assert figures["variants"]["lse_fl"]["miou"] == pytest.approx([3.0, 3.1])
+    figures = ablation.summarise(results["fog"], [0, 1], variants)["variants"]
+    assert figures["source_only"]["miou"] == pytest.approx([2.0, 2.1])
+    assert figures["lse_fl"]["miou"] == pytest.approx([3.0, 3.1])
+    # the shared source model's figures on fog come from fog's adapted run, not from day's source run
+    assert figures["source_high_lr"]["miou"] == pytest.approx([2.5, 2.6])
+    assert figures["source_high_lr_target_bn"]["miou"] == pytest.approx([2.7, 2.8])
+    assert figures["lse_fl_high_lr"]["miou"] == pytest.approx([3.5, 3.6])
 
 
 def test_the_safeguard_record_says_which_verdicts_target_labels_bear_out():
