@@ -1,7 +1,7 @@
 """The ablation on the built-in benchmark, over seeds: what each part of the method is worth.
 
     python bench/ablation.py [--seeds 0 1 2] [--out runs/ablation] [--variants ...] [--oracle] [--set k=v ...]
-    python bench/ablation.py --suite data/suite --out runs/suite [...]   # every target domain of the suite
+    python bench/ablation.py --suite data/suite --out runs/suite [--domains day dusk ...] [...]   # the suite's domains
 
 Per seed, `lse_fl` is the default config as it is (`jobs/adapt.py`, configs/synthetic.yaml): it
 trains the seed's source model (or takes `--set model.source_checkpoint=...`), which every other
@@ -213,17 +213,18 @@ def beats(a: list[float], b: list[float]) -> bool:
 
 
 def run_suite(suite: Path, seeds: list[int], out: Path, variants: list[str], common: list[str],
-              oracle: bool) -> dict[str, dict[int, dict]]:
-    """Every domain of the suite (SUITE[d] at SUITE/<d>), per seed: one source model per seed, trained
-    by the first domain's default run (the domains share their source), adapted in every domain; so
+              oracle: bool, domains: list[str] | None = None) -> dict[str, dict[int, dict]]:
+    """Every domain of the suite (SUITE[d] at SUITE/<d>), or those in `domains` (the first of them
+    first), per seed: one source model per seed, trained by the first domain's default run (the domains share their source), adapted in every domain; so
     are the source-trained variants' models (`lse_fl_converged` adapts the day domain's
     `source_converged` in every domain)."""
     from sisray.datasets.synthetic import SUITE
 
-    first = next(iter(SUITE))
-    results: dict[str, dict[int, dict]] = {domain: {} for domain in SUITE}
+    domains = domains or list(SUITE)
+    first = domains[0]
+    results: dict[str, dict[int, dict]] = {domain: {} for domain in domains}
     for seed in seeds:  # every domain of a seed before the next seed: a first look comes early
-        for domain in SUITE:
+        for domain in domains:
             roots = [f"data.source.root={suite / domain}", f"data.target.root={suite / domain}"]
             shared = None if domain == first else out / first / f"seed_{seed}"
             results[domain][seed] = run_seed(seed, out / domain, variants, [*common, *roots], oracle, shared)
@@ -282,6 +283,8 @@ def summarise(per_seed: dict[int, dict], seeds: list[int], variants: list[str]) 
 
 
 def main() -> None:
+    from sisray.datasets.synthetic import SUITE
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/ablation")
@@ -290,6 +293,8 @@ def main() -> None:
     parser.add_argument("--oracle", action="store_true", help="also train the oracle of each seed")
     parser.add_argument("--suite", type=Path, help="run every target domain of the suite written there "
                                                    "(python jobs/make_synthetic.py --suite --out DIR)")
+    parser.add_argument("--domains", nargs="+", choices=list(SUITE),
+                        help="with --suite: these domains only; the first trains the source models (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     common = [*args.overrides, "tracking.experiment=sisray-ablation"]
@@ -297,7 +302,8 @@ def main() -> None:
     variants = sorted(set(args.variants) | {DEFAULT} | {FROM_SOURCE[v] for v in args.variants if v in FROM_SOURCE},
                       key=order.index)
     if args.suite:
-        domains = run_suite(args.suite.resolve(), args.seeds, Path(args.out), variants, common, args.oracle)
+        domains = run_suite(args.suite.resolve(), args.seeds, Path(args.out), variants, common, args.oracle,
+                            args.domains)
         figures = {}
         for domain, per_seed in domains.items():
             print(f"\n==== target domain: {domain}")
