@@ -1,10 +1,8 @@
-"""What the Ray Data stages share: a model-holding actor, the actor-pool options, progress lines, and
-the Arrow table of a batch."""
+"""What the Ray Data stages share: a model-holding actor, the actor-pool options and the Arrow table
+of a batch."""
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -70,22 +68,6 @@ class ModelActor:
         """(uint8 images, float softmax) at the working size."""
         images = torch.stack([self.dataset.load_image(i) for i in indices])
         return images, self.predict(images, scales, flip)
-
-
-class Progress:
-    """A line per tenth of a pass on the driver (Ray Data's bars are off in tests and logs)."""
-
-    def __init__(self, stage: str, total: int, unit: str = "images"):
-        self.stage, self.total, self.unit = stage, total, unit
-        self.done = 0
-        self.every = max(1, math.ceil(total / 10))
-        self.started = time.perf_counter()
-
-    def advance(self, n: int) -> None:
-        before, self.done = self.done, self.done + n
-        if self.done // self.every > before // self.every or self.done == self.total:
-            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-            print(f"{self.stage}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s)", flush=True)
 
 
 def pool_options(cfg: Config, items: int) -> tuple[Actors, dict]:

@@ -28,7 +28,8 @@ from sisray.labels import IGNORE, NUM_CLASSES, colorize
 from sisray.lse.patches import Box, crop_and_scale, pseudo_label_mask, scale_invariant_examples, transfer_ground_truth
 from sisray.models import checkpoint_file
 from sisray.png import png_array, png_bytes
-from sisray.stages.actors import ModelActor, Progress, pool_options
+from sisray.progress import Progress
+from sisray.stages.actors import ModelActor, pool_options
 from sisray.stages.score import PassSpec
 from sisray.storage import atomic_write_bytes
 

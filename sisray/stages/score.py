@@ -22,7 +22,8 @@ from sisray.errors import SisrayError
 from sisray.labels import NUM_CLASSES
 from sisray.lse.records import image_records
 from sisray.models import checkpoint_file
-from sisray.stages.actors import ActorSpec, ModelActor, Progress, arrow_table, pool_options
+from sisray.progress import Progress
+from sisray.stages.actors import ActorSpec, ModelActor, arrow_table, pool_options
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from sisray.lse.losses import cross_entropy, lse_target_loss
 from sisray.models import build_model, load_state
 from sisray.optim import freeze_batchnorm_statistics, make_optimizer, moving_average
 from sisray.patch_set import PatchDataset
+from sisray.progress import Progress
 from sisray.rundir import MODEL, STUDENT, TRAIN_STATE
 from sisray.tracking import RunLogger
 
@@ -218,6 +219,7 @@ def train_loop(loop_config: dict) -> None:
     use_amp = device.type == "cuda"
     logged: dict[str, list[float]] = {}
     step_times: list[float] = []
+    progress = Progress(f"{spec.stage} training", spec.steps, "steps", start) if rank == 0 else None
     for step in range(start, spec.steps):
         began = time.perf_counter()
         # dropout and augmentation draws: a function of (seed, round, step, rank)
@@ -247,6 +249,8 @@ def train_loop(loop_config: dict) -> None:
             logged.setdefault(key, []).append(value)
         step_times.append(time.perf_counter() - began)
         done = step + 1
+        if progress:
+            progress.advance(1, f"loss {parts['loss']:.3f}")
         if rank == 0 and spec.logger and (done % cfg.train.log_every == 0 or done == spec.steps):
             spec.logger.metrics({**{f"{spec.stage}/{k}": sum(v) / len(v) for k, v in logged.items()},
                                  f"{spec.stage}/lr": scheduler.get_last_lr()[0]}, step=done)
