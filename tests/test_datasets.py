@@ -129,11 +129,39 @@ def test_skip_bad_pairs_reports_and_skips(tmp_path, caplog):
     assert "00002.png: image has no label" in caplog.text
 
 
-def test_label_size_differs_from_image(tmp_path):
-    make_gta5(tmp_path, n=2)
-    save_rgb(tmp_path / "images" / "00002.png", np.zeros((H + 2, W, 3), np.uint8))
-    with pytest.raises(DatasetError, match=rf"00002.png: label is {W}x{H} but its image .*00002.png is {W}x{H + 2}"):
-        GTA5(tmp_path, size=(W, H))
+def test_a_label_whose_size_differs_from_its_image_is_a_bad_pair(tmp_path):
+    make_cityscapes(tmp_path, n=2)
+    image = sorted((tmp_path / "leftImg8bit").rglob("*_leftImg8bit.png"))[1]
+    save_rgb(image, np.zeros((H + 2, W, 3), np.uint8))
+    with pytest.raises(DatasetError, match=rf"labelIds.png: label is {W}x{H} but its image .*{image.name} is {W}x{H + 2}"):
+        Cityscapes(tmp_path, "train", size=(W, H))
+
+
+def test_gta5_pairs_that_differ_in_size_are_resized_and_counted_in_one_line(tmp_path, caplog):
+    """As the LSE reference does with the release's few dozen such pairs: image and label each at the
+    working size."""
+    truth = make_gta5(tmp_path, n=3)
+    rgb = np.asarray(Image.fromarray(truth["00002"][0]).resize((2 * W, 2 * H), Image.NEAREST))
+    save_rgb(tmp_path / "images" / "00002.png", rgb)
+    save_rgb(tmp_path / "images" / "00003.png", np.zeros((H + 2, W, 3), np.uint8))
+    ds = GTA5(tmp_path, size=(W, H))
+    assert [s.id for s in ds.samples] == ["00001", "00002", "00003"] and not ds.skipped
+    warnings = [r.getMessage() for r in caplog.records if "differ in size" in r.getMessage()]
+    assert len(warnings) == 1 and "2 image/label pair(s) differ in size" in warnings[0]
+    assert f"label is {W}x{H} but its image" in warnings[0]
+    image, label = ds[1]
+    assert image.shape == (3, H, W) and label.shape == (H, W)
+    assert np.array_equal(label.numpy(), expected_train_ids(truth["00002"][1], CITYSCAPES_TO_TRAIN))
+
+
+def test_gta5_ignores_the_trainid_copies_other_codebases_write_beside_its_labels(tmp_path, caplog):
+    truth = make_gta5(tmp_path, n=3)
+    for name, (_, ids) in truth.items():
+        save_gray_label(tmp_path / "labels" / f"{name}_labelTrainIds.png",
+                        expected_train_ids(ids, CITYSCAPES_TO_TRAIN).astype(np.uint8))
+    ds = GTA5(tmp_path, size=(W, H))
+    assert [s.id for s in ds.samples] == ["00001", "00002", "00003"] and not ds.skipped
+    assert all(s.label.endswith(f"{s.id}.png") for s in ds.samples) and not caplog.records
 
 
 def test_truncated_file(tmp_path):

@@ -88,25 +88,25 @@ def _label_format_problem(info: FileInfo, expected: LabelFormat) -> str | None:
     return None
 
 
-def check_pair(sample: Sample, label_format: LabelFormat) -> str | None:
-    """The first problem of one image/label pair, or None."""
+def check_pair(sample: Sample, label_format: LabelFormat) -> tuple[str | None, str | None]:
+    """(the first problem of one image/label pair, or None; how its sizes differ, or None)."""
     try:
         image = probe_image_file(sample.image)
     except (OSError, ValueError) as exc:
-        return f"{sample.image}: unreadable image: {exc}"
+        return f"{sample.image}: unreadable image: {exc}", None
     if sample.label is None:
-        return None
+        return None, None
     try:
         label = probe_image_file(sample.label)
     except (OSError, ValueError) as exc:
-        return f"{sample.label}: unreadable label: {exc}"
+        return f"{sample.label}: unreadable label: {exc}", None
     problem = _label_format_problem(label, label_format)
     if problem:
-        return f"{sample.label}: {problem}"
+        return f"{sample.label}: {problem}", None
     if (label.width, label.height) != (image.width, image.height):
-        return (f"{sample.label}: label is {label.width}x{label.height} but its image "
-                f"{sample.image} is {image.width}x{image.height}")
-    return None
+        return None, (f"{sample.label}: label is {label.width}x{label.height} but its image "
+                      f"{sample.image} is {image.width}x{image.height}")
+    return None, None
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -128,6 +128,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     label_format: ClassVar[LabelFormat] = "index8"
     id_to_trainid: ClassVar[np.ndarray]
     eval_classes: ClassVar[tuple[int, ...]] = EVAL_SETS[19]  # trainIds this benchmark evaluates
+    # a label whose size differs from its image's: a bad pair, or (True) image and label each resized
+    # to the working size, and counted in one line (GTA5's release has a few dozen such pairs)
+    resize_mismatched: ClassVar[bool] = False
 
     def __init__(self, root: str | Path, split: str = "train", size: Size = (1024, 512),
                  with_labels: bool = True, skip_bad_pairs: bool = False):
@@ -171,7 +174,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
                       for i in sorted(images) if not self.with_labels or i in labels]
         with ThreadPoolExecutor(max_workers=8) as pool:  # file headers: I/O-bound
             checks = list(pool.map(lambda s: check_pair(s, self.label_format), candidates))
-        problems += [(s.id, p) for s, p in zip(candidates, checks) if p]
+        problems += [(s.id, p) for s, (p, _) in zip(candidates, checks) if p]
+        mismatched = [m for _, m in checks if m]
+        if mismatched and self.resize_mismatched:
+            log.warning("%s %s at %s: %d image/label pair(s) differ in size, each resized to the working size "
+                        "(first: %s)", self.name, self.split, self.root, len(mismatched), mismatched[0])
+        elif mismatched:
+            problems += [(s.id, m) for s, (_, m) in zip(candidates, checks) if m]
         bad = {i for i, _ in problems}
         samples = [s for s in candidates if s.id not in bad]
         if problems:
