@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from sisray.cli import add_config_arguments, job_config, run  # noqa: E402
 from sisray.inputs import check_checkpoint  # noqa: E402
 from sisray.errors import ConfigError  # noqa: E402
-from sisray.storage import atomic_write_json, is_uri  # noqa: E402
+from sisray.storage import absolute, atomic_write_json, is_uri  # noqa: E402
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -66,7 +66,7 @@ def main() -> None:
         tracking.artifact(out)
         tracking.artifact(figure)
         print(format_iou_table({Path(args.checkpoint).name or "model": summary}, val.eval_classes))
-    print(f"\nwrote {out}" + (f"; predictions in {args.export}" if args.export else "") + f"\n{tracking.where()}")
+    print(f"\nwrote {out}" + (f"; predictions in {absolute(args.export)}" if args.export else "") + f"\n{tracking.where()}")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ def constant_checkpoint(path, class_id: int) -> None:
 
 
 @pytest.mark.ray
-def test_evaluation_matches_a_hand_computed_confusion_matrix_and_exports(ray_session, tmp_path):
+def test_evaluation_matches_a_hand_computed_confusion_matrix_and_exports(ray_session, tmp_path, monkeypatch):
     truth = make_cityscapes(tmp_path / "cs", split="val", n=3)
     constant_checkpoint(tmp_path / "model.pt", CAR)
     cfg = load_config(None, ["data.target.name=cityscapes", f"data.target.root={tmp_path / 'cs'}",
                              "data.target.size=[32, 16]", "model.name=deeplabv2_r101", "model.width=0.0625",
                              "model.init=random", "resources.num_actors=2", "resources.actor_batch_size=2"])
-    summary = evaluate(cfg, tmp_path / "model.pt", export=tmp_path / "export", figure=tmp_path / "overlay.png")
+    monkeypatch.chdir(tmp_path)  # a relative export folder is the caller's, not the actors' working directory
+    summary = evaluate(cfg, tmp_path / "model.pt", export="export", figure=tmp_path / "overlay.png")
 
     expected = np.zeros((19, 19), np.int64)  # every ground-truth pixel (at label resolution) predicted as car
     for _, ids in truth.values():

@@ -27,7 +27,7 @@ from sisray.models import checkpoint_file
 from sisray.png import png_array, png_bytes
 from sisray.rundir import ModelDir
 from sisray.stages.actors import ActorSpec, ModelActor, pool_options
-from sisray.storage import atomic_write_json
+from sisray.storage import absolute, atomic_write_json
 
 OVERLAYS = 3  # val images shown in the overlay figure
 PREDICTION_SUFFIX = "_pred_labelIds.png"  # the official evaluator matches <city>_<seq>_<frame>*.png
@@ -115,7 +115,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
     checkpoint = str(checkpoint_file(checkpoint))
     actors, options = pool_options(cfg, len(dataset))
     spec = EvalSpec(cfg, checkpoint, actors.threads_each, actors.use_gpu,
-                    str(export) if export else None, tuple(scales), flip)
+                    absolute(export) if export else None, tuple(scales), flip)  # actors have their own cwd
     results = ray.data.range(len(dataset)).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
     total = ConfusionMatrix()
     pictures = {}
