@@ -59,10 +59,10 @@ def main() -> None:
     cfg = resolve_config(args)
 
     from sisray import rounds
-    from sisray.datasets import open_target, target_eval_classes
+    from sisray.datasets import headline_metrics, open_target, target_eval_classes
     from sisray.job import Job
     from sisray.labels import NUM_CLASSES
-    from sisray.metrics import format_iou_table
+    from sisray.metrics import format_headline, format_iou_table
 
     job = Job(cfg, "adapt", stages=True, force=args.force)  # refuses a foreign run directory before any work
     check_inputs(cfg)
@@ -88,9 +88,8 @@ def main() -> None:
           ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
     print(f"summary: {join(job.store.location, SUMMARY)}\n{tracking.where()}")
     if summary["final"] and summary["source_only"]:
-        gain = 100 * (summary["final"]["miou"] - summary["source_only"]["miou"])
-        print(f"\nfinal model {100 * summary['final']['miou']:.1f} mIoU on target val: {gain:+.1f} over source-only "
-              f"({100 * summary['source_only']['miou']:.1f}; one seed: compare variants with bench/ablation.py)")
+        print(f"\nfinal model on target val: {format_headline(summary['final'], summary['source_only'], headline_metrics(cfg))}"
+              " (one seed: compare variants with bench/ablation.py)")
 
 
 if __name__ == "__main__":

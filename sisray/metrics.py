@@ -14,6 +14,10 @@ import torch
 from sisray.labels import CLASS_NAMES, EVAL_SETS, NUM_CLASSES
 
 
+# the mean IoUs of an evaluation block: over the benchmark's classes, and over the 19/16/13 sets
+MIOU_KEYS = ("miou", "miou19", "miou16", "miou13")
+
+
 class ConfusionMatrix:
     """Rows: ground truth, columns: prediction. Pixels whose ground truth is IGNORE (255) are not counted."""
 
@@ -93,6 +97,12 @@ def format_iou_table(columns: dict[str, dict], classes: Iterable[int] = EVAL_SET
 
     for c in classes:
         lines.append(f"{CLASS_NAMES[c]:<16}" + "".join(cell(columns[n]["per_class"][CLASS_NAMES[c]]) for n in names))
-    for key in ("miou", "miou19", "miou16", "miou13"):
+    for key in MIOU_KEYS:
         lines.append(f"{key:<16}" + "".join(cell(columns[n][key]) for n in names))
     return "\n".join(lines)
+
+
+def format_headline(final: dict, source_only: dict, keys: Iterable[str]) -> str:
+    """'mIoU16 45.1, +9.8 over source-only (35.3); mIoU13 ...': the figures a paper reports (percent)."""
+    return "; ".join(f"{k.replace('miou', 'mIoU')} {100 * final[k]:.1f}, {100 * (final[k] - source_only[k]):+.1f} "
+                     f"over source-only ({100 * source_only[k]:.1f})" for k in keys)

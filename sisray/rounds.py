@@ -19,11 +19,13 @@ import numpy as np
 
 from sisray.config import Config, LSEConfig
 from sisray.labels import NUM_CLASSES
+from sisray.metrics import MIOU_KEYS
 from sisray.run_state import RunState
 from sisray.rundir import MODEL, SAFEGUARD, ModelDir, RunDir
 from sisray.storage import RunStore, absolute, atomic_write_json
 from sisray.tracking import Tracking, evaluation_metrics
-EVAL_KEYS = ("miou", "miou19", "miou16", "miou13", "pixel_accuracy", "per_class", "label_free", "class_share")
+
+EVAL_KEYS = (*MIOU_KEYS, "pixel_accuracy", "per_class", "label_free", "class_share")
 
 
 def schedule(lse: LSEConfig) -> list[float]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sisray.config import Config, config_to_dict
+from sisray.metrics import MIOU_KEYS
 from sisray.storage import is_uri
 
 
@@ -31,7 +32,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def evaluation_metrics(summary: dict, prefix: str) -> dict[str, float]:
     """An evaluation block as flat MLflow metrics: PREFIX/miou19, PREFIX/iou/road, ..."""
-    metrics = {f"{prefix}/{k}": summary[k] for k in ("miou", "miou19", "miou16", "miou13", "pixel_accuracy")}
+    metrics = {f"{prefix}/{k}": summary[k] for k in (*MIOU_KEYS, "pixel_accuracy")}
     metrics.update({f"{prefix}/iou/{name}": value for name, value in summary["per_class"].items()})
     metrics.update({f"{prefix}/label_free/{name}": value for name, value in summary.get("label_free", {}).items()})
     return metrics

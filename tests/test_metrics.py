@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sisray.config import load_config
 from sisray.labels import CLASS_NAMES, EVAL_SETS
 from sisray.metrics import ConfusionMatrix, format_iou_table
 
@@ -87,3 +88,15 @@ def test_bad_inputs():
         cm.update(np.zeros((2, 2)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"class indices in \[0, 19\)"):
         cm.update(np.array([19]), np.array([0]))
+
+
+def test_the_headline_names_each_figure_with_its_gain_over_source_only():
+    from sisray.datasets import headline_metrics
+    from sisray.metrics import format_headline
+
+    final, source = {"miou16": 0.451, "miou13": 0.502, "miou": 0.4}, {"miou16": 0.353, "miou13": 0.41, "miou": 0.3}
+    synthia = load_config(None, ["data.source.name=synthia"])
+    assert format_headline(final, source, headline_metrics(synthia)) == (
+        "mIoU16 45.1, +9.8 over source-only (35.3); mIoU13 50.2, +9.2 over source-only (41.0)")
+    assert format_headline(final, source, headline_metrics(load_config(None, []))) == (
+        "mIoU 40.0, +10.0 over source-only (30.0)")

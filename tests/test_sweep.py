@@ -132,11 +132,23 @@ def test_rank_correlation():
 
 def test_a_round_reports_its_label_free_statistics_and_target_miou():
     block = {"round": 2, "selected_images": 5, "patches": 20,
-             "evaluation": {"miou": 0.3, "miou19": 0.25, "label_free": {"information": 0.1, "mean_entropy": 0.4,
-                                                                       "class_entropy": 0.5}}}
+             "evaluation": {"miou": 0.3, "miou19": 0.25, "miou16": 0.27, "miou13": 0.32,
+                            "label_free": {"information": 0.1, "mean_entropy": 0.4, "class_entropy": 0.5}}}
     assert trial_metrics(block) == {"round": 2, "target_val_miou19": 0.25, "target_val_miou": 0.3,
+                                    "target_val_miou16": 0.27, "target_val_miou13": 0.32,
                                     "selected_images": 5, "patches": 20, "information": 0.1,
                                     "mean_entropy": 0.4, "class_entropy": 0.5}
+
+
+@pytest.mark.parametrize("source, metric", [("synthia", "target_val_miou16"), ("gta5", "target_val_miou"),
+                                            ("synthetic", "target_val_miou")])
+def test_target_miou_is_the_headline_figure_of_the_pair(source, metric):
+    """From SYNTHIA the paper reports mIoU16 (and mIoU13), from GTA5 the target's mIoU19."""
+    from sisray.sweep.driver import objective
+
+    cfg = load_config(None, [f"data.source.name={source}"])
+    assert objective("target_miou", cfg) == (metric, "max", True)
+    assert objective("information", cfg) == ("information", "max", False)
 
 
 class _Result:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sisray.config import Config
 from sisray.errors import ConfigError
+from sisray.metrics import MIOU_KEYS
 from sisray.sweep.space import trial_config
 
 ROUND_REPORTED = "round.json"  # the trial's Tune checkpoint: the last round it reported
@@ -31,9 +32,8 @@ class TrialSetup:
 def trial_metrics(block: dict) -> dict[str, float]:
     """What a round reports to Tune: the label-free statistics and, for reporting, target-val mIoU."""
     evaluation = block["evaluation"]
-    metrics = {"round": block["round"], "target_val_miou19": evaluation["miou19"],
-               "target_val_miou": evaluation["miou"], "selected_images": block["selected_images"],
-               "patches": block["patches"]}
+    metrics = {"round": block["round"], **{f"target_val_{k}": evaluation.get(k) for k in MIOU_KEYS},
+               "selected_images": block["selected_images"], "patches": block["patches"]}
     metrics.update(evaluation.get("label_free", {}))
     return {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
