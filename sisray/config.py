@@ -56,6 +56,9 @@ class ModelConfig:
     width: float = bounded(1.0, 0.0, 1.0, lo_open=True)  # channel multiplier; 1 = the paper's
     init: str = "imagenet"  # "random", "imagenet", or the path of a checkpoint file
     source_checkpoint: str | None = None  # a trained source model to adapt; None: the source stage trains one
+    # autocast of training and inference: auto = bf16 under CUDA, fp32 on CPU (the reference: fp32).
+    # Softmax, entropies and thresholds are computed in fp32 whatever the logits' precision.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass

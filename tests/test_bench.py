@@ -54,6 +54,13 @@ def test_the_training_bench_runs_the_same_steps_on_every_side():
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900, method="thread")
+def test_the_precision_bench_compares_one_model_at_two_precisions():
+    figures = _last_json("precision.py", "--tiny")
+    assert figures["images"] == 4 and figures["selected_fp32"] > 0 and figures["selected_bf16"] > 0
+    assert 0 <= figures["selection_jaccard"] <= 1 and figures["tau_max_abs_difference"] >= figures["tau_mean_abs_difference"]
+    assert 0.9 < figures["pixel_agreement"] < 1  # the same model: bf16 rounding moves a few pixels, not most
+
+
 def test_the_growth_bench_runs_one_round_at_n_2n_and_4n():
     figures = _last_json("growth.py", "--tiny")
     assert figures["n"] == [4, 8, 16]

@@ -233,3 +233,29 @@ def test_a_checkpoint_made_before_label_spaces_predicts_every_class(tmp_path):
     del state["label_space.allowed"]
     torch.save(state, tmp_path / "old.pt")
     assert bool(build_model("fcn8s_vgg16", width=0.0625, init=str(tmp_path / "old.pt")).label_space.allowed.all())
+
+
+def test_precision_auto_is_bf16_under_cuda_only():
+    from sisray.models.common import uses_bf16
+
+    assert [uses_bf16(p, d) for p in ("auto", "fp32", "bf16") for d in ("cpu", "cuda")] == [
+        False, True, False, False, True, True]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_bf16_logits_give_a_softmax_computed_and_resampled_in_fp32(scale):
+    """Entropies and thresholds read this softmax: under bf16 autocast only the network runs in bf16."""
+    from sisray.models.common import autocast
+    from sisray.models.inference import predict_probs
+
+    torch.manual_seed(0)
+    model = build_model("lraspp_lite0", init="random").eval()
+    images = torch.rand(1, 3, 32, 64) * 255
+    with torch.no_grad(), autocast("bf16", torch.device("cpu")):
+        probs = predict_probs(model, images, (scale,))
+        logits = model(images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear"))
+    assert logits.dtype == torch.bfloat16 and probs.dtype == torch.float32
+    expected = logits.float().softmax(1)
+    if scale != 1:
+        expected = F.interpolate(expected, size=(32, 64), mode="bilinear", align_corners=False)
+    assert torch.equal(probs, expected)

@@ -1,6 +1,6 @@
 """What the models share: the Caffe-style input of the paper's models (and torchvision's weights folded
-to take it), the classes a model may predict, the shape of an optimiser preset, and the listing of
-BatchNorm layers.
+to take it), the classes a model may predict, the shape of an optimiser preset, the listing of
+BatchNorm layers, and the precision they run at.
 
 Caffe-style input (docs/METHOD.md): BGR channel order, minus the mean (104.00699, 116.66877, 122.67892), no
 division by std. This is the only place that knows it.
@@ -75,3 +75,13 @@ class Recipe:
     poly: bool = False  # rate x (1 - step / steps) ** 0.9 over each stage; else constant
     head_lr: float = 1.0
     bias_lr: float = 1.0
+
+
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """`model.precision` on a device: bf16 with "bf16", or "auto" under CUDA; otherwise fp32."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of `model.precision` on `device` (disabled for fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device.type))

@@ -16,6 +16,7 @@ from sisray.datasets import open_target
 from sisray.errors import DatasetError
 from sisray.labels import NUM_CLASSES
 from sisray.models import build_model
+from sisray.models.common import autocast
 from sisray.models.inference import predict_probs
 
 
@@ -59,7 +60,7 @@ class ModelActor:
     def predict(self, images: list[torch.Tensor] | torch.Tensor, scales=(1.0,), flip: bool = False) -> torch.Tensor:
         """Float softmax at the input size. One forward per image: batched convolutions round
         differently with the batch size, and no result may depend on how images were batched."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.cfg.model.precision, self.device):  # the softmax itself is fp32 (predict_probs)
             probs = torch.cat([predict_probs(self.model, image[None].to(self.device), scales, flip)
                                for image in images])
         return probs.float()

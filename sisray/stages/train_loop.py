@@ -30,6 +30,7 @@ from sisray.datasets import SegmentationDataset, open_source, open_target
 from sisray.labels import NUM_CLASSES
 from sisray.lse.losses import cross_entropy, lse_target_loss
 from sisray.models import build_model, load_state
+from sisray.models.common import autocast
 from sisray.optim import freeze_batchnorm_statistics, make_optimizer, moving_average
 from sisray.patch_set import PatchDataset
 from sisray.progress import Progress
@@ -137,13 +138,13 @@ def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, se
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _forward(net, images, use_amp: bool):
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+def _forward(net, images, precision: str):
+    with autocast(precision, images.device):
         return net(images)
 
 
 def training_step(net, optimizer, labelled: tuple, patches: tuple | None, beta: float, gamma: float,
-                  use_amp: bool = False) -> dict[str, float]:
+                  precision: str = "fp32") -> dict[str, float]:
     """One optimiser step on L = CE(labelled) [+ CE(patches) + beta * FL(patches)] (docs/METHOD.md step 5).
 
     The two terms are backpropagated one after the other into the same gradient (half the peak
@@ -152,12 +153,12 @@ def training_step(net, optimizer, labelled: tuple, patches: tuple | None, beta: 
     optimizer.zero_grad(set_to_none=True)
     sync_later = net.no_sync() if patches is not None and hasattr(net, "no_sync") else contextlib.nullcontext()
     with sync_later:
-        source_loss = cross_entropy(_forward(net, labelled[0], use_amp), labelled[1])
+        source_loss = cross_entropy(_forward(net, labelled[0], precision), labelled[1])
         source_loss.backward()
     parts = {"loss": source_loss.item()}
     if patches is not None:
         weights = patches[2] if len(patches) > 2 else None  # the teacher's confidence (lse.confidence_weight)
-        target_loss = lse_target_loss(_forward(net, patches[0], use_amp), patches[1], beta, gamma, weights)
+        target_loss = lse_target_loss(_forward(net, patches[0], precision), patches[1], beta, gamma, weights)
         target_loss.backward()
         parts = {"loss": parts["loss"] + target_loss.item(), "source_ce": source_loss.item(),
                  "target_loss": target_loss.item()}
@@ -216,7 +217,6 @@ def train_loop(loop_config: dict) -> None:
     net = ray.train.torch.prepare_model(model)  # device placement, and DDP when world > 1
     per_worker = cfg.train.batch_size // world
     mine = slice(rank * per_worker, (rank + 1) * per_worker)
-    use_amp = device.type == "cuda"
     logged: dict[str, list[float]] = {}
     step_times: list[float] = []
     progress = Progress(f"{spec.stage} training", spec.steps, "steps", start) if rank == 0 else None
@@ -241,7 +241,7 @@ def train_loop(loop_config: dict) -> None:
                 pseudo = class_mix(labelled, pseudo, augmentation)
             if cfg.train.photometric_patches:
                 pseudo = (photometric(pseudo[0], augmentation), *pseudo[1:])
-        parts = training_step(net, optimizer, labelled, pseudo, cfg.lse.beta, cfg.lse.gamma, use_amp)
+        parts = training_step(net, optimizer, labelled, pseudo, cfg.lse.beta, cfg.lse.gamma, cfg.model.precision)
         scheduler.step()
         if average is not None:
             average.update_parameters(model)
