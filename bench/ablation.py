@@ -20,6 +20,7 @@ variant of that seed adapts from, so variants differ only in what the rounds do:
     lse_fl_classmix      the default + ClassMix: half of a source image's classes pasted onto each patch (DACS)
     lse_fl_patch_jitter  the default + colour jitter and blur of the pseudo-labelled batches too
     lse_fl_classmix_jitter  both: DACS's student input (the mixed patches jittered)
+    lse_fl_fused_teacher the default + the teacher averaged over 1/scale, 1, scale and their mirrors
     source_no_photometric  a source model trained without photometric augmentation (its own run, no rounds)
     source_converged     the source model trained to convergence (15 epochs, chosen by the source-val loss)
     lse_fl_converged     the default's rounds from the converged source model (also gives its + target BN)
@@ -69,6 +70,7 @@ ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source
     "lse_fl_classmix": ["lse.classmix=true"],
     "lse_fl_patch_jitter": ["train.photometric_patches=true"],
     "lse_fl_classmix_jitter": ["lse.classmix=true", "train.photometric_patches=true"],  # DACS's student input
+    "lse_fl_fused_teacher": ["lse.fused_teacher=true"],
 }
 SOURCE_TRAINED = {  # variant -> overrides of jobs/train_source.py: a source model of its own
     "source_no_photometric": ["train.photometric=false"],
@@ -91,6 +93,7 @@ COMPARISONS = [  # (A, B): does A beat B?
     ("lse_fl_confidence", DEFAULT), ("lse_fl_ema", DEFAULT), ("source_only", "source_no_photometric"),
     ("lse_fl_safeguard", DEFAULT), ("lse_fl_safeguard", "source_only"), ("lse_fl_classmix", DEFAULT),
     ("lse_fl_patch_jitter", DEFAULT), ("lse_fl_classmix_jitter", DEFAULT), ("lse_fl_classmix_jitter", "lse_fl_classmix"),
+    ("lse_fl_fused_teacher", DEFAULT),
     (DEFAULT, "source_converged"), (DEFAULT, "source_converged_target_bn"),
     ("lse_fl_converged", "source_converged_target_bn"), ("lse_fl_converged", DEFAULT),
     ("source_high_lr", "source_only"), ("lse_fl_high_lr", DEFAULT), ("lse_fl_high_lr", "source_high_lr_target_bn"),

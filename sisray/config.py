@@ -89,6 +89,7 @@ class LSEConfig:
     confidence_weight: bool = False  # scale each pseudo-labelled pixel's loss by the teacher's confidence
     ema_decay: float | None = bounded(None, 0.0, 1.0, lo_open=True, hi_open=True)  # a round's model (teacher of the next) = EMA of its weights
     classmix: bool = False  # DACS's ClassMix: half of a source image's classes pasted onto each pseudo-labelled patch (sisray/augment.py)
+    fused_teacher: bool = False  # the teacher's softmax averaged over the image at 1/scale, 1 and scale (LSE's zoom) and their mirrors
     # keep the incumbent model when target BN statistics or a round's model move the predicted class
     # proportions on the target-train images further from the source's (sisray/safeguard.py)
     safeguard: bool = False

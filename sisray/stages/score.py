@@ -48,7 +48,7 @@ class Scorer(ModelActor):
                "histograms": np.zeros((len(indices), NUM_CLASSES, bins), np.int64)}
         rows = [k for k, i in enumerate(indices) if i in images]
         if rows:
-            records = image_records(self.predict([images[indices[k]] for k in rows]), bins)
+            records = image_records(self.teacher([images[indices[k]] for k in rows]), bins)
             for key in RECORD_KEYS:
                 out[key][rows] = getattr(records, key).cpu().numpy()
         return {"index": np.asarray(indices, np.int64),
