@@ -26,6 +26,8 @@ variant of that seed adapts from, so variants differ only in what the rounds do:
     lse_fl_converged     the default's rounds from the converged source model (also gives its + target BN)
     source_high_lr       the default's source schedule at three times its rate (Adam 1.5e-3)
     lse_fl_high_lr       the default's rounds from that source model (also gives its + target BN)
+    source_rare_class    the default's source schedule with rare-class sampling (DAFormer, T = 0.01)
+    lse_fl_rare_class    the default's rounds from that source model (also gives its + target BN)
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
 
 `--suite DIR` runs the same per target domain of the suite (`jobs/make_synthetic.py --suite --out
@@ -80,10 +82,12 @@ SOURCE_TRAINED = {  # variant -> overrides of jobs/train_source.py: a source mod
     "source_converged": ["train.source_epochs=15", "train.holdout=0.1", "train.checkpoint_every=34"],
     # the default's 2.5 epochs at three times its rate: lower source-val loss at 2.5 and 5 epochs (day, seed 0)
     "source_high_lr": ["train.lr=1.5e-3"],
+    "source_rare_class": ["train.rare_class_sampling=0.01"],  # DAFormer's temperature
 }
 FROM_SOURCE = {  # variant -> the source-trained variant whose model it adapts with the default's rounds
     "lse_fl_converged": "source_converged",
     "lse_fl_high_lr": "source_high_lr",
+    "lse_fl_rare_class": "source_rare_class",
 }
 FROM_DEFAULT_RUN = ("source_only", "source_target_bn")
 COMPARISONS = [  # (A, B): does A beat B?
@@ -97,6 +101,7 @@ COMPARISONS = [  # (A, B): does A beat B?
     (DEFAULT, "source_converged"), (DEFAULT, "source_converged_target_bn"),
     ("lse_fl_converged", "source_converged_target_bn"), ("lse_fl_converged", DEFAULT),
     ("source_high_lr", "source_only"), ("lse_fl_high_lr", DEFAULT), ("lse_fl_high_lr", "source_high_lr_target_bn"),
+    ("source_rare_class", "source_only"), ("lse_fl_rare_class", DEFAULT),
 ]
 
 

@@ -110,6 +110,8 @@ class TrainConfig:
     round_bn: Literal["train", "frozen"] = "train"  # frozen: BatchNorm statistics stay as they are during the rounds
     photometric: bool = False  # colour jitter and blur of the labelled batches (sisray/augment.py); the reference: none
     photometric_patches: bool = False  # the same on the pseudo-labelled batches of the rounds (after ClassMix, as in DACS)
+    # DAFormer's rare-class sampling of the labelled images at this temperature (DAFormer: 0.01); None: each image once an epoch
+    rare_class_sampling: float | None = bounded(None, 0.0, lo_open=True)
     log_every: int = bounded(10, 1)  # steps between logged losses
     checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
     pseudo_labels: bool = True  # false: the control of "more training": rounds take as many steps on the source alone

@@ -226,7 +226,8 @@ def test_a_source_lacking_classes_trains_a_model_that_never_predicts_them(ray_se
     from sisray.datasets import open_target
 
     cfg = _config(small_benchmark, tmp_path / "run", "train.source_epochs=0.5",  # 6 images, batch 4: 1 step
-                  "data.source.name=gta5", f"data.source.root={gta5_lacking_classes}")
+                  "data.source.name=gta5", f"data.source.root={gta5_lacking_classes}",
+                  "train.rare_class_sampling=0.01")  # the workers draw by class (tests/test_sampling.py)
     out = train_source(cfg, RunStore(tmp_path / "run"), None)
     assert out == tmp_path / "run" / "source" / "checkpoint"
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "train_state.pt"]
@@ -266,10 +267,11 @@ def test_the_label_space_is_counted_from_the_labels_once_and_kept_with_the_run(g
     assert unlabelled(GTA5_CLASSES) == tuple(c for c in range(19) if c not in GTA5_CLASSES)
     counted = json.loads((tmp_path / "run" / "source" / "classes.json").read_text())
     assert counted["pixels"]["road"] > 0 and set(counted["images"].values()) == {6}  # every label holds all 4
+    assert counted["image_classes"] == [list(GTA5_CLASSES)] * 6  # per image: what rare-class sampling draws from
 
     def not_again(self, threads=8):
         raise AssertionError("counted twice")
-    monkeypatch.setattr(SegmentationDataset, "class_counts", not_again)
+    monkeypatch.setattr(SegmentationDataset, "label_histograms", not_again)
     assert label_space(gta5, RunStore(tmp_path / "run")) == GTA5_CLASSES  # read back, not counted
     # the oracle's label space: the target train labels' classes (the benchmark's 13)
     oracle = _config(small_benchmark, tmp_path / "oracle", "train.oracle=true")

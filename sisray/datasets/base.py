@@ -232,6 +232,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """(pixels, images) per trainId, int64 (19,) each: how many labelled pixels of each class the
         label files hold at their own resolution, and in how many images it appears. What a model
         trained on this set can learn to predict is counted here, not declared (`eval_classes`)."""
+        histograms = self.label_histograms(threads)
+        return histograms.sum(axis=0), (histograms > 0).sum(axis=0)
+
+    def label_histograms(self, threads: int = 8) -> np.ndarray:
+        """(N, 19) int64: the labelled pixels of each trainId in each label file, at its own resolution."""
         def count(sample: Sample) -> np.ndarray:
             try:
                 ids = self.read_label_ids(sample.label)
@@ -241,13 +246,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
         if not self.with_labels:
             raise DatasetError(f"{self.name} {self.split}: opened without labels, so its classes cannot be counted")
-        pixels = np.zeros(NUM_CLASSES, np.int64)
-        images = np.zeros(NUM_CLASSES, np.int64)
         with ThreadPoolExecutor(max_workers=threads) as pool:  # decoding releases the GIL
-            for per_class in pool.map(count, self.samples):
-                pixels += per_class
-                images += per_class > 0
-        return pixels, images
+            return np.stack(list(pool.map(count, self.samples))).astype(np.int64)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.load_image(index), self.load_label(index)

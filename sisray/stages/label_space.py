@@ -13,6 +13,7 @@ import io
 import json
 import time
 
+import numpy as np
 import torch
 
 from sisray.config import Config
@@ -31,12 +32,15 @@ def count_label_space(cfg: Config) -> dict:
     began = time.perf_counter()
     if len(dataset) > _ANNOUNCED:
         print(f"counting the classes of {len(dataset)} {dataset.name} labels (once per run) ...", flush=True)
-    pixels, images = dataset.class_counts()
+    histograms = dataset.label_histograms()
+    pixels, images = histograms.sum(axis=0), (histograms > 0).sum(axis=0)
     classes = [c for c in range(NUM_CLASSES) if pixels[c] > 0]
     return {"dataset": dataset.name, "root": str(dataset.root), "labels": len(dataset),
             "class_ids": classes, "classes": [CLASS_NAMES[c] for c in classes],
             "pixels": {CLASS_NAMES[c]: int(pixels[c]) for c in classes},
             "images": {CLASS_NAMES[c]: int(images[c]) for c in classes},
+            # per labelled image (the dataset's order), the classes it holds: rare-class sampling draws from these
+            "image_classes": [np.flatnonzero(h).tolist() for h in histograms],
             "seconds": round(time.perf_counter() - began, 2)}
 
 

@@ -6,6 +6,7 @@ each), the stage's length and rate decided here, checkpoints published into the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -21,6 +22,7 @@ from sisray.errors import SisrayError
 from sisray.models import checkpoint_file
 from sisray.patch_set import count_rows
 from sisray.rundir import MODEL, TRAIN_STATE, RunDir, round_name
+from sisray.sampling import RareClassSampler, rare_class_sampler
 from sisray.stages.label_space import label_space
 from sisray.stages.train_loop import TrainSpec, holdout_split, read_train_state, train_loop, training_set
 from sisray.storage import RunStore
@@ -131,9 +133,20 @@ def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path
         return destination
     workers = train_workers(cfg)
     spec = TrainSpec(cfg, folder.name, steps, cfg.model.init, workers.threads_each, logger,
-                     lr=cfg.train.lr, classes=label_space(cfg, store))
+                     lr=cfg.train.lr, classes=label_space(cfg, store), sampler=labelled_sampler(cfg, store))
     publish_result(fit(cfg, spec, store, folder.name), destination)
     return destination
+
+
+def labelled_sampler(cfg: Config, store: RunStore) -> RareClassSampler | None:
+    """How a stage draws its labelled images: rare-class sampling (`train.rare_class_sampling`) over
+    the trained ones, from the run's counted label space; None: each once an epoch, in seeded order."""
+    if cfg.train.rare_class_sampling is None:
+        return None
+    label_space(cfg, store)  # counted once per run
+    counted = json.loads(RunDir(store.local).label_space.read_text())
+    trained, _ = holdout_split(counted["labels"], cfg.train.holdout, cfg.seed)
+    return rare_class_sampler(counted, trained, cfg.train.rare_class_sampling)
 
 
 def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger: RunLogger | None) -> Path:
@@ -154,15 +167,17 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
     if not samples:
         publish_checkpoint([f for f in (model, state) if f], destination)
         return destination
-    spec = round_spec(cfg, round_, steps, model, state, store.shared(patches), train_workers(cfg).threads_each, logger)
+    spec = round_spec(cfg, round_, steps, model, state, store.shared(patches), train_workers(cfg).threads_each, logger,
+                      labelled_sampler(cfg, store))
     publish_result(fit(cfg, spec, store, stage), destination)
     return destination
 
 
 def round_spec(cfg: Config, round_: int, steps: int, model: str, carried_state: str | None, patches: str,
-               threads: int, logger: RunLogger | None) -> TrainSpec:
+               threads: int, logger: RunLogger | None, sampler: RareClassSampler | None = None) -> TrainSpec:
     """What the workers of a round's retraining run, every value resolved here: the rounds' rate
-    (train.round_lr, else train.lr, else the model's recipe), warm-up steps, BatchNorm, EMA."""
+    (train.round_lr, else train.lr, else the model's recipe), warm-up steps, BatchNorm, EMA, and how
+    its labelled images are drawn."""
     return TrainSpec(cfg, round_name(round_), steps, model, threads, logger, round_, patches, carried_state,
                      lr=cfg.train.round_lr or cfg.train.lr, warmup_steps=round(cfg.train.round_warmup * steps),
-                     frozen_bn=cfg.train.round_bn == "frozen", ema_decay=cfg.lse.ema_decay)
+                     frozen_bn=cfg.train.round_bn == "frozen", ema_decay=cfg.lse.ema_decay, sampler=sampler)

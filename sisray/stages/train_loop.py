@@ -35,6 +35,7 @@ from sisray.optim import freeze_batchnorm_statistics, make_optimizer, moving_ave
 from sisray.patch_set import PatchDataset
 from sisray.progress import Progress
 from sisray.rundir import MODEL, STUDENT, TRAIN_STATE
+from sisray.sampling import RareClassSampler
 from sisray.tracking import RunLogger
 
 
@@ -55,12 +56,20 @@ class TrainSpec:
     frozen_bn: bool = False  # BatchNorm layers keep their running statistics (eval mode) while training
     classes: tuple[int, ...] | None = None  # the label space this stage sets; None: the init checkpoint's
     ema_decay: float | None = None  # publish the moving average of the weights (lse.ema_decay) instead of the last
+    sampler: RareClassSampler | None = None  # draws the labelled images (train.rare_class_sampling); None: epochs
     ray_log_level: str = "INFO"  # of Ray Train's own logs in the worker (the driver's: cluster.ray_log_level)
 
 
 def stream_seed(seed: int, round_: int, stream: int) -> int:
     """The seed of one sample stream (0: labelled, 1: patches) of one round."""
     return int(np.random.SeedSequence([seed, round_, stream]).generate_state(1)[0]) if round_ else seed
+
+
+def labelled_batch(spec: TrainSpec, step: int, samples: int) -> list[int]:
+    """Positions in the stage's `samples` trained labelled images of global batch `step`: drawn by the
+    rare-class sampler when the stage has one, else the seeded epochs of `global_batch`."""
+    seed, size = stream_seed(spec.config.seed, spec.round, 0), spec.config.train.batch_size
+    return spec.sampler.batch(step, size, seed) if spec.sampler else global_batch(step, size, samples, seed)
 
 
 def global_batch(step: int, batch_size: int, samples: int, seed: int) -> list[int]:
@@ -228,7 +237,7 @@ def train_loop(loop_config: dict) -> None:
         net.train()
         if spec.frozen_bn:
             freeze_batchnorm_statistics(net)
-        indices = global_batch(step, cfg.train.batch_size, len(trained_ids), stream_seed(cfg.seed, spec.round, 0))
+        indices = labelled_batch(spec, step, len(trained_ids))
         labelled = load_batch(dataset, [trained_ids[i] for i in indices[mine]], device)
         augmentation = torch.Generator().manual_seed(draws)
         if cfg.train.photometric:
