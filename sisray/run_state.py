@@ -60,7 +60,8 @@ class RunState:
         self.data = {"fingerprint": fingerprint(cfg), "finished": {}, "outputs": {}, "mlflow_run_id": None}
         if self.path.is_file():
             saved = json.loads(self.path.read_text())
-            old, new = saved["fingerprint"], self.data["fingerprint"]
+            # a key an earlier sisray did not have: that run behaved as its default does
+            old, new = {**fingerprint(Config()), **saved["fingerprint"]}, self.data["fingerprint"]
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             if changed and not force:
                 listed = "; ".join(f"{k} = {old.get(k)!r} there, {new.get(k)!r} now" for k in changed[:5])

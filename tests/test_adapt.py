@@ -82,6 +82,18 @@ def test_a_run_directory_of_another_config_is_refused_unless_forced(tmp_path):
     assert run_state.RunState(RunStore(tmp_path), other, force=True).data["fingerprint"]["lse.p0"] == 0.2
 
 
+def test_a_run_of_an_earlier_sisray_resumes_when_the_options_added_since_are_at_their_defaults(tmp_path):
+    """An option added later (here lse.classmix) is absent from the older run's record: that run
+    behaved as the default does, so the default resumes it and another value is refused."""
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    state = run_state.RunState(RunStore(tmp_path), cfg)
+    del state.data["fingerprint"]["lse.classmix"]
+    state.save()
+    run_state.RunState(RunStore(tmp_path), cfg)
+    with pytest.raises(ConfigError, match=r"lse.classmix = False there, True now"):
+        run_state.RunState(RunStore(tmp_path), load_config(None, [f"run_dir={tmp_path}", "lse.classmix=true"]))
+
+
 # ------------------------------------------------------------------ end to end (Ray)
 
 @pytest.mark.slow
