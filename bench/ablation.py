@@ -115,8 +115,9 @@ def job(script: str, run_dir: Path, overrides: list[str]) -> None:
 
 def finished(script: str, run_dir: Path, overrides: list[str]) -> bool:
     """Whether `run_dir` holds this run, finished: the same fingerprint (the config keys that decide
-    results, as a job compares them) and its final file."""
-    from sisray.config import load_config
+    results, as a job compares them; paths compared where they lead, whether given relative or
+    absolute) and its final file."""
+    from sisray.config import load_config, with_absolute_paths
     from sisray.run_state import fingerprint
 
     done = run_dir / ("summary.json" if script == "adapt.py" else "source/eval.json")
@@ -126,7 +127,7 @@ def finished(script: str, run_dir: Path, overrides: list[str]) -> bool:
     if script == "adapt.py" and not json.loads(done.read_text()).get("complete"):
         return False
     expected = load_config(REPO / "configs" / "synthetic.yaml", overrides)
-    return fingerprint(load_config(saved)) == fingerprint(expected)
+    return fingerprint(with_absolute_paths(load_config(saved))) == fingerprint(with_absolute_paths(expected))
 
 
 def source_model(run_dir: Path) -> Path:

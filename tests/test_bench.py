@@ -164,6 +164,22 @@ def test_the_suite_adapts_every_domain_from_one_source_model_per_seed(tmp_path, 
     assert figures["lse_fl_high_lr"]["miou"] == pytest.approx([3.5, 3.6])
 
 
+def test_a_finished_run_is_known_whether_its_paths_were_given_relative_or_absolute(tmp_path, monkeypatch):
+    """Re-running the ablation with --out given another way must not run finished jobs again."""
+    from sisray.config import load_config, save_config
+
+    ablation = _ablation()
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "out" / "dusk" / "seed_0" / "lse_fl"
+    run.mkdir(parents=True)
+    relative = ["model.source_checkpoint=out/day/seed_0/lse_fl/source/checkpoint"]
+    save_config(load_config(REPO / "configs" / "synthetic.yaml", relative), run / "config.yaml")
+    (run / "summary.json").write_text(json.dumps({"complete": True}))
+    absolute = [f"model.source_checkpoint={tmp_path / 'out' / 'day' / 'seed_0' / 'lse_fl' / 'source' / 'checkpoint'}"]
+    assert ablation.finished("adapt.py", run, relative) and ablation.finished("adapt.py", run, absolute)
+    assert not ablation.finished("adapt.py", run, [*absolute, "lse.p0=0.3"])
+
+
 def test_the_safeguard_record_says_which_verdicts_target_labels_bear_out():
     def ev(miou):
         return {"miou": miou}
