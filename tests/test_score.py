@@ -183,7 +183,7 @@ class IdealPatcher(Patcher):
         self.truth = open_target(self.cfg.data.target, "train", with_labels=True)
         self.truth_index = {s.id: k for k, s in enumerate(self.truth.samples)}
 
-    def probabilities(self, indices, scales=(1.0,), flip=False):
+    def teacher_probabilities(self, indices):
         import torch
 
         images = torch.stack([self.dataset.load_image(i) for i in indices])

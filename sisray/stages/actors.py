@@ -73,6 +73,11 @@ class ModelActor:
         scale = self.cfg.lse.scale
         return self.predict(images, (1 / scale, 1.0, scale), flip=True)
 
+    def teacher_probabilities(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, the teacher's softmax) at the working size."""
+        images = torch.stack([self.dataset.load_image(i) for i in indices])
+        return images, self.teacher(images)
+
     def probabilities(self, indices: list[int], scales=(1.0,), flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 images, float softmax) at the working size."""
         images = torch.stack([self.dataset.load_image(i) for i in indices])

@@ -89,8 +89,7 @@ class Patcher(ModelActor):
 
     def __call__(self, batch: dict) -> dict:
         indices = [int(i) for i in batch["id"]]
-        images = torch.stack([self.dataset.load_image(i) for i in indices])
-        probs = self.teacher(images)
+        images, probs = self.teacher_probabilities(indices)
         rows, figures = [], []
         for k, index in enumerate(indices):
             sample = self.dataset.samples[index]
