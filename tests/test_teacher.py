@@ -39,10 +39,10 @@ def test_scoring_reads_the_teachers_softmax(small_benchmark, fcn_checkpoint, fus
 def test_the_patch_pass_labels_from_the_teachers_softmax(small_benchmark, fcn_checkpoint, monkeypatch):
     seen = []
 
-    def teacher(self, images):
-        seen.append(len(images))
-        return Scorer.teacher(self, images)
-    monkeypatch.setattr(Patcher, "teacher", teacher)
+    def views(self):
+        seen.append(self.cfg.lse.fused_teacher)
+        return Scorer.teacher_views(self)
+    monkeypatch.setattr(Patcher, "teacher_views", views)
     patcher = Patcher(_spec(small_benchmark, fcn_checkpoint, True, PatchSpec, tau=(1.0,) * 19, scales=(2.0,)))
     patcher({"id": np.array([0, 1])})
-    assert seen == [2]  # once per batch, on every image of it
+    assert seen == [True]  # once per batch

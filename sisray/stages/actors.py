@@ -65,18 +65,19 @@ class ModelActor:
                                for image in images])
         return probs.float()
 
-    def teacher(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """The softmax that scores and pseudo-labels: the plain prediction, or with `lse.fused_teacher`
-        the mean over a zoom-out (1/scale), the image, LSE's zoomed view (scale) and their mirrors."""
-        if not self.cfg.lse.fused_teacher:
-            return self.predict(images)
+    def teacher_views(self) -> tuple[tuple[float, ...], bool]:
+        """(scales, flip) of the softmax that scores and pseudo-labels: the plain prediction, or with
+        `lse.fused_teacher` the mean over a zoom-out (1/scale), the image, LSE's zoomed view (scale)
+        and their mirrors."""
         scale = self.cfg.lse.scale
-        return self.predict(images, (1 / scale, 1.0, scale), flip=True)
+        return ((1 / scale, 1.0, scale), True) if self.cfg.lse.fused_teacher else ((1.0,), False)
+
+    def teacher(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        return self.predict(images, *self.teacher_views())
 
     def teacher_probabilities(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 images, the teacher's softmax) at the working size."""
-        images = torch.stack([self.dataset.load_image(i) for i in indices])
-        return images, self.teacher(images)
+        return self.probabilities(indices, *self.teacher_views())
 
     def probabilities(self, indices: list[int], scales=(1.0,), flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 images, float softmax) at the working size."""
