@@ -101,6 +101,9 @@ class LSEConfig:
 @dataclass
 class TrainConfig:
     source_epochs: float = bounded(1.0, 0.0, lo_open=True)  # passes over the source set (source-only stage)
+    # the length of the source stage's rate schedule (poly) in epochs; None: source_epochs. The lineage stops
+    # its DeepLab source training at 150000 steps of a 250000-step poly schedule (configs/*_source.yaml)
+    source_schedule_epochs: float | None = bounded(None, 0.0, lo_open=True)
     epochs_per_round: float = bounded(2.0, 0.0, lo_open=True)  # passes over the patch set per round
     batch_size: int = bounded(1, 1)  # global batch, split evenly over the workers
     num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = one per GPU, else as the CPUs allow

@@ -15,7 +15,7 @@ def check_checkpoint(cfg, location: str) -> None:
 
 
 def check_target_batchnorm(cfg) -> None:
-    """lse.target_bn needs a model with BatchNorm layers that track statistics (DeepLab-v2's are frozen)."""
+    """lse.target_bn needs a model with BatchNorm layers that track statistics (VGG16-FCN8s has none)."""
     import torch
 
     from sisray.errors import ConfigError

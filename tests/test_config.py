@@ -7,6 +7,7 @@ import yaml
 
 from sisray.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from sisray.errors import ConfigError
+from sisray.registry import MODELS, implementation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,6 +153,8 @@ def test_paper_presets_use_the_reference_values():
             assert (lse.beta, lse.gamma, lse.selection, lse.threshold.estimator) == (0.1, 3.0, "classwise", "cutoff_image")
             assert (cfg.train.epochs_per_round, cfg.train.batch_size) == (2.0, 1)
             assert (lse.min_per_class, lse.target_bn, cfg.train.round_bn) == (0, False, "train")  # nothing beyond the paper
+            recipe = implementation(MODELS, cfg.model.name).RECIPE
+            assert (cfg.train.round_lr or cfg.train.lr or recipe.lr) == 1e-6  # the rounds' rate of LSE.py
 
 
 def test_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
@@ -163,3 +166,24 @@ def test_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
     assert cfg.data.target.root == str(tmp_path / "data" / "cityscapes")
     assert cfg.model.init == str(tmp_path / "ckpt" / "model.pt") and cfg.run_dir == str(tmp_path / "runs" / "a")
     assert with_absolute_paths(load_config(None, ["model.init=random"])).model.init == "random"
+
+
+@pytest.mark.parametrize("source, images", [("gta5", 24966), ("synthia", 9400)])
+def test_deeplab_source_presets_train_as_the_lineage(source, images):
+    """150000 steps of batch 1 on a 250000-step poly schedule at 2.5e-4 (SGD, the classifier 10x),
+    from the lineage's initial weights; the adaptation preset reads the checkpoint it writes."""
+    from sisray.models.deeplabv2 import DeepLabV2
+    from sisray.optim import make_optimizer
+    from sisray.stages.train import source_steps
+
+    cfg = load_config(REPO / "configs" / f"{source}_deeplabv2_source.yaml")
+    adapt = load_config(REPO / "configs" / f"{source}_deeplabv2.yaml")
+    assert cfg.data == adapt.data and cfg.model.name == adapt.model.name
+    assert cfg.model.init.endswith("DeepLab_resnet_pretrained_init-f81d91e8.pth")
+    assert adapt.model.source_checkpoint == f"{cfg.run_dir}/source/checkpoint"
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.photometric, cfg.train.holdout) == (1, None, False, 0.0)
+    steps, schedule = source_steps(cfg, images)
+    assert (steps, schedule) == (150000, 250000)
+    optimizer, scheduler = make_optimizer(DeepLabV2(width=0.0625), cfg.train.lr, schedule)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.5e-4, 2.5e-3])
+    assert scheduler.lr_lambdas[0](steps - 1) == pytest.approx((1 - (steps - 1) / 250000) ** 0.9)  # the last step's

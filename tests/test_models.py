@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from layouts import write_pickle_with_code
+from lineage import LineageDeepLab, trained_looking
 
 import sisray.models as models
 from sisray.errors import ModelError
@@ -101,13 +103,20 @@ def test_deeplab_output_stride_8_and_aspp_sums_all_four_branches():
     assert torch.allclose(out, torch.full_like(out, 15.0))  # 1 + 2 + 4 + 8
 
 
-def test_deeplab_batchnorm_is_frozen():
-    model = DeepLabV2(num_classes=19, width=0.0625)
-    assert not any("bn" in name for name, _ in model.named_parameters())
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    model(torch.randint(0, 256, (2, 3, 40, 40)).float()).sum().backward()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+def test_deeplab_batchnorm_trains_as_the_lineage_does(tmp_path):
+    """Affine parameters fixed; in training mode the batch's statistics normalise and the running ones
+    move (momentum 0.1), as in the lineage's model.train(); eval mode uses the running ones."""
+    lineage = trained_looking(LineageDeepLab(base=4))
+    torch.save(lineage.state_dict(), tmp_path / "lineage.pth")
+    ours = build_model("deeplabv2_r101", width=0.0625, init=str(tmp_path / "lineage.pth"))
+    assert not any("bn" in name for name, p in ours.named_parameters() if p.requires_grad)
+    images = torch.randint(0, 256, (2, 3, 40, 48)).float()
+    lineage.train(), ours.train()
+    assert torch.allclose(ours(images), lineage(images), atol=1e-4)
+    assert torch.allclose(ours.layer3[7].bn2.running_mean, lineage.layer3[7].bn2.running_mean, atol=1e-6)
+    assert not torch.equal(ours.layer3[7].bn2.running_mean, trained_looking(LineageDeepLab(base=4)).layer3[7].bn2.running_mean)
+    lineage.eval(), ours.eval()
+    assert torch.allclose(ours(images), lineage(images), atol=1e-4)
 
 
 def test_caffe_input_is_bgr_minus_mean():
@@ -259,3 +268,66 @@ def test_bf16_logits_give_a_softmax_computed_and_resampled_in_fp32(scale):
     if scale != 1:
         expected = F.interpolate(expected, size=(32, 64), mode="bilinear", align_corners=False)
     assert torch.equal(probs, expected)
+
+
+# ------------------------------------------------------------------ the lineage's DeepLab-v2
+
+def test_a_lineage_checkpoint_predicts_as_the_lineage_under_the_gta5_preset(tmp_path):
+    """A checkpoint trained by the lineage's code summed two ASPP branches: loaded with the paper
+    preset, sisray gives the lineage's predictions (summing all four agrees on ~90% of pixels here)."""
+    from sisray.config import load_config
+    from sisray.labels import NUM_CLASSES
+
+    lineage = trained_looking(LineageDeepLab(base=4), seed=1)
+    torch.save(lineage.state_dict(), tmp_path / "gta5_deeplab_resnet101_init.pth")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "gta5_deeplabv2.yaml",
+                      ["model.width=0.0625", f"model.source_checkpoint={tmp_path / 'gta5_deeplab_resnet101_init.pth'}"])
+    ours = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, cfg.model.source_checkpoint).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 128)).float()
+    with torch.no_grad():
+        expected, got = lineage(images).argmax(1), ours(images).argmax(1)
+    assert expected.unique().numel() >= 5  # a varied prediction
+    assert (got == expected).float().mean() >= 0.99
+    assert int(ours.layer5.branches) == 2 and not ours.layer5.conv2d_list[3].weight.requires_grad
+    torch.save(ours.state_dict(), tmp_path / "saved_here.pt")  # carried on: the count is part of the state
+    assert int(build_model(cfg.model.name, NUM_CLASSES, 0.0625, str(tmp_path / "saved_here.pt")).layer5.branches) == 2
+
+
+def test_a_checkpoint_saved_here_before_the_branch_count_sums_four(tmp_path):
+    state = build_model("deeplabv2_r101", width=0.0625).state_dict()
+    for key in [k for k in state if k.endswith("num_batches_tracked")] + ["layer5.branches", "strides_in_3x3"]:
+        del state[key]  # as saved with the former frozen BatchNorm
+    torch.save(state, tmp_path / "old.pt")
+    model = build_model("deeplabv2_r101", width=0.0625, init=str(tmp_path / "old.pt"))
+    assert int(model.layer5.branches) == 4 and model.layer5.conv2d_list[3].weight.requires_grad
+
+
+def test_the_lineage_initial_weights_load_without_their_classifier(tmp_path, caplog):
+    """DeepLab_resnet_pretrained_init-f81d91e8.pth: keys prefixed `Scale.`, a 21-class classifier."""
+    donor = trained_looking(LineageDeepLab(classes=21, base=4))
+    torch.save({f"Scale.{k}": v for k, v in donor.state_dict().items()}, tmp_path / "init.pth")
+    model = build_model("deeplabv2_r101", width=0.0625, init=str(tmp_path / "init.pth"))
+    assert torch.equal(model.layer3[4].conv2.weight, donor.layer3[4].conv2.weight)
+    assert torch.equal(model.layer4[2].bn3.running_var, donor.layer4[2].bn3.running_var)
+    assert model.layer5.conv2d_list[0].weight.shape[0] == 19 and float(model.layer5.conv2d_list[0].weight.detach().std()) < 0.02
+    assert "classifier of another task is not loaded" in caplog.text
+
+
+def test_torchvision_weights_run_with_torchvision_strides(monkeypatch):
+    """torchvision's ResNet-101 strides in the 3x3 convolution: layer2 computes what it computes there."""
+    import torchvision
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet101(weights=None).eval()
+    monkeypatch.setattr(models, "_imagenet_weights", lambda name: _FakeWeights(state=resnet.state_dict()))
+    model = build_model("deeplabv2_r101", width=1.0, init="imagenet").eval()
+    images = torch.randint(0, 256, (1, 3, 65, 65)).float()  # where ceil- and floor-mode pooling agree
+    tv_input = (images / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        expected = resnet.layer2(resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(tv_input))))))
+        h = model.maxpool(torch.relu(model.bn1(model.conv1(caffe_input(images)))))
+        got = model.layer2(model.layer1(h))
+    assert got.shape == expected.shape
+    # the folded normalisation pads conv1 with the Caffe mean instead of ImageNet's: borders move a little
+    assert torch.allclose(got, expected, atol=0.05, rtol=0.02)
+    assert model.layer2[0].conv2.stride == (2, 2) and bool(model.strides_in_3x3)

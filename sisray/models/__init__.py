@@ -75,7 +75,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
     """Load a full state dict, or raise a ModelError naming every missing, unexpected or misshapen key."""
     ours = model.state_dict()
     if hasattr(model, "complete_state"):  # entries a model adds to checkpoints made before it had them
-        state = model.complete_state(state)
+        state = model.complete_state(state, origin)
     if LABEL_SPACE_KEY in ours and LABEL_SPACE_KEY not in state:  # made before label spaces: every class
         state = {**state, LABEL_SPACE_KEY: torch.ones_like(ours[LABEL_SPACE_KEY])}
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") or k in ours}

@@ -59,7 +59,7 @@ def fold_torchvision_normalisation(weight: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers that track running statistics (DeepLab-v2's frozen ones are not among them)."""
+    """The BatchNorm layers, whose running statistics target BatchNorm re-estimates."""
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 

@@ -83,7 +83,7 @@ class FCN8s(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @staticmethod
-    def complete_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def complete_state(state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
         """A state dict without `skip_scales` comes from the Caffe-converted reference model."""
         if "skip_scales" in state:
             return state

@@ -36,6 +36,13 @@ def steps_for(epochs: float, samples: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * samples / batch_size))
 
 
+def source_steps(cfg: Config, samples: int) -> tuple[int, int]:
+    """The source stage's steps over `samples` labelled images, and the length of its rate schedule."""
+    steps = steps_for(cfg.train.source_epochs, samples, cfg.train.batch_size)
+    schedule = cfg.train.source_schedule_epochs
+    return steps, max(steps, steps_for(schedule, samples, cfg.train.batch_size)) if schedule else steps
+
+
 def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
     """Run `train_loop` (or `loop`, which wraps it: the fault tests) on Ray Train; returns Ray
     Train's result (final checkpoint and its metrics). A worker that dies is restarted once, from
@@ -126,14 +133,15 @@ def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path
     """Source-only training: writes RUN/source/checkpoint/ (model.pt + train_state.pt)."""
     dataset = training_set(cfg)  # validated here, before any worker starts
     trained, _ = holdout_split(len(dataset), cfg.train.holdout, cfg.seed)
-    steps = steps_for(cfg.train.source_epochs, len(trained), cfg.train.batch_size)
+    steps, schedule_steps = source_steps(cfg, len(trained))
     folder = RunDir(store.local).source
     destination = folder.checkpoint
     if finished_step(destination) >= steps:
         return destination
     workers = train_workers(cfg)
     spec = TrainSpec(cfg, folder.name, steps, cfg.model.init, workers.threads_each, logger,
-                     lr=cfg.train.lr, classes=label_space(cfg, store), sampler=labelled_sampler(cfg, store))
+                     lr=cfg.train.lr, schedule_steps=schedule_steps, classes=label_space(cfg, store),
+                     sampler=labelled_sampler(cfg, store))
     publish_result(fit(cfg, spec, store, folder.name), destination)
     return destination
 

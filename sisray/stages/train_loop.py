@@ -52,6 +52,7 @@ class TrainSpec:
     patches: str | None = None  # a round's patch set: each step adds a pseudo-labelled batch
     carried_state: str | None = None  # train_state.pt of the previous stage: its optimiser state carries over
     lr: float | None = None  # base rate of this stage (None: the model's recipe)
+    schedule_steps: int | None = None  # the rate schedule's length (None: steps); longer: stopped before its end
     warmup_steps: int = 0  # linear warm-up of the rate
     frozen_bn: bool = False  # BatchNorm layers keep their running statistics (eval mode) while training
     classes: tuple[int, ...] | None = None  # the label space this stage sets; None: the init checkpoint's
@@ -204,7 +205,8 @@ def train_loop(loop_config: dict) -> None:
     if spec.classes is not None:
         model.label_space.restrict(spec.classes)
     carried = read_train_state(spec.carried_state)["optimizer"] if spec.carried_state else None
-    optimizer, scheduler = make_optimizer(model, spec.lr, spec.steps, carried, spec.warmup_steps)
+    optimizer, scheduler = make_optimizer(model, spec.lr, spec.schedule_steps or spec.steps, carried,
+                                          spec.warmup_steps)
     average = moving_average(model, spec.ema_decay) if spec.ema_decay else None
     start = 0
     holdout_curve: list[list[float]] = []  # [step, held-out loss] at every checkpoint

@@ -24,7 +24,7 @@ from sisray.errors import ConfigError
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Keys a sweep cannot vary: the source model is trained once per sweep, and where or how fast a
 # trial runs is the sweep's business.
-FIXED_KEYS = ("data.", "model.", "train.source_epochs", "train.oracle", "run_dir", "tracking.", "resources.")
+FIXED_KEYS = ("data.", "model.", "train.source_epochs", "train.source_schedule_epochs", "train.oracle", "run_dir", "tracking.", "resources.")
 SEARCHES = ("random", "grid", "optuna")
 
 
