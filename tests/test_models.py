@@ -163,7 +163,7 @@ def test_a_file_with_code_is_refused_without_running_it(tmp_path):
     text.write_text("hello")
     with pytest.raises(ModelError, match="not a loadable PyTorch state dict"):
         build_model("fcn8s_vgg16", width=0.0625, init=str(text))
-    with pytest.raises(ModelError, match=r"checkpoint not found: .*missing.pt"):
+    with pytest.raises(ModelError, match=r"checkpoint not found: .*missing.pt.*under `ray job submit` a relative path"):
         build_model("fcn8s_vgg16", width=0.0625, init=str(tmp_path / "missing.pt"))
 
 

@@ -45,7 +45,9 @@ def checkpoint_file(location: str | Path) -> str:
         location = storage.join(location, MODEL)
     if not storage.is_file(location):
         raise ModelError(f"checkpoint not found: {location} (expected a state-dict file or a directory "
-                         "holding model.pt)")
+                         "holding model.pt; under `ray job submit` a relative path points into the uploaded "
+                         "working directory, which leaves out checkpoints/, runs/ and data/: give a path "
+                         "every node mounts)")
     return str(location)
 
 

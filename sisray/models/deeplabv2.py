@@ -81,15 +81,17 @@ class ASPP(nn.Module):
             nn.init.normal_(conv.weight, 0, 0.01)
             nn.init.zeros_(conv.bias)
         self.register_buffer("branches", torch.tensor(len(dilations)))
+        self.active = len(dilations)  # the buffer's value, read once per load, not per forward (a GPU sync)
 
     def use_branches(self, count: int) -> None:
         """Sum the first `count` branches; the others take no part, so they get no gradient."""
         self.branches.fill_(count)
+        self.active = count
         for k, conv in enumerate(self.conv2d_list):
             conv.requires_grad_(k < count)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sum(conv(x) for conv in self.conv2d_list[:int(self.branches)])
+        return sum(conv(x) for conv in self.conv2d_list[:self.active])
 
 
 class DeepLabV2(nn.Module):
