@@ -115,6 +115,9 @@ class TrainConfig:
     photometric_patches: bool = False  # the same on the pseudo-labelled batches of the rounds (after ClassMix, as in DACS)
     # DAFormer's rare-class sampling of the labelled images at this temperature (DAFormer: 0.01); None: each image once an epoch
     rare_class_sampling: float | None = bounded(None, 0.0, lo_open=True)
+    # batches loaded ahead, on as many threads, while the model trains (the seeded order is kept); None: 2 on
+    # GPU workers, 0 on CPU workers, whose cores the training step already takes
+    prefetch: int | None = bounded(None, 0)
     log_every: int = bounded(10, 1)  # steps between logged losses
     checkpoint_every: int = bounded(200, 1)  # steps between checkpoints (and at the end)
     pseudo_labels: bool = True  # false: the control of "more training": rounds take as many steps on the source alone

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from sisray.cluster import Workers
 from sisray.config import load_config
 from sisray.errors import SisrayError
 from sisray.sampling import rare_class_sampler
@@ -58,7 +59,7 @@ def test_every_stage_draws_its_labelled_images_as_configured(tmp_path):
                              "train.batch_size=4"])
     sampler = labelled_sampler(rcs, store)
     assert len(sampler.holders[0]) == 4  # the two held-out images are not drawn
-    spec = round_spec(rcs, 2, 10, "m", None, "p", 1, None, sampler)
+    spec = round_spec(rcs, 2, 10, "m", None, "p", Workers(1, False, 0.5, 1), None, sampler)
     assert spec.sampler is sampler
     assert labelled_batch(spec, 5, 4) == sampler.batch(5, 4, stream_seed(rcs.seed, 2, 0))
     epochs = TrainSpec(plain, "source", 10, "random", 1, None)

@@ -127,10 +127,11 @@ def test_two_workers_lower_the_loss_and_a_resumed_run_equals_an_uninterrupted_on
     with torch.no_grad():
         assert curve[-1][1] == pytest.approx(cross_entropy(model(images[held_out]), labels[held_out]).item(), rel=1e-4)
 
-    # Interrupted after step 2, then the same command again: continues from the saved step.
+    # Interrupted after step 2, then the same command again: continues from the saved step. These two
+    # load their batches ahead on threads (train.prefetch): the seeded batches must be the same.
     part = _config(small_benchmark, tmp_path / "part", HOLDOUT)
-    fit(part, _spec(part, 2, **OPTIONS), RunStore(tmp_path / "part"), "source")
-    resumed = fit(part, _spec(part, 4, **OPTIONS), RunStore(tmp_path / "part"), "source")
+    fit(part, _spec(part, 2, prefetch=2, **OPTIONS), RunStore(tmp_path / "part"), "source")
+    resumed = fit(part, _spec(part, 4, prefetch=2, **OPTIONS), RunStore(tmp_path / "part"), "source")
     assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == 4
     for name, weights in (("model.pt", final), (STUDENT, student)):
         again = torch.load(Path(resumed.checkpoint.path) / name, weights_only=True)

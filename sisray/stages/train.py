@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sisray import storage
-from sisray.cluster import ray_log_level, train_workers
+from sisray.cluster import Workers, ray_log_level, train_workers
 from sisray.config import Config, with_absolute_paths
 from sisray.errors import SisrayError
 from sisray.models import checkpoint_file
@@ -141,7 +141,7 @@ def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path
     workers = train_workers(cfg)
     spec = TrainSpec(cfg, folder.name, steps, cfg.model.init, workers.threads_each, logger,
                      lr=cfg.train.lr, schedule_steps=schedule_steps, classes=label_space(cfg, store),
-                     sampler=labelled_sampler(cfg, store))
+                     sampler=labelled_sampler(cfg, store), prefetch=prefetch_depth(cfg, workers))
     publish_result(fit(cfg, spec, store, folder.name), destination)
     return destination
 
@@ -175,17 +175,25 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
     if not samples:
         publish_checkpoint([f for f in (model, state) if f], destination)
         return destination
-    spec = round_spec(cfg, round_, steps, model, state, store.shared(patches), train_workers(cfg).threads_each, logger,
+    spec = round_spec(cfg, round_, steps, model, state, store.shared(patches), train_workers(cfg), logger,
                       labelled_sampler(cfg, store))
     publish_result(fit(cfg, spec, store, stage), destination)
     return destination
 
 
 def round_spec(cfg: Config, round_: int, steps: int, model: str, carried_state: str | None, patches: str,
-               threads: int, logger: RunLogger | None, sampler: RareClassSampler | None = None) -> TrainSpec:
+               workers: Workers, logger: RunLogger | None, sampler: RareClassSampler | None = None) -> TrainSpec:
     """What the workers of a round's retraining run, every value resolved here: the rounds' rate
-    (train.round_lr, else train.lr, else the model's recipe), warm-up steps, BatchNorm, EMA, and how
-    its labelled images are drawn."""
-    return TrainSpec(cfg, round_name(round_), steps, model, threads, logger, round_, patches, carried_state,
-                     lr=cfg.train.round_lr or cfg.train.lr, warmup_steps=round(cfg.train.round_warmup * steps),
-                     frozen_bn=cfg.train.round_bn == "frozen", ema_decay=cfg.lse.ema_decay, sampler=sampler)
+    (train.round_lr, else train.lr, else the model's recipe), warm-up steps, BatchNorm, EMA, how its
+    labelled images are drawn and how far ahead they are loaded."""
+    return TrainSpec(cfg, round_name(round_), steps, model, workers.threads_each, logger, round_, patches,
+                     carried_state, lr=cfg.train.round_lr or cfg.train.lr,
+                     warmup_steps=round(cfg.train.round_warmup * steps), frozen_bn=cfg.train.round_bn == "frozen",
+                     ema_decay=cfg.lse.ema_decay, sampler=sampler, prefetch=prefetch_depth(cfg, workers))
+
+
+def prefetch_depth(cfg: Config, workers: Workers) -> int:
+    """Batches a worker loads ahead: train.prefetch, else 2 on GPUs and none on CPU cores."""
+    if cfg.train.prefetch is not None:
+        return cfg.train.prefetch
+    return 2 if workers.use_gpu else 0

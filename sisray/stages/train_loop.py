@@ -33,6 +33,7 @@ from sisray.models import build_model, load_state
 from sisray.models.common import autocast
 from sisray.optim import freeze_batchnorm_statistics, make_optimizer, moving_average
 from sisray.patch_set import PatchDataset
+from sisray.prefetch import prefetched
 from sisray.progress import Progress
 from sisray.rundir import MODEL, STUDENT, TRAIN_STATE
 from sisray.sampling import RareClassSampler
@@ -53,6 +54,7 @@ class TrainSpec:
     carried_state: str | None = None  # train_state.pt of the previous stage: its optimiser state carries over
     lr: float | None = None  # base rate of this stage (None: the model's recipe)
     schedule_steps: int | None = None  # the rate schedule's length (None: steps); longer: stopped before its end
+    prefetch: int = 0  # batches loaded ahead on as many threads (train.prefetch); 0: on the training thread
     warmup_steps: int = 0  # linear warm-up of the rate
     frozen_bn: bool = False  # BatchNorm layers keep their running statistics (eval mode) while training
     classes: tuple[int, ...] | None = None  # the label space this stage sets; None: the init checkpoint's
@@ -231,23 +233,29 @@ def train_loop(loop_config: dict) -> None:
     logged: dict[str, list[float]] = {}
     step_times: list[float] = []
     progress = Progress(f"{spec.stage} training", spec.steps, "steps", start) if rank == 0 else None
+    def load_step(step: int) -> tuple[tuple, tuple | None]:
+        """This rank's share of global batch `step`: labelled images, and the round's patches."""
+        indices = labelled_batch(spec, step, len(trained_ids))
+        labelled = load_batch(dataset, [trained_ids[i] for i in indices[mine]], device)
+        if patches is None:
+            return labelled, None
+        indices = global_batch(step, cfg.train.batch_size, len(patches), stream_seed(cfg.seed, spec.round, 1))
+        return labelled, load_batch(patches, indices[mine], device)
+
+    batches = prefetched(load_step, range(start, spec.steps), spec.prefetch)
     for step in range(start, spec.steps):
         began = time.perf_counter()
+        labelled, pseudo = next(batches)  # the wait for it counts in the step's time
         # dropout and augmentation draws: a function of (seed, round, step, rank)
         draws = cfg.seed * 1_000_003 + spec.round * 104_729 + step * 7919 + rank
         torch.manual_seed(draws)
         net.train()
         if spec.frozen_bn:
             freeze_batchnorm_statistics(net)
-        indices = labelled_batch(spec, step, len(trained_ids))
-        labelled = load_batch(dataset, [trained_ids[i] for i in indices[mine]], device)
         augmentation = torch.Generator().manual_seed(draws)
         if cfg.train.photometric:
             labelled = (photometric(labelled[0], augmentation), labelled[1])
-        pseudo = None
-        if patches is not None:
-            indices = global_batch(step, cfg.train.batch_size, len(patches), stream_seed(cfg.seed, spec.round, 1))
-            pseudo = load_batch(patches, indices[mine], device)
+        if pseudo is not None:
             if cfg.lse.classmix:
                 pseudo = class_mix(labelled, pseudo, augmentation)
             if cfg.train.photometric_patches:
