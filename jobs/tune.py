@@ -2,13 +2,16 @@
 
     python jobs/tune.py --space tune_spaces/lse_thresholds.yaml [--config F] [--set key=value ...]
         [--run-dir D] [--num-samples N] [--search random|grid|optuna] [--scheduler asha|fifo]
-        [--objective information|target_miou] [--concurrency N] [--force]
+        [--objective information|target_miou|validator_NAME] [--concurrency N] [--force]
 
 Each trial is a (shortened, per the space's `trial:` overrides) adaptation in D/trials/<trial id>/
 from one source model shared by the sweep (the config's model.source_checkpoint, or trained once
 in D/source/). Trials report after every round; ASHA stops the weak ones early. The default
 objective reads no target label (`information` of the softmax on target images); `target_miou`
-uses target-val labels and tags the sweep's MLflow run as doing so.
+uses target-val labels and tags the sweep's MLflow run as doing so; `validator_NAME` ranks by one of
+the label-free validators on target-train images (sisray/validators.py: mean_entropy, information,
+bnm, snd, flip_agreement, scale_agreement, prior_distance, mix_accuracy), which every trial then
+computes on 64 images (validation.images).
 
 Writes D/sweep_summary.json (every trial, the best, how the label-free statistics rank the trials
 against target-val mIoU) and D/best_config.yaml, ready for `python jobs/adapt.py --config`. MLflow:

@@ -144,6 +144,13 @@ class ResourcesConfig:
 
 
 @dataclass
+class ValidationConfig:
+    # target-train images (a seeded subset, the same for every model of a run and every trial of a sweep)
+    # on which each evaluated model's label-free validators are computed (sisray/validators.py); 0: none
+    images: int = bounded(0, 0)
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_dir: str = "runs/default"
@@ -153,6 +160,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 def _check_relations(cfg: Config) -> None:

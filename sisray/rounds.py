@@ -25,7 +25,7 @@ from sisray.rundir import MODEL, SAFEGUARD, ModelDir, RunDir
 from sisray.storage import RunStore, absolute, atomic_write_json
 from sisray.tracking import Tracking, evaluation_metrics
 
-EVAL_KEYS = (*MIOU_KEYS, "pixel_accuracy", "per_class", "label_free", "class_share")
+EVAL_KEYS = (*MIOU_KEYS, "pixel_accuracy", "per_class", "label_free", "class_share", "validators")
 
 
 def schedule(lse: LSEConfig) -> list[float]:
@@ -64,6 +64,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     from sisray.stages.safeguard import judge_candidate, read_verdict
     from sisray.stages.score import read_scores, score_pass
     from sisray.stages.select import read_selection, select_and_threshold
+    from sisray.safeguard import source_share
     from sisray.stages.target_bn import target_batchnorm
     from sisray.stages.train import train_round, train_source
 
@@ -77,8 +78,10 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
         state.run("source/train", lambda: train_source(cfg, store, tracking.logger))
     source = source_checkpoint(cfg, store)
 
+    prior = source_share(json.loads(run_dir.label_space.read_text())["pixels"], classes), classes
+
     def evaluation(checkpoint: str, folder: ModelDir, step: int, prefix: str = "target_val") -> None:
-        block = evaluate_into(cfg, checkpoint, folder)
+        block = evaluate_into(cfg, checkpoint, folder, prior)
         tracking.metrics(evaluation_metrics(block, prefix), step=step)
         tracking.artifact(folder.overlay, folder.name)
 

@@ -35,6 +35,7 @@ def evaluation_metrics(summary: dict, prefix: str) -> dict[str, float]:
     metrics = {f"{prefix}/{k}": summary[k] for k in (*MIOU_KEYS, "pixel_accuracy")}
     metrics.update({f"{prefix}/iou/{name}": value for name, value in summary["per_class"].items()})
     metrics.update({f"{prefix}/label_free/{name}": value for name, value in summary.get("label_free", {}).items()})
+    metrics.update({f"{prefix}/validators/{name}": value for name, value in summary.get("validators", {}).items()})
     return metrics
 
 

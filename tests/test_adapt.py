@@ -19,6 +19,7 @@ from sisray.models import build_model
 from sisray.optim import freeze_batchnorm_statistics, make_optimizer
 from sisray.stages.train_loop import training_step
 from sisray.storage import RunStore
+from sisray.validators import HIGHER_IS_BETTER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     small = ["data.source.size=[64, 36]", "data.target.size=[64, 32]", "train.source_epochs=0.1", "train.epochs_per_round=1", "lse.p0=0.2", "lse.p_max=0.2",
-             "lse.patches_per_image=2", f"tracking.uri={uri}"]
+             "lse.patches_per_image=2", "validation.images=2", f"tracking.uri={uri}"]
     env = {**os.environ, "SISRAY_SET": ";".join(small), "RAY_AUTH_MODE": "disabled"}
 
     def job(*args):
@@ -141,6 +142,7 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
         assert "pseudo_label_accuracy" in block  # the benchmark has train labels: reported, not used
     assert summary["final"] == summary["rounds"][-1]["evaluation"]  # always the last round's model
     assert summary["source_target_bn"]["miou"] != summary["source_only"]["miou"]
+    assert set(summary["final"]["validators"]) == set(HIGHER_IS_BETTER)  # validation.images: on target-train images
     assert "+ target BN" in done.stdout
     for folder in ("source", "round_01"):
         assert (tmp_path / "runs" / "synthetic" / folder / "target_bn" / "model.pt").is_file()
@@ -153,6 +155,7 @@ def test_the_job_without_arguments_runs_the_method_on_the_built_in_benchmark(tmp
     (run,) = client.search_runs([client.get_experiment_by_name("sisray").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["lse.p0"] == "0.2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "target_val/miou19")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "target_val/validators/bnm")] == [0, 1]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "source_target_bn/miou19")] == [0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "round/selected_images")] == [1]
     assert client.get_metric_history(run.info.run_id, "round_01/target_loss")

@@ -151,8 +151,16 @@ def json_ready(summary: dict) -> dict:
     return clean(summary)
 
 
-def evaluate_into(cfg: Config, checkpoint: str | Path, folder: ModelDir) -> dict:
-    """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png."""
-    summary = json_ready(evaluate(cfg, checkpoint, figure=folder.overlay))
+def evaluate_into(cfg: Config, checkpoint: str | Path, folder: ModelDir,
+                  prior: tuple[np.ndarray, tuple[int, ...]] | None = None) -> dict:
+    """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png. With
+    `validation.images` and the source's class shares over the label space (`prior`), the block also
+    holds the model's label-free validators on target-train images ("validators")."""
+    from sisray.stages.validation import validate_model
+
+    summary = evaluate(cfg, checkpoint, figure=folder.overlay)
+    if cfg.validation.images and prior is not None:
+        summary["validators"] = validate_model(cfg, checkpoint, *prior)
+    summary = json_ready(summary)
     atomic_write_json(folder.eval, summary)
     return summary

@@ -20,12 +20,18 @@ from sisray.config import Config, save_config, with_absolute_paths, with_values
 from sisray.errors import ConfigError, Interrupted, SisrayError
 from sisray.rundir import SweepDir
 from sisray.sweep.space import Space, expected_trials, load_space, param_space, search_algorithm, trial_config
+from sisray.validators import HIGHER_IS_BETTER
 
 # name: (metric reported to Tune, mode, reads target labels); `objective` resolves target mIoU per pair
 OBJECTIVES = {
     "information": ("information", "max", False),
     "target_miou": ("target_val_miou", "max", True),
+    # the validators on target-train images (sisray/validators.py; trials compute them: validation.images)
+    **{f"validator_{name}": (f"validator_{name}", "max" if higher else "min", False)
+       for name, higher in HIGHER_IS_BETTER.items()},
 }
+VALIDATOR_METRICS = tuple(f"validator_{name}" for name in HIGHER_IS_BETTER)
+VALIDATOR_IMAGES = 64  # target-train images a trial validates on when the objective is a validator
 
 
 def objective(name: str, cfg: Config) -> tuple[str, str, bool]:
@@ -89,14 +95,17 @@ def summarise(results, space, metric: str, mode: str) -> dict:
                        "params": {d.key: (result.config or {}).get(d.key) for d in space.dimensions},
                        "rounds": int(last.get("round", 0)), "error": str(result.error) if result.error else None,
                        **{k: last[k] for k in ("information", "mean_entropy", "class_entropy",
-                                               "target_val_miou19", "target_val_miou") if k in last}})
+                                               "target_val_miou19", "target_val_miou", *VALIDATOR_METRICS)
+                          if k in last}})
     done = [t for t in trials if not t["error"] and metric in t]
     most = max((t["rounds"] for t in done), default=0)
     finalists = [t for t in done if t["rounds"] == most]  # ASHA-stopped trials reported fewer rounds
     pick = max if mode == "max" else min
     best = pick(finalists, key=lambda t: t[metric]) if finalists else None
     ranking = {}
-    for statistic, sign in (("information", 1), ("mean_entropy", -1), ("class_entropy", 1)):
+    statistics = [("information", 1), ("mean_entropy", -1), ("class_entropy", 1),
+                  *((f"validator_{name}", 1 if higher else -1) for name, higher in HIGHER_IS_BETTER.items())]
+    for statistic, sign in statistics:
         pairs = [(sign * t[statistic], t["target_val_miou19"]) for t in finalists
                  if statistic in t and "target_val_miou19" in t]
         ranking[statistic] = spearman([p[0] for p in pairs], [p[1] for p in pairs])
@@ -182,6 +191,8 @@ def run_sweep(cfg: Config, args: SweepArgs) -> None:
         if not cfg.model.source_checkpoint:  # one source model for every trial
             print("== sweep source model", flush=True)
             shared["model.source_checkpoint"] = str(train_source(cfg, RunStore(str(sweep_dir.path)), tracking.logger))
+        if OBJECTIVES[args.objective][0] in VALIDATOR_METRICS and not cfg.validation.images:
+            shared["validation.images"] = VALIDATOR_IMAGES  # the objective needs them
         best_base = with_values(with_absolute_paths(cfg), shared)  # the job's config + the shared source model
         base = with_values(best_base, {"resources.num_actors": slots.actors, "train.num_workers": slots.workers})
         setup = TrialSetup(base, space.trial, str(sweep_dir.path), tracking.run_id)

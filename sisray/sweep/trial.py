@@ -35,6 +35,7 @@ def trial_metrics(block: dict) -> dict[str, float]:
     metrics = {"round": block["round"], **{f"target_val_{k}": evaluation.get(k) for k in MIOU_KEYS},
                "selected_images": block["selected_images"], "patches": block["patches"]}
     metrics.update(evaluation.get("label_free", {}))
+    metrics.update({f"validator_{k}": v for k, v in evaluation.get("validators", {}).items()})
     return {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
 

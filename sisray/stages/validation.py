@@ -1,0 +1,117 @@
+"""The validation pass (Ray Data): a model's label-free validators (sisray/validators.py) over a seeded
+subset of the target-train images, the images a user has without labels. Per image: the softmax, its
+mirror's, LSE's zoomed views of the four corner tiles, and a ClassMix of the image with the next image
+of the subset under their predicted classes; every draw is a function of (seed, image), so no figure
+depends on how images were batched or which actor ran them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sisray.augment import class_mix
+from sisray.cluster import stage_errors
+from sisray.config import Config, with_absolute_paths
+from sisray.datasets import open_target
+from sisray.labels import NUM_CLASSES
+from sisray.lse.patches import Box, crop_and_scale
+from sisray.models import checkpoint_file
+from sisray.stages.actors import ActorSpec, ModelActor, pool_options
+from sisray.validators import ValidationSums, agreement, sample_pixels
+
+SAMPLED_PIXELS = 64  # per image, for BNM and SND: 64 images give a 4096-row matrix
+
+
+@dataclass(frozen=True)
+class ValidationSpec(ActorSpec):
+    subset: tuple[int, ...] = ()  # the target-train images validated, in order (the mix partner is the next)
+
+
+def validation_subset(cfg: Config, images: int) -> tuple[int, ...]:
+    """The seeded subset of `images` target-train images every model of a run (and every trial of a
+    sweep with the same seed) is validated on."""
+    count = min(cfg.validation.images, images)
+    order = torch.randperm(images, generator=torch.Generator().manual_seed(cfg.seed * 7_919 + 17))
+    return tuple(sorted(order[:count].tolist()))
+
+
+def corner_tiles(scale: float) -> list[Box]:
+    """LSE's zoom (a 1/scale crop enlarged by scale) at the four corners of the image."""
+    side = 1 / scale
+    return [Box(top, left, side, side, scale) for top in (0.0, 1 - side) for left in (0.0, 1 - side)]
+
+
+class Validator(ModelActor):
+    """{"id": positions in the subset} -> per image: "entropy", "probs" (C,), "pixels", "samples"
+    (k, C), and [same, compared] pixel counts "flip", "scale", "mix"."""
+
+    def __call__(self, batch: dict) -> dict:
+        subset = self.spec.subset
+        out = {k: [] for k in ("entropy", "probs", "pixels", "samples", "flip", "scale", "mix")}
+        for position in (int(p) for p in batch["id"]):
+            index, partner = subset[position], subset[(position + 1) % len(subset)]
+            sums = self.validate(index, partner)
+            out["entropy"].append(sums.entropy)
+            out["probs"].append(sums.probs)
+            out["pixels"].append(sums.pixels)
+            out["samples"].append(sums.samples[0])
+            for key in ("flip", "scale", "mix"):
+                out[key].append(getattr(sums, key))
+        return {"id": batch["id"], **{k: np.stack(v) for k, v in out.items()}}
+
+    def validate(self, index: int, partner: int) -> ValidationSums:
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
+        image = self.dataset.load_image(index)
+        probs = self.predict(image[None])
+        prediction = probs[0].argmax(0)
+        sums = ValidationSums(NUM_CLASSES)
+        sums.add_probabilities(probs)
+        sums.samples.append(sample_pixels(probs[0], SAMPLED_PIXELS, generator))
+        mirrored = self.predict(image.flip(-1)[None])[0].flip(-1).argmax(0)
+        sums.flip = list(agreement(prediction, mirrored))
+        sums.scale = self.zoom_agreement(image, prediction)
+        other = self.dataset.load_image(partner)
+        mixed_image, mixed_label = class_mix((other[None].float(), self.predict(other[None]).argmax(1).cpu()),
+                                             (image[None].float(), prediction[None].cpu()), generator)
+        sums.mix = list(agreement(self.predict(mixed_image.round().to(torch.uint8)).argmax(1).cpu(), mixed_label))
+        return sums
+
+    def zoom_agreement(self, image: torch.Tensor, prediction: torch.Tensor) -> list[int]:
+        """[same, compared] over the corner tiles: the class of each tile pixel at scale 1 against
+        the class the zoomed tile gives it (its softmax shrunk back onto the tile)."""
+        height, width = image.shape[-2:]
+        same = compared = 0
+        for box in corner_tiles(self.cfg.lse.scale):
+            zoomed = crop_and_scale(image.float(), box, (height, width)).round().clamp(0, 255).to(torch.uint8)
+            top, left, h, w = box.pixels(height, width)
+            back = F.interpolate(self.predict(zoomed[None]), size=(h, w), mode="bilinear", align_corners=True,
+                                 antialias=True)[0].argmax(0)
+            agree, count = agreement(prediction[top:top + h, left:left + w], back)
+            same, compared = same + agree, compared + count
+        return [same, compared]
+
+
+def validate_model(cfg: Config, checkpoint: str | Path, source_share: np.ndarray,
+                   label_space: tuple[int, ...]) -> dict[str, float]:
+    """Every validator of `checkpoint` on the run's validation subset of target-train images."""
+    import ray
+
+    cfg = with_absolute_paths(cfg)
+    dataset = open_target(cfg.data.target, "train", with_labels=False)
+    subset = validation_subset(cfg, len(dataset))
+    actors, options = pool_options(cfg, len(subset))
+    spec = ValidationSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu, subset)
+    results = ray.data.range(len(subset)).map_batches(Validator, fn_constructor_kwargs={"spec": spec}, **options)
+    total = ValidationSums(NUM_CLASSES)
+    with stage_errors("validation"):
+        for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+            part = ValidationSums(NUM_CLASSES, int(batch["pixels"].sum()), float(batch["entropy"].sum()),
+                                  batch["probs"].sum(axis=0), list(batch["samples"]),
+                                  batch["flip"].sum(axis=0).tolist(), batch["scale"].sum(axis=0).tolist(),
+                                  batch["mix"].sum(axis=0).tolist())
+            total.merge(part)
+    return total.figures(source_share, label_space)

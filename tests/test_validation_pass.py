@@ -1,0 +1,71 @@
+"""The validation pass over target-train images: figures known for a constant model, and the same
+figures however the images are batched and spread over actors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sisray.config import load_config
+from sisray.labels import NUM_CLASSES
+from sisray.models import build_model
+from sisray.stages.validation import validate_model, validation_subset
+
+CAR = 13
+
+
+def _config(root, *extra):
+    return load_config(None, ["data.target.name=synthetic", f"data.target.root={root}", "data.target.size=[64, 32]",
+                              "model.name=deeplabv2_r101", "model.width=0.0625", "model.init=random",
+                              "validation.images=4", *extra])
+
+
+def _checkpoint(path, constant: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_r101", width=0.0625)
+    for conv in model.layer5.conv2d_list:
+        if constant:  # zero weights, one positive bias: the same softmax at every pixel
+            torch.nn.init.zeros_(conv.weight)
+            torch.nn.init.zeros_(conv.bias)
+            conv.bias.data[CAR] = 1.0
+        else:
+            torch.nn.init.normal_(conv.weight, std=0.3)
+    torch.save(model.state_dict(), path)
+
+
+def test_the_subset_is_seeded_and_shared_by_every_model():
+    cfg = _config("d")
+    assert validation_subset(cfg, 300) == validation_subset(cfg, 300) and len(validation_subset(cfg, 300)) == 4
+    assert validation_subset(cfg, 300) != validation_subset(_config("d", "seed=1"), 300)
+    assert validation_subset(cfg, 3) == (0, 1, 2)
+
+
+@pytest.mark.ray
+def test_a_constant_model_agrees_with_itself_everywhere(ray_session, small_benchmark, tmp_path):
+    _checkpoint(tmp_path / "constant.pt", constant=True)
+    classes = tuple(range(NUM_CLASSES))
+    figures = validate_model(_config(small_benchmark), tmp_path / "constant.pt", np.full(NUM_CLASSES, 1 / NUM_CLASSES),
+                             classes)
+    p = np.full(NUM_CLASSES, 1.0)
+    p[CAR] = math.exp(4)  # the four ASPP branches' biases
+    p /= p.sum()
+    assert figures["flip_agreement"] == figures["scale_agreement"] == figures["mix_accuracy"] == 1.0
+    assert figures["mean_entropy"] == pytest.approx(-(p * np.log(p)).sum() / math.log(NUM_CLASSES), rel=1e-4)
+    assert figures["information"] == pytest.approx(0.0, abs=1e-4)
+    assert figures["bnm"] == pytest.approx(np.linalg.norm(p) / math.sqrt(NUM_CLASSES), rel=1e-4)
+    assert figures["snd"] == pytest.approx(1.0, abs=1e-6)  # every sampled pixel as close as every other
+
+
+@pytest.mark.ray
+def test_figures_do_not_depend_on_batching_or_actors(ray_session, small_benchmark, tmp_path):
+    _checkpoint(tmp_path / "varied.pt", constant=False)
+    share, classes = np.full(NUM_CLASSES, 1 / NUM_CLASSES), tuple(range(NUM_CLASSES))
+    one = validate_model(_config(small_benchmark, "resources.num_actors=1", "resources.actor_batch_size=1"),
+                         tmp_path / "varied.pt", share, classes)
+    two = validate_model(_config(small_benchmark, "resources.num_actors=2", "resources.actor_batch_size=3"),
+                         tmp_path / "varied.pt", share, classes)
+    assert one == pytest.approx(two, rel=1e-9)
+    assert 0 < one["flip_agreement"] < 1 and 0 < one["scale_agreement"] < 1 and 0 < one["mix_accuracy"] <= 1
