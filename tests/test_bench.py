@@ -194,3 +194,41 @@ def test_the_safeguard_record_says_which_verdicts_target_labels_bear_out():
     summary["safeguard"][0]["accepted"] = False  # BN rejected: round 1 is compared with the source model
     record = _ablation().safeguard_record(summary)
     assert [(r["right"], r["gain"]) for r in record] == [(True, -5.0), (True, 5.0), (False, -2.0)]
+
+
+def _selection():
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("selection", REPO / "bench" / "selection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_selection_scores_rank_correlation_and_regret_per_validator():
+    selection = _selection()
+    names = list(selection.HIGHER_IS_BETTER)
+    trials = {}
+    for k, miou in enumerate([0.30, 0.40, 0.35, 0.20]):
+        validators = {name: float(k) for name in names}
+        validators["bnm"] = miou  # tracks mIoU exactly
+        validators["mean_entropy"] = miou  # lower is better: ranks them upside down
+        validators["snd"] = float("nan")  # not computed: left out
+        trials[f"t{k}"] = {"miou": miou, "validators": validators}
+    figures = selection.scores(trials)
+    assert figures["bnm"] == {"spearman": pytest.approx(1.0), "regret": 0.0}
+    assert figures["mean_entropy"]["spearman"] == pytest.approx(-1.0) and figures["mean_entropy"]["regret"] == 20.0
+    assert figures["information"]["regret"] == 20.0  # picks t3 (the highest value), mIoU 20 against the best 40
+    assert figures["snd"] == {"spearman": None, "regret": None}
+    assert selection.averaged([figures, figures])["bnm"] == {"spearman": 1.0, "regret": 0.0}
+    assert len(selection.TRIALS) >= 12
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1200, method="thread")
+def test_the_selection_bench_scores_every_validator_on_its_trials():
+    figures = _last_json("selection.py", "--tiny", timeout=1200)
+    assert figures["trials"] == 3 and figures["domains"] == ["tiny"]
+    assert set(figures["validators"]) == set(_selection().HIGHER_IS_BETTER)
+    assert all(v["regret"] is not None and v["regret"] >= 0 for v in figures["validators"].values())
