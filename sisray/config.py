@@ -89,6 +89,9 @@ class LSEConfig:
     confidence_weight: bool = False  # scale each pseudo-labelled pixel's loss by the teacher's confidence
     ema_decay: float | None = bounded(None, 0.0, 1.0, lo_open=True, hi_open=True)  # a round's model (teacher of the next) = EMA of its weights
     classmix: bool = False  # DACS's ClassMix: half of a source image's classes pasted onto each pseudo-labelled patch (sisray/augment.py)
+    # EMA decay of an online teacher that re-draws the patches' pseudo-labels at every step of a round
+    # (sisray/lse/online.py; DACS/DAFormer's mean teacher inside LSE's label transfer); None: the patch pass's labels
+    online_teacher: float | None = bounded(None, 0.0, 1.0, lo_open=True, hi_open=True)
     fused_teacher: bool = False  # the teacher's softmax averaged over the image at 1/scale, 1 and scale (LSE's zoom) and their mirrors
     # keep the incumbent model when target BN statistics or a round's model move the predicted class
     # proportions on the target-train images further from the source's (sisray/safeguard.py)
@@ -179,6 +182,8 @@ def _check_relations(cfg: Config) -> None:
     if cfg.train.num_workers and cfg.train.batch_size % cfg.train.num_workers:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} does not split evenly over "
                           f"train.num_workers = {cfg.train.num_workers}")
+    if cfg.lse.online_teacher is not None and cfg.lse.zoom_out:
+        raise ConfigError("lse.online_teacher re-draws zoomed patches only: set lse.zoom_out: false with it")
     if not cfg.run_dir:
         raise ConfigError("run_dir is empty: expected a directory path")
 

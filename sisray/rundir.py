@@ -25,6 +25,7 @@ MODEL = "model.pt"  # a plain state dict: usable on its own (evaluate --checkpoi
 TRAIN_STATE = "train_state.pt"  # optimiser, scheduler, step, seed
 SAFEGUARD = "safeguard.json"  # a verdict of the safeguard (lse.safeguard), in the folder of the decision
 STUDENT = "student.pt"  # the trained weights, beside their moving average in model.pt (lse.ema_decay)
+ONLINE_TEACHER = "online_teacher.pt"  # a round's online teacher (lse.online_teacher), for resuming
 
 SWEEP_STATE = "sweep.json"
 SWEEP_SUMMARY = "sweep_summary.json"
@@ -153,6 +154,16 @@ class SweepDir:
     @property
     def tuner(self) -> Path:
         return self.path / "tuner"
+
+    @property
+    def validator_table(self) -> Path:
+        """Every trial's label-free statistics beside its target-val mIoU (CSV)."""
+        return self.path / "validators.csv"
+
+    @property
+    def validator_figure(self) -> Path:
+        """One scatter per statistic: its value against target-val mIoU over the trials (PNG)."""
+        return self.path / "validators.png"
 
     def trial(self, trial_id: str) -> Path:
         return self.path / "trials" / trial_id

@@ -17,6 +17,7 @@ from conftest import set_args
 from sisray.config import load_config
 from sisray.errors import ConfigError
 from sisray.sweep import load_space, param_space, spearman, trial_config, trial_metrics, trial_slots
+from sisray.validators import HIGHER_IS_BETTER
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = load_config(REPO / "configs" / "synthetic.yaml")
@@ -234,7 +235,7 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
              f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "lse.selection=global",
              "lse.patches_per_image=2", f"tracking.uri={uri}"]
     command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
-               "--num-samples", "2", "--run-dir", str(sweep), *set_args(small)]
+               "--num-samples", "2", "--run-dir", str(sweep), "--objective", "validator_bnm", *set_args(small)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -258,9 +259,9 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     assert json.loads(finished_trial.read_text())["finished"] == done
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert len(summary["trials"]) == 2 and not any(t["error"] for t in summary["trials"])
-    assert summary["best"]["rounds"] == 2 and "information" in summary["best"]
+    assert summary["best"]["rounds"] == 2 and "validator_bnm" in summary["best"]
     finalists = [t for t in summary["trials"] if t["rounds"] == 2]
-    assert summary["best"]["information"] == max(t["information"] for t in finalists)  # the objective's best
+    assert summary["best"]["validator_bnm"] == max(t["validator_bnm"] for t in finalists)  # the objective's best
     assert {t["params"]["lse.scale"] for t in summary["trials"]} <= {1.5, 2.0}
 
     best = load_config(sweep / "best_config.yaml")  # what jobs/adapt.py --config does
@@ -272,9 +273,16 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     experiment = client.get_experiment_by_name("sisray").experiment_id
     (parent,) = client.search_runs([experiment], filter_string="tags.`sisray.job` = 'tune'")
     assert parent.info.status == "FINISHED" and parent.data.tags["sisray.uses_target_labels"] == "false"
-    assert parent.data.params["sweep.objective"] == "information"
+    assert parent.data.params["sweep.objective"] == "validator_bnm"
+    assert {"sweep_summary.json", "validators.csv", "validators.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = client.download_artifacts(parent.info.run_id, "validators.csv", str(tmp_path))
+    header, *rows = Path(table).read_text().splitlines()
+    assert len(rows) == 2 and {f"validator_{n}" for n in HIGHER_IS_BETTER} <= set(header.split(","))
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     for child in children:
         assert child.data.params["lse.scale"] in ("1.5", "2.0") and child.data.params["lse.p_max"] == "0.3"
         assert len(client.get_metric_history(child.info.run_id, "target_val/label_free/information")) >= 2
+        for name in HIGHER_IS_BETTER:  # every validator, on target-train images (the objective turned them on)
+            assert client.get_metric_history(child.info.run_id, f"target_val/validators/{name}"), name

@@ -189,7 +189,8 @@ def round_spec(cfg: Config, round_: int, steps: int, model: str, carried_state: 
     return TrainSpec(cfg, round_name(round_), steps, model, workers.threads_each, logger, round_, patches,
                      carried_state, lr=cfg.train.round_lr or cfg.train.lr,
                      warmup_steps=round(cfg.train.round_warmup * steps), frozen_bn=cfg.train.round_bn == "frozen",
-                     ema_decay=cfg.lse.ema_decay, sampler=sampler, prefetch=prefetch_depth(cfg, workers))
+                     ema_decay=cfg.lse.ema_decay, online_teacher=cfg.lse.online_teacher, sampler=sampler,
+                     prefetch=prefetch_depth(cfg, workers))
 
 
 def prefetch_depth(cfg: Config, workers: Workers) -> int:

@@ -29,13 +29,14 @@ from sisray.config import Config
 from sisray.datasets import SegmentationDataset, open_source, open_target
 from sisray.labels import NUM_CLASSES
 from sisray.lse.losses import cross_entropy, lse_target_loss
+from sisray.lse.online import relabelled
 from sisray.models import build_model, load_state
 from sisray.models.common import autocast
 from sisray.optim import freeze_batchnorm_statistics, make_optimizer, moving_average
 from sisray.patch_set import PatchDataset
 from sisray.prefetch import prefetched
 from sisray.progress import Progress
-from sisray.rundir import MODEL, STUDENT, TRAIN_STATE
+from sisray.rundir import MODEL, ONLINE_TEACHER, STUDENT, TRAIN_STATE
 from sisray.sampling import RareClassSampler
 from sisray.tracking import RunLogger
 
@@ -59,6 +60,7 @@ class TrainSpec:
     frozen_bn: bool = False  # BatchNorm layers keep their running statistics (eval mode) while training
     classes: tuple[int, ...] | None = None  # the label space this stage sets; None: the init checkpoint's
     ema_decay: float | None = None  # publish the moving average of the weights (lse.ema_decay) instead of the last
+    online_teacher: float | None = None  # EMA decay of the teacher re-drawing the patches' labels (lse.online_teacher)
     sampler: RareClassSampler | None = None  # draws the labelled images (train.rare_class_sampling); None: epochs
     ray_log_level: str = "INFO"  # of Ray Train's own logs in the worker (the driver's: cluster.ray_log_level)
 
@@ -127,25 +129,27 @@ def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[torch
 
 
 def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed: int,
-                     average: AveragedModel | None, holdout_curve: list) -> None:
+                     average: AveragedModel | None, holdout_curve: list, teacher: AveragedModel | None) -> None:
     # model.pt is a plain state dict, usable on its own (evaluate --checkpoint, model.init): the
     # moving average when there is one; the trained weights then go to student.pt, for resuming.
     if average is not None:
         torch.save(model.state_dict(), folder / STUDENT)
         model = average.module
     torch.save(model.state_dict(), folder / MODEL)
+    if teacher is not None:
+        torch.save(teacher.module.state_dict(), folder / ONLINE_TEACHER)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "seed": seed, "holdout_loss": holdout_curve}, folder / TRAIN_STATE)
 
 
 def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, seed: int,
-            average: AveragedModel | None = None, holdout_curve: list = ()) -> None:
+            average: AveragedModel | None = None, holdout_curve: list = (), teacher: AveragedModel | None = None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed, average, list(holdout_curve))
+            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed, average, list(holdout_curve), teacher)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -210,6 +214,7 @@ def train_loop(loop_config: dict) -> None:
     optimizer, scheduler = make_optimizer(model, spec.lr, spec.schedule_steps or spec.steps, carried,
                                           spec.warmup_steps)
     average = moving_average(model, spec.ema_decay) if spec.ema_decay else None
+    teacher = moving_average(model, spec.online_teacher) if spec.online_teacher and spec.patches else None
     start = 0
     holdout_curve: list[list[float]] = []  # [step, held-out loss] at every checkpoint
     restored = ray.train.get_checkpoint()
@@ -220,14 +225,21 @@ def train_loop(loop_config: dict) -> None:
             if average is not None:
                 load_state(average.module, torch.load(Path(folder) / MODEL, weights_only=True),
                            "the restored checkpoint's moving average")
+            if teacher is not None:
+                load_state(teacher.module, torch.load(Path(folder) / ONLINE_TEACHER, weights_only=True),
+                           "the restored checkpoint's online teacher")
             state = torch.load(Path(folder) / TRAIN_STATE, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
         holdout_curve = state.get("holdout_loss", [])
-        if average is not None:
-            average.n_averaged.fill_(start)  # already averaging: the next update must not restart it
+        for moving in (average, teacher):
+            if moving is not None:
+                moving.n_averaged.fill_(start)  # already averaging: the next update must not restart it
     net = ray.train.torch.prepare_model(model)  # device placement, and DDP when world > 1
+    for moving in (average, teacher):  # copies made before the placement: on the model's device too
+        if moving is not None:
+            moving.to(device)
     per_worker = cfg.train.batch_size // world
     mine = slice(rank * per_worker, (rank + 1) * per_worker)
     logged: dict[str, list[float]] = {}
@@ -256,14 +268,17 @@ def train_loop(loop_config: dict) -> None:
         if cfg.train.photometric:
             labelled = (photometric(labelled[0], augmentation), labelled[1])
         if pseudo is not None:
+            if teacher is not None:  # before mixing: the teacher labels the patch, not the pasted source
+                pseudo = (pseudo[0], relabelled(teacher.module, pseudo[0], pseudo[1], cfg.lse.scale), *pseudo[2:])
             if cfg.lse.classmix:
                 pseudo = class_mix(labelled, pseudo, augmentation)
             if cfg.train.photometric_patches:
                 pseudo = (photometric(pseudo[0], augmentation), *pseudo[1:])
         parts = training_step(net, optimizer, labelled, pseudo, cfg.lse.beta, cfg.lse.gamma, cfg.model.precision)
         scheduler.step()
-        if average is not None:
-            average.update_parameters(model)
+        for moving in (average, teacher):
+            if moving is not None:
+                moving.update_parameters(model)
         for key, value in parts.items():
             logged.setdefault(key, []).append(value)
         step_times.append(time.perf_counter() - began)
@@ -284,7 +299,7 @@ def train_loop(loop_config: dict) -> None:
                 metrics["holdout_loss"] = holdout_curve[-1][1]
                 if spec.logger:
                     spec.logger.metrics({f"{spec.stage}/holdout_loss": holdout_curve[-1][1]}, step=done)
-            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed, average, holdout_curve)
+            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed, average, holdout_curve, teacher)
     if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
         metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
-        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average, holdout_curve)
+        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average, holdout_curve, teacher)

@@ -31,6 +31,7 @@ OBJECTIVES = {
        for name, higher in HIGHER_IS_BETTER.items()},
 }
 VALIDATOR_METRICS = tuple(f"validator_{name}" for name in HIGHER_IS_BETTER)
+LABEL_FREE = ("information", "mean_entropy", "class_entropy", *VALIDATOR_METRICS)  # what a trial reports without labels
 VALIDATOR_IMAGES = 64  # target-train images a trial validates on when the objective is a validator
 
 
@@ -94,9 +95,7 @@ def summarise(results, space, metric: str, mode: str) -> dict:
         trials.append({"trial_id": last.get("trial_id") or Path(result.path).name,
                        "params": {d.key: (result.config or {}).get(d.key) for d in space.dimensions},
                        "rounds": int(last.get("round", 0)), "error": str(result.error) if result.error else None,
-                       **{k: last[k] for k in ("information", "mean_entropy", "class_entropy",
-                                               "target_val_miou19", "target_val_miou", *VALIDATOR_METRICS)
-                          if k in last}})
+                       **{k: last[k] for k in (*LABEL_FREE, "target_val_miou19", "target_val_miou") if k in last}})
     done = [t for t in trials if not t["error"] and metric in t]
     most = max((t["rounds"] for t in done), default=0)
     finalists = [t for t in done if t["rounds"] == most]  # ASHA-stopped trials reported fewer rounds
@@ -105,7 +104,7 @@ def summarise(results, space, metric: str, mode: str) -> dict:
     ranking = {}
     statistics = [("information", 1), ("mean_entropy", -1), ("class_entropy", 1),
                   *((f"validator_{name}", 1 if higher else -1) for name, higher in HIGHER_IS_BETTER.items())]
-    for statistic, sign in statistics:
+    for statistic, sign in statistics:  # signed: higher is better, so +1 means it ranks as mIoU does
         pairs = [(sign * t[statistic], t["target_val_miou19"]) for t in finalists
                  if statistic in t and "target_val_miou19" in t]
         ranking[statistic] = spearman([p[0] for p in pairs], [p[1] for p in pairs])
@@ -216,12 +215,53 @@ def run_sweep(cfg: Config, args: SweepArgs) -> None:
         tracking.metrics({f"best/{metric}": summary["best"][metric],
                           **{f"rank_correlation/{k}": v for k, v in summary["rank_correlation_with_target_miou19"].items()
                              if v is not None}})
-        for artifact in (sweep_dir.summary, sweep_dir.best_config):
-            tracking.artifact(artifact)
+        write_validator_table(summary, sweep_dir.validator_table, sweep_dir.validator_figure)
+        for artifact in (sweep_dir.summary, sweep_dir.best_config, sweep_dir.validator_table,
+                         sweep_dir.validator_figure):
+            if artifact.is_file():
+                tracking.artifact(artifact)
         close_stopped_trials(tracking)
     print(f"\nbest trial {summary['best']['trial_id']} ({metric} = {summary['best'][metric]:.4f}): "
           f"{sweep_dir.best_config}\nrun it in full: python jobs/adapt.py --config {sweep_dir.best_config}\n"
           f"{tracking.where()}")
+
+
+def write_validator_table(summary: dict, table: Path, figure: Path) -> None:
+    """The trials' label-free statistics beside their target-val mIoU: a CSV row per trial and, where
+    mIoU is known, one scatter per statistic (the study of which statistic tracks mIoU)."""
+    import csv
+
+    columns = [k for k in LABEL_FREE if any(k in t for t in summary["trials"])]
+    table.parent.mkdir(parents=True, exist_ok=True)
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["trial_id", "rounds", "target_val_miou19", *columns])
+        for t in summary["trials"]:
+            writer.writerow([t["trial_id"], t["rounds"], t.get("target_val_miou19", ""), *(t.get(k, "") for k in columns)])
+    known = [t for t in summary["trials"] if "target_val_miou19" in t]
+    if not known or not columns:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    across = min(4, len(columns))
+    fig, axes = plt.subplots(-(-len(columns) // across), across, figsize=(3.2 * across, 2.8 * -(-len(columns) // across)),
+                             squeeze=False)
+    correlation = summary["rank_correlation_with_target_miou19"]
+    for ax, column in zip(axes.flat, columns):
+        points = [(t[column], 100 * t["target_val_miou19"]) for t in known if column in t]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=14)
+        rho = correlation.get(column)
+        ax.set_title(f"{column} (rho {rho:.2f})" if rho is not None else column, fontsize=8)
+        ax.set_ylabel("target-val mIoU19", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(figure, dpi=100)
+    plt.close(fig)
 
 
 def close_stopped_trials(tracking) -> None:
