@@ -1,6 +1,7 @@
 """Every benchmark runs here in a tiny mode, so that a bench that breaks fails the tests. Their
 speed figures are read by people, not asserted: these tests check that each bench measures what it
-says (sizes, counts, the same work on both sides)."""
+says (sizes, counts, the same work on both sides). bench/selection.py is the exception: its --tiny
+(three adaptation jobs, about 3 minutes) stays out of the suite's budget; its scoring is tested here."""
 
 from __future__ import annotations
 
@@ -223,12 +224,3 @@ def test_selection_scores_rank_correlation_and_regret_per_validator():
     assert figures["snd"] == {"spearman": None, "regret": None}
     assert selection.averaged([figures, figures])["bnm"] == {"spearman": 1.0, "regret": 0.0}
     assert len(selection.TRIALS) >= 12
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(1200, method="thread")
-def test_the_selection_bench_scores_every_validator_on_its_trials():
-    figures = _last_json("selection.py", "--tiny", timeout=1200)
-    assert figures["trials"] == 3 and figures["domains"] == ["tiny"]
-    assert set(figures["validators"]) == set(_selection().HIGHER_IS_BETTER)
-    assert all(v["regret"] is not None and v["regret"] >= 0 for v in figures["validators"].values())
