@@ -35,6 +35,21 @@ HIGHER_IS_BETTER = {"mean_entropy": False, "information": True, "bnm": True, "sn
 SND_TEMPERATURE = 0.05
 
 
+def label_free(entropy: float, probs: np.ndarray, pixels: int) -> dict:
+    """Statistics of the softmax on target images that read no label, for choosing hyperparameters
+    without target labels, in [0, 1] (entropies divided by log C):
+    - mean_entropy: the mean pixel entropy H(p) (lower: more confident);
+    - class_entropy: the entropy of the mean prediction H(mean p) (lower: fewer classes predicted);
+    - information: class_entropy - mean_entropy, the input-prediction mutual information of
+      information-maximisation objectives (higher: confident *and* diverse; a model that collapses
+      onto a few confident classes scores low, which plain entropy would reward)."""
+    scale = math.log(len(probs))
+    mean = probs / max(pixels, 1)
+    class_entropy = float(-(mean * np.log(mean + 1e-12)).sum()) / scale
+    mean_entropy = entropy / max(pixels, 1) / scale
+    return {"mean_entropy": mean_entropy, "class_entropy": class_entropy, "information": class_entropy - mean_entropy}
+
+
 def bnm(samples: torch.Tensor) -> float:
     """Batch nuclear-norm of an (M, C) matrix of probability rows, ||P||_* / sqrt(M min(M, C)): 1 for
     one-hot rows spread evenly over the classes, 1 / sqrt(C) for identical one-hot rows, lower still
@@ -94,14 +109,12 @@ class ValidationSums:
 
     def figures(self, source_share: np.ndarray, label_space: tuple[int, ...]) -> dict[str, float]:
         """Every validator, from the sums and the source labels' class shares over `label_space`."""
-        log_c = math.log(self.classes)
+        entropies = label_free(self.entropy, self.probs, self.pixels)
         mean = self.probs / max(self.pixels, 1)
-        mean_entropy = self.entropy / max(self.pixels, 1) / log_c
-        class_entropy = float(-(mean * np.log(mean + 1e-12)).sum()) / log_c
         samples = torch.from_numpy(np.concatenate(self.samples)) if self.samples else torch.zeros(0, self.classes)
         share = mean[list(label_space)] / max(mean[list(label_space)].sum(), 1e-12)
         distance = prior_distance(share, source_share)
-        return {"mean_entropy": mean_entropy, "information": class_entropy - mean_entropy,
+        return {"mean_entropy": entropies["mean_entropy"], "information": entropies["information"],
                 "bnm": bnm(samples) if len(samples) > 1 else float("nan"),
                 "snd": snd(samples) if len(samples) > 2 else float("nan"),
                 "flip_agreement": _share(self.flip), "scale_agreement": _share(self.scale),

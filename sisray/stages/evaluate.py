@@ -28,6 +28,7 @@ from sisray.png import png_array, png_bytes
 from sisray.rundir import ModelDir
 from sisray.stages.actors import ActorSpec, ModelActor, pool_options
 from sisray.storage import absolute, atomic_write_json
+from sisray.validators import label_free
 
 OVERLAYS = 3  # val images shown in the overlay figure
 PREDICTION_SUFFIX = "_pred_labelIds.png"  # the official evaluator matches <city>_<seq>_<frame>*.png
@@ -88,21 +89,6 @@ class Evaluator(ModelActor):
         return {"id": batch["id"], "counts": np.stack(counts), "overlay": np.array(overlays, dtype=object),
                 "entropy": entropy.astype(np.float64), "probs": probs_sum.astype(np.float64),
                 "pixels": np.full(len(indices), probs.shape[2] * probs.shape[3], np.int64)}
-
-
-def label_free(entropy: float, probs: np.ndarray, pixels: int) -> dict:
-    """Statistics of the softmax on target images that read no label, for choosing hyperparameters
-    without target labels, in [0, 1] (entropies divided by log C):
-    - mean_entropy: the mean pixel entropy H(p) (lower: more confident);
-    - class_entropy: the entropy of the mean prediction H(mean p) (lower: fewer classes predicted);
-    - information: class_entropy - mean_entropy, the input-prediction mutual information of
-      information-maximisation objectives (higher: confident *and* diverse; a model that collapses
-      onto a few confident classes scores low, which plain entropy would reward)."""
-    scale = math.log(len(probs))
-    mean = probs / max(pixels, 1)
-    class_entropy = float(-(mean * np.log(mean + 1e-12)).sum()) / scale
-    mean_entropy = entropy / max(pixels, 1) / scale
-    return {"mean_entropy": mean_entropy, "class_entropy": class_entropy, "information": class_entropy - mean_entropy}
 
 
 def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = None,

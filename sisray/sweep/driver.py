@@ -3,7 +3,7 @@ interrupted, summarised (every trial, the best, how label-free statistics rank t
 target-val mIoU) with the best config written, ready for `jobs/adapt.py --config`.
 
 The default objective reads no target label: the information of the final model's softmax on target
-images (`stages.evaluate.label_free`); target-val mIoU is used only when asked for, and the sweep's
+images (`validators.label_free`); target-val mIoU is used only when asked for, and the sweep's
 MLflow run then says so. MLflow: one parent run per sweep, one child run per trial.
 """
 
