@@ -29,6 +29,7 @@ variant of that seed adapts from, so variants differ only in what the rounds do:
     source_rare_class    the default's source schedule with rare-class sampling (DAFormer, T = 0.01)
     lse_fl_rare_class    the default's rounds from that source model (also gives its + target BN)
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
+    oracle_converged     (--oracle with source_converged) as many steps as the converged source model
 
 `--suite DIR` runs the same per target domain of the suite (`jobs/make_synthetic.py --suite --out
 DIR`: day, dusk, fog, camera, small, drive, near): the first domain's default run trains each
@@ -181,16 +182,25 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
                                                    for r in summary["rounds"]]}
         if summary.get("safeguard"):
             results[name]["safeguard"] = safeguard_record(summary)
-    if oracle:
-        from sisray.config import load_config
-        from sisray.datasets import open_source, open_target
-
-        cfg = load_config(REPO / "configs" / "synthetic.yaml", base)
-        epochs = cfg.train.source_epochs * len(open_source(cfg.data.source)) / len(
-            open_target(cfg.data.target, "train", with_labels=False))  # as many steps as the source model
-        job("train_source.py", folder / "oracle", [*base, "train.oracle=true", f"train.source_epochs={epochs}"])
-        results["oracle"] = {"evaluation": json.loads((folder / "oracle" / "source" / "eval.json").read_text())}
+    if oracle:  # as many steps as the default's source model, and as the converged one when it is run
+        oracles = {"oracle": [], **({"oracle_converged": SOURCE_TRAINED["source_converged"]}
+                                    if "source_converged" in variants else {})}
+        for name, source_overrides in oracles.items():
+            epochs = oracle_epochs([*base, *source_overrides])
+            job("train_source.py", folder / name, [*base, "train.oracle=true", f"train.source_epochs={epochs}"])
+            results[name] = {"evaluation": json.loads((folder / name / "source" / "eval.json").read_text())}
     return results
+
+
+def oracle_epochs(source_overrides: list[str]) -> float:
+    """The oracle's epochs over the target-train images for as many steps as the source model that
+    these overrides train (on the source images it does not hold out)."""
+    from sisray.config import load_config
+    from sisray.datasets import open_source, open_target
+
+    cfg = load_config(REPO / "configs" / "synthetic.yaml", source_overrides)
+    trained = len(open_source(cfg.data.source)) * (1 - cfg.train.holdout)
+    return cfg.train.source_epochs * trained / len(open_target(cfg.data.target, "train", with_labels=False))
 
 
 def safeguard_record(summary: dict) -> list[dict]:
@@ -242,7 +252,8 @@ def run_suite(suite: Path, seeds: list[int], out: Path, variants: list[str], com
 
 def summarise(per_seed: dict[int, dict], seeds: list[int], variants: list[str]) -> dict:
     """Per variant the mean +- std over seeds and per class; the verdicts; printed as a table."""
-    names = [n for n in (*FROM_DEFAULT_RUN, *variants, *(f"{v}_target_bn" for v in SOURCE_TRAINED), "oracle")
+    names = [n for n in (*FROM_DEFAULT_RUN, *variants, *(f"{v}_target_bn" for v in SOURCE_TRAINED), "oracle",
+                         "oracle_converged")
              if all(n in r for r in per_seed.values())]
     figures: dict[str, dict] = {}
     for name in names:
@@ -288,6 +299,16 @@ def summarise(per_seed: dict[int, dict], seeds: list[int], variants: list[str]) 
         verdicts["gap_closed"] = round(share, 3)
         print(f"\nthe default closes {100 * share:.0f}% of the source-only -> oracle gap "
               f"({source:.1f} -> {final:.1f} of {oracle:.1f})")
+    converged = [n for n in ("source_converged", "source_converged_target_bn") if n in figures]
+    if "oracle_converged" in figures and converged:  # the issue's bar: the converged source, its better BN choice
+        best = max(converged, key=lambda n: np.mean(figures[n]["miou"]))
+        floor, ceiling = (float(np.mean(figures[n]["miou"])) for n in (best, "oracle_converged"))
+        for name in (n for n in (DEFAULT, "lse_fl_converged") if n in figures):
+            final = float(np.mean(figures[name]["miou"]))
+            verdicts[f"{name} over {best}"] = {"difference": round(final - floor, 2),
+                                               "gap_closed": round((final - floor) / (ceiling - floor), 3)}
+            print(f"{name}: {final - floor:+.1f} over {best} ({floor:.1f}), "
+                  f"{100 * (final - floor) / (ceiling - floor):.0f}% of its gap to the converged oracle ({ceiling:.1f})")
     return {"variants": figures, "verdicts": verdicts}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from sisray.errors import Interrupted, SisrayError
+from sisray.run_lock import release_all
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic.yaml"
@@ -25,7 +26,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run a job's main: bad input exits 2 with a one-line message, Ctrl-C exits 130."""
+    """Run a job's main: bad input exits 2 with a one-line message, Ctrl-C exits 130; either way the
+    run directory's lock is given back."""
     try:
         code = main()
     except SisrayError as exc:
@@ -34,6 +36,8 @@ def run(main: Callable[[], int | None]) -> None:
     except (KeyboardInterrupt, Interrupted) as exc:
         print(str(exc) or "interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        release_all()
     sys.exit(code or 0)
 
 

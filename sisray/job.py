@@ -2,7 +2,7 @@
 remote location, a run of another config refused, the config saved), Ray, and one MLflow run that
 ends FINISHED, KILLED (Ctrl-C) or FAILED.
 
-    job = Job(cfg, "adapt", stages=True)   # pulls RUN, refuses a foreign run: before any work
+    job = Job(cfg, "adapt", stages=True)   # locks RUN, pulls it, refuses a foreign run: before any work
     ...check the inputs...
     with job.started() as tracking:        # saves RUN/config.yaml, starts Ray, opens the MLflow run
         ...the work...                     # RUN is pushed to its remote location once it succeeds
@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 from sisray.config import Config, save_config
 from sisray.errors import Interrupted
+from sisray.run_lock import RunLock
 from sisray.run_state import RunState
 from sisray.rundir import RunDir
 from sisray.storage import RunStore
@@ -31,9 +32,21 @@ class Job:
         self.cfg, self.kind = cfg, kind
         self.resume_run_id, self.parent_run_id, self.tags = resume_run_id, parent_run_id, tags
         self.store = RunStore(cfg.run_dir) if run_dir else None  # a path, or a URI worked on through a local copy
-        if self.store:
-            self.store.pull()
-        self.state = RunState(self.store, cfg, force) if self.store and stages else None
+        self.lock = RunLock(cfg.run_dir, kind) if run_dir else None
+        if self.lock:  # before the pull: another job on this machine may be working in the same local copy
+            self.lock.acquire()
+        try:
+            if self.store:
+                self.store.pull()
+            self.state = RunState(self.store, cfg, force) if self.store and stages else None
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the run directory back (the end of `started()` does)."""
+        if self.lock:
+            self.lock.release()
 
     @property
     def run_dir(self) -> RunDir:
@@ -73,3 +86,4 @@ class Job:
             raise
         finally:
             tracking.finish(status)
+            self.release()

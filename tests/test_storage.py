@@ -146,6 +146,26 @@ def test_a_failed_push_never_uploads_the_new_state(s3_endpoint, tmp_path, monkey
     assert storage.read_bytes(storage.join(store.location, "state.json")) == b'{"finished": {}}'
 
 
+def test_a_run_directory_on_s3_is_locked_by_one_job_at_a_time(s3_endpoint, monkeypatch):
+    """The lock lives at the remote location (machines do not share their local copies); it is not
+    pulled or pushed with the run's files."""
+    from sisray.run_lock import LOCK, RunInUse, RunLock
+
+    monkeypatch.setattr("sisray.run_lock.SETTLE_S", 0.1)
+    location = _uri(s3_endpoint, "locked")
+    first = RunLock(location, "adapt")
+    first.acquire()
+    assert json.loads(storage.read_bytes(storage.join(location, LOCK)))["owner"] == first.mine["owner"]
+    with pytest.raises(RunInUse, match="the run directory is in use: s3://sisray/locked/.lock"):
+        RunLock(location, "adapt").acquire()
+    assert LOCK not in RunStore(location)._remote_files()
+    first.release()
+    assert not storage.is_file(storage.join(location, LOCK))
+    second = RunLock(location, "adapt")
+    second.acquire()
+    second.release()
+
+
 def test_workers_read_checkpoints_and_patch_sets_from_a_remote_run_directory(s3_endpoint, tmp_path, monkeypatch):
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path))
     store = RunStore(_uri(s3_endpoint, "readers"))
@@ -246,6 +266,11 @@ def test_a_job_on_s3_killed_on_two_machines_finishes_on_a_third_as_an_uninterrup
     b = json.loads(storage.read_bytes(storage.join(location, "summary.json")))
     assert b["complete"] and [r["patches"] for r in a["rounds"]] == [r["patches"] for r in b["rounds"]]
     assert b["final"]["miou19"] == pytest.approx(a["final"]["miou19"], abs=1e-6)
+    # round 2's retraining resumed from machine B's checkpoint, its online teacher included: the same weights
+    reference = read_state_dict(whole / "round_02" / "checkpoint")
+    resumed = read_state_dict(storage.join(location, "round_02", "checkpoint"))
+    for key, value in reference.items():
+        assert torch.allclose(value.float(), resumed[key].float(), atol=1e-6), key
     assert storage.is_file(storage.join(location, "round_02", "checkpoint", "model.pt"))
     assert "checkpoint_manager_snapshot.json" in _names(train)
 

@@ -158,7 +158,6 @@ def run_sweep(cfg: Config, args: SweepArgs) -> None:
     space = load_space(args.space, cfg)  # every key and value checked before any work
     param_space(space, args.search)  # the search can sample this space
     metric, mode, uses_labels = objective(args.objective, cfg)
-    state = open_sweep(sweep_dir, sweep_record(args, space, cfg), args.force)
 
     import ray
     from ray import tune
@@ -171,9 +170,11 @@ def run_sweep(cfg: Config, args: SweepArgs) -> None:
 
     check_inputs(cfg)
 
-    job = Job(dataclasses.replace(cfg, run_dir=str(sweep_dir.path)), "tune", resume_run_id=state["parent_run_id"],
+    job = Job(dataclasses.replace(cfg, run_dir=str(sweep_dir.path)), "tune",  # locks the sweep directory first
               tags={"sisray.objective": args.objective, "sisray.search": args.search,
                     "sisray.uses_target_labels": str(uses_labels).lower()})
+    state = open_sweep(sweep_dir, sweep_record(args, space, cfg), args.force)
+    job.resume_run_id = state["parent_run_id"]
     with job.started() as tracking:
         state["parent_run_id"] = tracking.run_id
         atomic_write_json(sweep_dir.state, state)
