@@ -24,15 +24,16 @@ from sisray.tracking import Tracking
 
 class Job:
     def __init__(self, cfg: Config, kind: str, *, run_dir: bool = True, stages: bool = False, force: bool = False,
-                 resume_run_id: str | None = None, parent_run_id: str | None = None,
+                 locked: bool = True, resume_run_id: str | None = None, parent_run_id: str | None = None,
                  tags: dict[str, str] | None = None):
         """`kind` names the job in MLflow (jobs/<kind>.py). With `run_dir`, the job works in
-        cfg.run_dir; with `stages`, it records its stages there (RUN/state.json: resume, and the
-        MLflow run it continues). `force` continues a run directory made with another config."""
+        cfg.run_dir, `locked` (RUN/.lock: one job at a time); with `stages`, it records its stages
+        there (RUN/state.json: resume, and the MLflow run it continues). `force` continues a run
+        directory made with another config."""
         self.cfg, self.kind = cfg, kind
         self.resume_run_id, self.parent_run_id, self.tags = resume_run_id, parent_run_id, tags
         self.store = RunStore(cfg.run_dir) if run_dir else None  # a path, or a URI worked on through a local copy
-        self.lock = RunLock(cfg.run_dir, kind) if run_dir else None
+        self.lock = RunLock(cfg.run_dir, kind) if run_dir and locked else None
         if self.lock:  # before the pull: another job on this machine may be working in the same local copy
             self.lock.acquire()
         try:

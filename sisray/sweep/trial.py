@@ -50,7 +50,10 @@ def adapt_trial(params: dict, setup: TrialSetup) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup.base, setup.trial, params, str(SweepDir(Path(setup.sweep_dir)).trial(trial_id)))
-    job = Job(cfg, "tune_trial", stages=True, parent_run_id=setup.parent_run_id, tags={"sisray.trial_id": trial_id})
+    # not locked: the sweep's lock covers its trials, and Tune runs each trial once at a time (a trial
+    # restored on another node must not wait for the lock its lost node left)
+    job = Job(cfg, "tune_trial", stages=True, locked=False, parent_run_id=setup.parent_run_id,
+              tags={"sisray.trial_id": trial_id})
     restored = tune.get_checkpoint()
     reported = 0
     if restored:
