@@ -7,7 +7,7 @@ heartbeat rewritten every HEARTBEAT_S seconds. A lock is stale, and taken over w
 its holder is a process of this host that no longer runs, or when its heartbeat is older than
 STALE_AFTER_S (a job on another machine that died with it, or with the network).
 
-On a path a new lock is created atomically (O_EXCL). Object stores have no such create: there, as
+On a path a new lock is created whole and atomically (a hard link). Object stores have no such create: there, as
 for a takeover, the lock is written, read back after SETTLE_S and kept only if it is still ours, so
 of two jobs starting together the last writer wins and the other is refused.
 """
@@ -107,16 +107,19 @@ class RunLock:
             storage.atomic_write_bytes(self.location, data)
 
     def _create_here(self) -> bool:
-        """Create the lock file on a path, atomically; False when it exists."""
+        """Create the lock file on a path, whole and atomically (a hard link of a written file fails
+        if the name exists); False when it exists."""
         path = Path(self.location)
         self.made_folder = not path.parent.exists()  # removed again if the job leaves it empty
         path.parent.mkdir(parents=True, exist_ok=True)
+        written = path.with_name(f"{LOCK}.{self.mine['owner']}")
+        written.write_text(json.dumps({**self.mine, "heartbeat": time.time()}))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+            os.link(written, path)
+        except OSError:  # it exists, or the file system has no hard links: the object-store way then
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({**self.mine, "heartbeat": time.time()}, f)
+        finally:
+            written.unlink()
         return True
 
     def acquire(self) -> None:
