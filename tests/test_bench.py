@@ -224,3 +224,26 @@ def test_selection_scores_rank_correlation_and_regret_per_validator():
     assert figures["snd"] == {"spearman": None, "regret": None}
     assert selection.averaged([figures, figures])["bnm"] == {"spearman": 1.0, "regret": 0.0}
     assert len(selection.TRIALS) >= 12
+
+
+def test_the_oracles_train_as_many_steps_as_their_source_models_and_the_bar_is_reported(small_benchmark):
+    """The converged oracle's epochs over the 4 target-train images match the converged source model's
+    steps over the 90% of the 6 source images it trains on; the issue's bar (the rounds over the better
+    of the converged source model with and without target BN, and the share of the gap to the
+    converged oracle) is computed from the seeds' figures."""
+    ablation = _ablation()
+    roots = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}"]
+    assert ablation.oracle_epochs(roots) == pytest.approx(2.5 * 6 / 4)
+    converged = ablation.oracle_epochs([*roots, *ablation.SOURCE_TRAINED["source_converged"]])
+    assert converged == pytest.approx(15 * 0.9 * 6 / 4)
+
+    def block(miou: float) -> dict:
+        return {"evaluation": {"miou": miou / 100, "miou19": miou / 100, "per_class": {"road": miou / 100}}}
+
+    figures = {"source_only": 30, "lse_fl": 40, "source_converged": 32, "source_converged_target_bn": 42,
+               "lse_fl_converged": 47, "oracle": 59, "oracle_converged": 62}
+    per_seed = {s: {n: block(v + s) for n, v in figures.items()} for s in (0, 1)}
+    verdicts = ablation.summarise(per_seed, [0, 1], ["lse_fl", "source_converged", "lse_fl_converged"])["verdicts"]
+    bar = verdicts["lse_fl_converged over source_converged_target_bn"]
+    assert bar["difference"] == pytest.approx(5.0) and bar["gap_closed"] == pytest.approx(0.25)
+    assert verdicts["lse_fl over source_converged_target_bn"]["difference"] == pytest.approx(-2.0)
