@@ -88,9 +88,9 @@ def main() -> None:
                   flush=True)
     walls = [r["wall_s"] for r in runs]
     per_image, fixed = np.polyfit(sizes, walls, 1)
-    growth = {f"growth_{n // base}n": round(w / walls[0], 3) for n, w in zip(sizes[1:], walls[1:])}
     print(f"cost = {fixed:.1f} s + {per_image:.3f} s per target image; " +
-          ", ".join(f"{k[7:].upper()}/N {v:.2f}" for k, v in growth.items()))
+          ", ".join(f"{n // base}N/N {w / walls[0]:.2f}" for n, w in zip(sizes[1:], walls[1:])))
+    growth = {f"growth_{n // base}n": round(w / walls[0], 3) for n, w in zip(sizes[1:], walls[1:])}
     print(json.dumps({"n": sizes, "wall_s": [round(w, 1) for w in walls],
                       "stage_s": {k: [round(r["stage_s"][k], 1) for r in runs] for k in runs[0]["stage_s"]},
                       **growth,

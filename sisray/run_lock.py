@@ -87,24 +87,17 @@ class RunLock:
         self._beat: threading.Thread | None = None
 
     def _read(self) -> dict | None:
+        """The holder (None: no lock; {}: a file that is not a lock, nobody's). A lock that exists but
+        cannot be read is an error, never taken over."""
+        if not storage.is_file(self.location):
+            return None
         try:
             return json.loads(storage.read_bytes(self.location))
-        except StorageError:
-            return None if not storage.is_file(self.location) else {}
         except json.JSONDecodeError:
-            return {}  # half-written by a job killed while writing it: nobody's
+            return {}
 
     def _write(self) -> None:
-        data = json.dumps({**self.mine, "heartbeat": time.time()}).encode()
-        if self.remote:
-            fs, path = storage.resolve(self.location)
-            try:
-                with fs.open_output_stream(path) as f:
-                    f.write(data)
-            except OSError as exc:
-                raise StorageError(f"{self.location}: cannot write the run directory's lock ({exc})") from None
-        else:
-            storage.atomic_write_bytes(self.location, data)
+        storage.write_bytes(self.location, json.dumps({**self.mine, "heartbeat": time.time()}).encode())
 
     def _create_here(self) -> bool:
         """Create the lock file on a path, whole and atomically (a hard link of a written file fails
@@ -127,8 +120,6 @@ class RunLock:
             return self._start_heartbeat()
         holder = self._read()
         if holder is not None:
-            if holder.get("owner") == self.mine["owner"]:
-                return self._start_heartbeat()
             reason = "it is unreadable" if not holder else stale_reason(holder, time.time())
             if reason is None:
                 raise RunInUse(in_use(self.location, holder))

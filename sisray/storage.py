@@ -57,6 +57,18 @@ def disk_full_as_error(what: str, folder: str | Path):
                            "the same command again: it resumes from the last finished stage") from None
 
 
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a file at a path (atomically) or a URI (one put: an object appears whole)."""
+    if not is_uri(location):
+        return atomic_write_bytes(location, data)
+    fs, path = resolve(location)
+    try:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as exc:
+        raise StorageError(f"{location}: cannot write ({exc})") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

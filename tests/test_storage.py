@@ -196,12 +196,6 @@ def _names(location: str) -> list[str]:
     return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
 
 
-def _write_remote(location: str, data: bytes) -> None:
-    fs, path = storage.resolve(location)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
 @pytest.mark.slow
 @pytest.mark.ray  # in the jobs it starts
 @pytest.mark.timeout(1500, method="thread")
@@ -249,7 +243,7 @@ def test_a_job_on_s3_killed_on_two_machines_finishes_on_a_third_as_an_uninterrup
     assert "round_02/patches" in after_b and "round_02/train" not in after_b
     assert {k: after_b[k] for k in after_a} == after_a  # machine B did not redo what A finished
     shard = storage.list_files(storage.join(location, "round_02", "patches"), ".parquet")[-1]
-    _write_remote(shard, storage.read_bytes(shard)[:100])  # as if cut short: detected, the patch stage redone
+    storage.write_bytes(shard, storage.read_bytes(shard)[:100])  # as if cut short: detected, the patch stage redone
 
     done = job("machine_c")
     assert done.returncode == 0, done.stderr[-3000:]
