@@ -3,9 +3,11 @@
     python bench/ablation.py [--seeds 0 1 2] [--out runs/ablation] [--variants ...] [--oracle] [--set k=v ...]
     python bench/ablation.py --suite data/suite --out runs/suite [--domains day dusk ...] [...]   # the suite's domains
 
-Per seed, `lse_fl` is the default config as it is (`jobs/adapt.py`, configs/synthetic.yaml): it
-trains the seed's source model (or takes `--set model.source_checkpoint=...`), which every other
-variant of that seed adapts from, so variants differ only in what the rounds do:
+Per seed, `source` trains the seed's source model with the default's recipe (`jobs/train_source.py`,
+configs/synthetic.yaml: 15 epochs, the converged schedule; the default itself adapts the shipped
+model of seed 0) unless `--set model.source_checkpoint=...` gives one. `lse_fl` is the default config
+as it is (`jobs/adapt.py`) adapting that model, and so does every other variant of that seed, so
+variants differ only in what the rounds do:
 
     source_only          the source model (from lse_fl's run)
     source_target_bn     the source model with target BatchNorm statistics, no training (lse_fl's run)
@@ -22,20 +24,19 @@ variant of that seed adapts from, so variants differ only in what the rounds do:
     lse_fl_classmix_jitter  both: DACS's student input (the mixed patches jittered)
     lse_fl_fused_teacher the default + the teacher averaged over 1/scale, 1, scale and their mirrors
     source_no_photometric  a source model trained without photometric augmentation (its own run, no rounds)
-    source_converged     the source model trained to convergence (15 epochs, chosen by the source-val loss)
-    lse_fl_converged     the default's rounds from the converged source model (also gives its + target BN)
+    source_short         the previous default's source schedule: 2.5 epochs (188 steps), nothing held out
+    lse_fl_short         the default's rounds from that source model (also gives its + target BN)
     source_high_lr       the default's source schedule at three times its rate (Adam 1.5e-3)
     lse_fl_high_lr       the default's rounds from that source model (also gives its + target BN)
     source_rare_class    the default's source schedule with rare-class sampling (DAFormer, T = 0.01)
     lse_fl_rare_class    the default's rounds from that source model (also gives its + target BN)
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
-    oracle_converged     (--oracle with source_converged) as many steps as the converged source model
 
 `--suite DIR` runs the same per target domain of the suite (`jobs/make_synthetic.py --suite --out
-DIR`: day, dusk, fog, camera, small, drive, near): the first domain's default run trains each
-seed's source model, which every domain adapts from (the domains share their source), and prints
-each domain's table. Source-trained variants are trained in the first domain only; every domain
-adapts their models.
+DIR`: day, dusk, fog, camera, small, drive, near): each seed's source model is trained in the
+first domain, and every domain adapts it (the domains share their source); prints each domain's
+table. Source-trained variants too are trained in the first domain only; every domain adapts
+their models.
 
 `--oracle --variants lse_fl` is the quick look at how much room the benchmark leaves for adaptation
 (source-only, the default, and the oracle).
@@ -43,7 +44,9 @@ adapts their models.
 Every run directory is kept, so re-running resumes and adds seeds. Prints per variant the mean +-
 std over seeds of the benchmark's mIoU (its 13 classes) and of mIoU19, per-class IoU, pseudo-label
 accuracy per round, and verdicts: A beats B only when the difference of the means exceeds their
-pooled std. Last line: one JSON object with every figure.
+pooled std; and the issue's bar: the default over the better of its source model with and without
+target BN, and the share of the gap from there to the oracle it closes. Last line: one JSON object
+with every figure.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT = "lse_fl"
+SOURCE = "source"  # the run that trains each seed's source model, with the default's recipe
 ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source model
     "continued_source": ["train.pseudo_labels=false"],
     "plain_self_training": ["lse.scale=1", "lse.beta=0"],
@@ -77,16 +81,13 @@ ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source
 }
 SOURCE_TRAINED = {  # variant -> overrides of jobs/train_source.py: a source model of its own
     "source_no_photometric": ["train.photometric=false"],
-    # the source model trained to convergence, the schedule chosen without target labels: on the day
-    # domain (seed 0) the loss of 10% of the source images held out stays within 1% from about 13
-    # epochs on (its curve: train_state.pt, holdout_loss; README "Results on the suite")
-    "source_converged": ["train.source_epochs=15", "train.holdout=0.1", "train.checkpoint_every=34"],
-    # the default's 2.5 epochs at three times its rate: lower source-val loss at 2.5 and 5 epochs (day, seed 0)
+    "source_short": ["train.source_epochs=2.5", "train.holdout=0"],  # the previous default: 7 points lower (README)
+    # three times the recipe's rate: lower source-val loss at 2.5 and 5 epochs (day, seed 0)
     "source_high_lr": ["train.lr=1.5e-3"],
     "source_rare_class": ["train.rare_class_sampling=0.01"],  # DAFormer's temperature
 }
 FROM_SOURCE = {  # variant -> the source-trained variant whose model it adapts with the default's rounds
-    "lse_fl_converged": "source_converged",
+    "lse_fl_short": "source_short",
     "lse_fl_high_lr": "source_high_lr",
     "lse_fl_rare_class": "source_rare_class",
 }
@@ -99,8 +100,7 @@ COMPARISONS = [  # (A, B): does A beat B?
     ("lse_fl_safeguard", DEFAULT), ("lse_fl_safeguard", "source_only"), ("lse_fl_classmix", DEFAULT),
     ("lse_fl_patch_jitter", DEFAULT), ("lse_fl_classmix_jitter", DEFAULT), ("lse_fl_classmix_jitter", "lse_fl_classmix"),
     ("lse_fl_fused_teacher", DEFAULT),
-    (DEFAULT, "source_converged"), (DEFAULT, "source_converged_target_bn"),
-    ("lse_fl_converged", "source_converged_target_bn"), ("lse_fl_converged", DEFAULT),
+    ("source_only", "source_short"), (DEFAULT, "lse_fl_short"), ("lse_fl_short", "source_target_bn"),
     ("source_high_lr", "source_only"), ("lse_fl_high_lr", DEFAULT), ("lse_fl_high_lr", "source_high_lr_target_bn"),
     ("source_rare_class", "source_only"), ("lse_fl_rare_class", DEFAULT),
 ]
@@ -131,12 +131,20 @@ def finished(script: str, run_dir: Path, overrides: list[str]) -> bool:
     return fingerprint(with_absolute_paths(load_config(saved))) == fingerprint(with_absolute_paths(expected))
 
 
-def source_model(run_dir: Path) -> Path:
-    """The source model a finished adaptation run adapted: the one it was given, or the one it trained."""
-    from sisray.config import load_config
+def trained_model(run_dir: Path) -> Path:
+    """The model file a finished jobs/train_source.py run trained."""
+    return (run_dir / "source" / "checkpoint" / "model.pt").resolve()
 
-    given = load_config(run_dir / "config.yaml").model.source_checkpoint
-    return Path(given) if given else run_dir / "source" / "checkpoint"
+
+def seed_source(base: list[str], folder: Path, first: bool) -> str:
+    """The source model every variant of a seed adapts: the one the overrides give, else the seed's,
+    trained with the default's recipe in `folder` when `first` (the first domain of a suite)."""
+    given = [o for o in base if o.startswith("model.source_checkpoint=")]
+    if given:
+        return given[-1].split("=", 1)[1]
+    if first:
+        job("train_source.py", folder / SOURCE, [*base, "model.source_checkpoint=null"])
+    return str(trained_model(folder / SOURCE))
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -145,14 +153,13 @@ def sets(overrides: list[str]) -> list[str]:
 
 def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracle: bool,
              shared: Path | None = None) -> dict[str, dict]:
-    """The evaluation blocks of one seed's variants (and its rounds' pseudo-label accuracy). The
-    default's run trains the seed's source model, and each source-trained variant its own, unless
-    `shared` (another domain's seed folder, of the same source) has them: they are adapted from there."""
+    """The evaluation blocks of one seed's variants (and its rounds' pseudo-label accuracy). The seed's
+    source model and each source-trained variant's are trained here, unless `shared` (another
+    domain's seed folder, of the same source) has them: they are adapted from there."""
     base = [*common, f"seed={seed}"]
     folder = out / f"seed_{seed}"
-    given = [f"model.source_checkpoint={source_model(shared / DEFAULT)}"] if shared else []
-    job("adapt.py", folder / DEFAULT, [*base, *given])
-    source = source_model(folder / DEFAULT)
+    source = seed_source(base, shared or folder, first=shared is None)
+    job("adapt.py", folder / DEFAULT, [*base, f"model.source_checkpoint={source}"])
     results = {}
     default = json.loads((folder / DEFAULT / "summary.json").read_text())
     results["source_only"] = {"evaluation": default["source_only"]}
@@ -160,7 +167,7 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
         results["source_target_bn"] = {"evaluation": default["source_target_bn"]}
     for name in variants:
         if name in FROM_SOURCE:  # after its source variant (the order of `variants`)
-            trained = ((shared or folder) / FROM_SOURCE[name] / "source" / "checkpoint").resolve()
+            trained = trained_model((shared or folder) / FROM_SOURCE[name])
             job("adapt.py", folder / name, [*base, f"model.source_checkpoint={trained}"])
             summary = json.loads((folder / name / "summary.json").read_text())
             results[name] = {"evaluation": summary["final"]}
@@ -171,7 +178,7 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
         if name in SOURCE_TRAINED and shared:  # trained once, in the first domain
             continue
         if name in SOURCE_TRAINED:
-            job("train_source.py", folder / name, [*base, *SOURCE_TRAINED[name]])
+            job("train_source.py", folder / name, [*base, "model.source_checkpoint=null", *SOURCE_TRAINED[name]])
             results[name] = {"evaluation": json.loads((folder / name / "source" / "eval.json").read_text())}
             continue
         if name != DEFAULT:
@@ -182,23 +189,20 @@ def run_seed(seed: int, out: Path, variants: list[str], common: list[str], oracl
                                                    for r in summary["rounds"]]}
         if summary.get("safeguard"):
             results[name]["safeguard"] = safeguard_record(summary)
-    if oracle:  # as many steps as the default's source model, and as the converged one when it is run
-        oracles = {"oracle": [], **({"oracle_converged": SOURCE_TRAINED["source_converged"]}
-                                    if "source_converged" in variants else {})}
-        for name, source_overrides in oracles.items():
-            epochs = oracle_epochs([*base, *source_overrides])
-            job("train_source.py", folder / name, [*base, "train.oracle=true", f"train.source_epochs={epochs}"])
-            results[name] = {"evaluation": json.loads((folder / name / "source" / "eval.json").read_text())}
+    if oracle:  # as many steps as the seed's source model; all target-train labels (nothing held out)
+        job("train_source.py", folder / "oracle", [*base, "model.source_checkpoint=null", "train.oracle=true",
+                                                   f"train.source_epochs={oracle_epochs(base)}", "train.holdout=0"])
+        results["oracle"] = {"evaluation": json.loads((folder / "oracle" / "source" / "eval.json").read_text())}
     return results
 
 
-def oracle_epochs(source_overrides: list[str]) -> float:
+def oracle_epochs(overrides: list[str]) -> float:
     """The oracle's epochs over the target-train images for as many steps as the source model that
-    these overrides train (on the source images it does not hold out)."""
+    the default's recipe with these overrides trains (on the source images it does not hold out)."""
     from sisray.config import load_config
     from sisray.datasets import open_source, open_target
 
-    cfg = load_config(REPO / "configs" / "synthetic.yaml", source_overrides)
+    cfg = load_config(REPO / "configs" / "synthetic.yaml", overrides)
     trained = len(open_source(cfg.data.source)) * (1 - cfg.train.holdout)
     return cfg.train.source_epochs * trained / len(open_target(cfg.data.target, "train", with_labels=False))
 
@@ -234,9 +238,9 @@ def beats(a: list[float], b: list[float]) -> bool:
 def run_suite(suite: Path, seeds: list[int], out: Path, variants: list[str], common: list[str],
               oracle: bool, domains: list[str] | None = None) -> dict[str, dict[int, dict]]:
     """Every domain of the suite (SUITE[d] at SUITE/<d>), or those in `domains` (the first of them
-    first), per seed: one source model per seed, trained by the first domain's default run (the domains share their source), adapted in every domain; so
-    are the source-trained variants' models (`lse_fl_converged` adapts the day domain's
-    `source_converged` in every domain)."""
+    first), per seed: one source model per seed, trained in the first domain (the domains share
+    their source) and adapted in every domain; so are the source-trained variants' models
+    (`lse_fl_short` adapts the first domain's `source_short` in every domain)."""
     from sisray.datasets.synthetic import SUITE
 
     domains = domains or list(SUITE)
@@ -252,8 +256,7 @@ def run_suite(suite: Path, seeds: list[int], out: Path, variants: list[str], com
 
 def summarise(per_seed: dict[int, dict], seeds: list[int], variants: list[str]) -> dict:
     """Per variant the mean +- std over seeds and per class; the verdicts; printed as a table."""
-    names = [n for n in (*FROM_DEFAULT_RUN, *variants, *(f"{v}_target_bn" for v in SOURCE_TRAINED), "oracle",
-                         "oracle_converged")
+    names = [n for n in (*FROM_DEFAULT_RUN, *variants, *(f"{v}_target_bn" for v in SOURCE_TRAINED), "oracle")
              if all(n in r for r in per_seed.values())]
     figures: dict[str, dict] = {}
     for name in names:
@@ -299,16 +302,16 @@ def summarise(per_seed: dict[int, dict], seeds: list[int], variants: list[str]) 
         verdicts["gap_closed"] = round(share, 3)
         print(f"\nthe default closes {100 * share:.0f}% of the source-only -> oracle gap "
               f"({source:.1f} -> {final:.1f} of {oracle:.1f})")
-    converged = [n for n in ("source_converged", "source_converged_target_bn") if n in figures]
-    if "oracle_converged" in figures and converged:  # the issue's bar: the converged source, its better BN choice
-        best = max(converged, key=lambda n: np.mean(figures[n]["miou"]))
-        floor, ceiling = (float(np.mean(figures[n]["miou"])) for n in (best, "oracle_converged"))
-        for name in (n for n in (DEFAULT, "lse_fl_converged") if n in figures):
+    sources = [n for n in FROM_DEFAULT_RUN if n in figures]
+    if "oracle" in figures and sources:  # the issue's bar: the source model with its better choice of target BN
+        best = max(sources, key=lambda n: np.mean(figures[n]["miou"]))
+        floor, ceiling = (float(np.mean(figures[n]["miou"])) for n in (best, "oracle"))
+        for name in (n for n in (DEFAULT, "lse_fl_short") if n in figures):
             final = float(np.mean(figures[name]["miou"]))
             verdicts[f"{name} over {best}"] = {"difference": round(final - floor, 2),
                                                "gap_closed": round((final - floor) / (ceiling - floor), 3)}
             print(f"{name}: {final - floor:+.1f} over {best} ({floor:.1f}), "
-                  f"{100 * (final - floor) / (ceiling - floor):.0f}% of its gap to the converged oracle ({ceiling:.1f})")
+                  f"{100 * (final - floor) / (ceiling - floor):.0f}% of its gap to the oracle ({ceiling:.1f})")
     return {"variants": figures, "verdicts": verdicts}
 
 

@@ -29,7 +29,7 @@ from common import REPO, TINY, make_set, random_checkpoint
 
 sys.path.insert(0, str(REPO))
 
-from ablation import DEFAULT, job, source_model  # noqa: E402
+from ablation import SOURCE, job, seed_source  # noqa: E402
 
 from sisray.sweep.driver import spearman  # noqa: E402
 from sisray.validators import HIGHER_IS_BETTER  # noqa: E402
@@ -79,7 +79,7 @@ def averaged(per_run: list[dict[str, dict]]) -> dict[str, dict[str, float | None
             for name in HIGHER_IS_BETTER}
 
 
-def run_trials(folder: Path, source: Path, common: list[str], names: tuple[str, ...]) -> dict[str, dict]:
+def run_trials(folder: Path, source: str | Path, common: list[str], names: tuple[str, ...]) -> dict[str, dict]:
     """Each trial adapts `source` in FOLDER/<trial>: its final mIoU and validators."""
     out = {}
     for name in names:
@@ -91,15 +91,15 @@ def run_trials(folder: Path, source: Path, common: list[str], names: tuple[str, 
 
 
 def suite_runs(suite: Path, out: Path, domains: list[str], seeds: list[int], common: list[str]) -> dict:
-    """(domain, seed) -> its trials, from each seed's source model (the first domain's default run)."""
+    """(domain, seed) -> its trials, from each seed's source model (bench/ablation.py's, when it
+    trained one in the first domain; else trained here)."""
     runs = {}
     for seed in seeds:
         first = [f"data.source.root={suite / domains[0]}", f"data.target.root={suite / domains[0]}", f"seed={seed}"]
-        default_run = REPO / "runs" / "suite" / domains[0] / f"seed_{seed}" / DEFAULT  # bench/ablation.py's
-        if not (default_run / "summary.json").is_file():
-            default_run = out / "sources" / f"seed_{seed}"
-            job("adapt.py", default_run, [*[o for o in common if not o.startswith("validation.")], *first])
-        source = source_model(default_run).resolve()
+        folder = REPO / "runs" / "suite" / domains[0] / f"seed_{seed}"
+        if not (folder / SOURCE).is_dir():
+            folder = out / "sources" / f"seed_{seed}"
+        source = seed_source([*[o for o in common if not o.startswith("validation.")], *first], folder, first=True)
         for domain in domains:
             roots = [f"data.source.root={suite / domain}", f"data.target.root={suite / domain}", f"seed={seed}"]
             runs[(domain, seed)] = run_trials(out / domain / f"seed_{seed}", source, [*common, *roots], tuple(TRIALS))

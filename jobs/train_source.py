@@ -11,6 +11,7 @@ the target's train labels instead (the usual upper bound; never part of adaptati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def main() -> None:
     add_config_arguments(parser)
     add_run_dir_argument(parser)
     cfg = job_config(parser.parse_args())
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, source_checkpoint=None))  # this job trains it
 
     from sisray.datasets import open_target, target_eval_classes
     from sisray.job import Job

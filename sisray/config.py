@@ -22,6 +22,7 @@ from sisray.lse.thresholds import ESTIMATORS
 from sisray.registry import MODELS, SOURCE_DATASETS, TARGET_DATASETS
 from sisray.storage import absolute
 from sisray.validate import bounded, build_dataclass
+from sisray.weights import checkpoint_location, is_shipped, shipped_model
 
 Size = tuple[int, int]
 # allowed names: the registries' (Literal of a tuple = Literal of its items)
@@ -55,7 +56,7 @@ class ModelConfig:
     name: Literal[MODEL_NAMES] = "fcn8s_vgg16"
     width: float = bounded(1.0, 0.0, 1.0, lo_open=True)  # channel multiplier; 1 = the paper's
     init: str = "imagenet"  # "random", "imagenet", or the path of a checkpoint file
-    source_checkpoint: str | None = None  # a trained source model to adapt; None: the source stage trains one
+    source_checkpoint: str | None = None  # a trained source model to adapt (a path, or shipped:NAME: sisray/weights); None: the source stage trains one
     # autocast of training and inference: auto = bf16 under CUDA, fp32 on CPU (the reference: fp32).
     # Softmax, entropies and thresholds are computed in fp32 whatever the logits' precision.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -176,6 +177,8 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError(f"lse.p0 = {cfg.lse.p0} is above lse.p_max = {cfg.lse.p_max}: the schedule would be empty")
     if not cfg.model.init:
         raise ConfigError("model.init is empty: expected 'random', 'imagenet' or a checkpoint path")
+    if is_shipped(cfg.model.source_checkpoint):
+        shipped_model(cfg.model.source_checkpoint)  # a known name
     if cfg.model.init == "imagenet" and cfg.model.width != 1.0 and not cfg.model.source_checkpoint:
         raise ConfigError(f"model.init = imagenet needs model.width = 1 (got {cfg.model.width}): "
                           "ImageNet weights exist only at full width; use random or a checkpoint")
@@ -299,6 +302,6 @@ def with_absolute_paths(cfg: Config) -> Config:
         cfg.data, source=dataclasses.replace(cfg.data.source, root=absolute(cfg.data.source.root)),
         target=dataclasses.replace(cfg.data.target, root=absolute(cfg.data.target.root)))
     init = cfg.model.init if cfg.model.init in ("random", "imagenet") else absolute(cfg.model.init)
-    source = cfg.model.source_checkpoint and absolute(cfg.model.source_checkpoint)
+    source = cfg.model.source_checkpoint and checkpoint_location(cfg.model.source_checkpoint)
     return dataclasses.replace(cfg, data=data, run_dir=absolute(cfg.run_dir),
                                model=dataclasses.replace(cfg.model, init=init, source_checkpoint=source))

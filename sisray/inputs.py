@@ -10,8 +10,9 @@ def check_checkpoint(cfg, location: str) -> None:
     """Stop before any work if `location` is missing, not a checkpoint, or of another model or class count."""
     from sisray.labels import NUM_CLASSES
     from sisray.models import build_model
+    from sisray.weights import checkpoint_location
 
-    build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, location)
+    build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, checkpoint_location(location))
 
 
 def check_target_batchnorm(cfg) -> None:
@@ -35,6 +36,7 @@ def check_inputs(cfg) -> None:
     source model before any work."""
     from sisray.datasets import open_source, open_target
     from sisray.datasets.synthetic import MANIFEST, generate
+    from sisray.weights import check_shipped_source, is_shipped
 
     if cfg.model.source_checkpoint:
         check_checkpoint(cfg, cfg.model.source_checkpoint)
@@ -45,5 +47,7 @@ def check_inputs(cfg) -> None:
         if domain.name == "synthetic" and not (Path(domain.root) / MANIFEST).is_file():
             print(f"generating the built-in synthetic benchmark in {domain.root} ...", flush=True)
             generate(domain.root)
+    if is_shipped(cfg.model.source_checkpoint):
+        check_shipped_source(cfg.model.source_checkpoint, cfg.data.source)
     open_source(cfg.data.source), open_target(cfg.data.target, "train", with_labels=False)
     open_target(cfg.data.target, "val", with_labels=True)

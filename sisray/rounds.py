@@ -22,7 +22,8 @@ from sisray.labels import NUM_CLASSES
 from sisray.metrics import MIOU_KEYS
 from sisray.run_state import RunState
 from sisray.rundir import MODEL, SAFEGUARD, ModelDir, RunDir
-from sisray.storage import RunStore, absolute, atomic_write_json
+from sisray.storage import RunStore, atomic_write_json
+from sisray.weights import checkpoint_location
 from sisray.tracking import Tracking, evaluation_metrics
 
 EVAL_KEYS = (*MIOU_KEYS, "pixel_accuracy", "per_class", "label_free", "class_share", "validators")
@@ -50,7 +51,7 @@ def source_checkpoint(cfg: Config, store: RunStore) -> str:
     narrowed to the run's label space, once that stage has written one)."""
     folder = RunDir(store.local).source.checkpoint
     if cfg.model.source_checkpoint and not (folder / MODEL).is_file():
-        return absolute(cfg.model.source_checkpoint)
+        return checkpoint_location(cfg.model.source_checkpoint)
     return store.shared(folder)
 
 

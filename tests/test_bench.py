@@ -95,7 +95,11 @@ def test_the_ablation_reports_what_its_runs_measured(small_ablation, fcn_checkpo
     verdict = figures["verdicts"]["lse_fl > source_only"]
     assert verdict["difference"] == pytest.approx(100 * (run["final"]["miou"] - run["source_only"]["miou"]), abs=0.01)
     assert not verdict["beats"]  # one seed never shows anything
-    assert _ablation().source_model(out / "seed_0" / "lse_fl") == fcn_checkpoint  # what the variants adapt from
+    from sisray.config import load_config
+
+    # the source model given by --set is what every variant adapts; no seed's source model is trained
+    assert load_config(out / "seed_0" / "lse_fl" / "config.yaml").model.source_checkpoint == str(fcn_checkpoint)
+    assert not (out / "seed_0" / "source").exists()
 
 
 def test_every_ablation_variant_is_a_valid_config_that_changes_the_default():
@@ -110,7 +114,7 @@ def test_every_ablation_variant_is_a_valid_config_that_changes_the_default():
 
 def test_the_suite_adapts_every_domain_from_one_source_model_per_seed(tmp_path, monkeypatch):
     """bench/ablation.py --suite, its jobs stood in for: which job runs where, on which domain's data,
-    from which source model (the default's and a source-trained variant's, both trained on the first
+    from which source model (the seed's and a source-trained variant's, both trained on the first
     domain only); and each domain's figures come from its own runs."""
     from sisray.config import load_config, save_config
     from sisray.datasets.synthetic import SUITE
@@ -143,19 +147,19 @@ def test_the_suite_adapts_every_domain_from_one_source_model_per_seed(tmp_path, 
     assert [c[1].relative_to(tmp_path / "out").parts[:2] for c in adapted] == [
         (d, f"seed_{s}") for s in (0, 1) for d in SUITE]  # every domain of a seed, then the next seed
     trained = [c[1].relative_to(tmp_path / "out").parts for c in calls if c[0] == "train_source.py"]
-    assert trained == [("day", "seed_0", "source_high_lr"), ("day", "seed_1", "source_high_lr")]
+    assert trained == [("day", f"seed_{s}", name) for s in (0, 1) for name in ("source", "source_high_lr")]
     for script, run_dir, overrides in calls:
         domain, seed = run_dir.parts[-3], run_dir.parts[-2]
         assert f"data.target.root={tmp_path / 'suite' / domain}" in overrides
         assert f"data.source.root={tmp_path / 'suite' / domain}" in overrides
         given = [o for o in overrides if o.startswith("model.source_checkpoint=")]
-        if run_dir.name == "lse_fl_high_lr":  # the day domain's model of the variant, in every domain
-            day = tmp_path / "out" / "day" / seed / "source_high_lr" / "source" / "checkpoint"
-            assert given == [f"model.source_checkpoint={day}"]
-        elif script == "train_source.py" or domain == "day":
-            assert not given  # trains the seed's source model
-        else:  # adapts the day run's source model of the same seed
-            assert given == [f"model.source_checkpoint={tmp_path / 'out' / 'day' / seed / 'lse_fl' / 'source' / 'checkpoint'}"]
+        day = (tmp_path / "out" / "day" / seed).resolve()
+        if script == "train_source.py":
+            assert given == ["model.source_checkpoint=null"]  # trains a source model (the seed's, or a variant's)
+        elif run_dir.name == "lse_fl_high_lr":  # the day domain's model of the variant, in every domain
+            assert given == [f"model.source_checkpoint={day / 'source_high_lr' / 'source' / 'checkpoint' / 'model.pt'}"]
+        else:  # the day domain's source model of the same seed, in every domain
+            assert given == [f"model.source_checkpoint={day / 'source' / 'source' / 'checkpoint' / 'model.pt'}"]
     figures = ablation.summarise(results["fog"], [0, 1], variants)["variants"]
     assert figures["source_only"]["miou"] == pytest.approx([2.0, 2.1])
     assert figures["lse_fl"]["miou"] == pytest.approx([3.0, 3.1])
@@ -226,24 +230,23 @@ def test_selection_scores_rank_correlation_and_regret_per_validator():
     assert len(selection.TRIALS) >= 12
 
 
-def test_the_oracles_train_as_many_steps_as_their_source_models_and_the_bar_is_reported(small_benchmark):
-    """The converged oracle's epochs over the 4 target-train images match the converged source model's
-    steps over the 90% of the 6 source images it trains on; the issue's bar (the rounds over the better
-    of the converged source model with and without target BN, and the share of the gap to the
-    converged oracle) is computed from the seeds' figures."""
+def test_the_oracle_trains_as_many_steps_as_the_source_model_and_the_bar_is_reported(small_benchmark):
+    """The oracle's epochs over the 4 target-train images match the default source model's steps over
+    the 90% of the 6 source images it trains on; the issue's bar (the rounds over the better of the
+    source model with and without target BN, and the share of the gap to the oracle) is computed from
+    the seeds' figures."""
     ablation = _ablation()
     roots = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}"]
-    assert ablation.oracle_epochs(roots) == pytest.approx(2.5 * 6 / 4)
-    converged = ablation.oracle_epochs([*roots, *ablation.SOURCE_TRAINED["source_converged"]])
-    assert converged == pytest.approx(15 * 0.9 * 6 / 4)
+    assert ablation.oracle_epochs(roots) == pytest.approx(15 * 0.9 * 6 / 4)
+    assert ablation.oracle_epochs([*roots, *ablation.SOURCE_TRAINED["source_short"]]) == pytest.approx(2.5 * 6 / 4)
 
     def block(miou: float) -> dict:
         return {"evaluation": {"miou": miou / 100, "miou19": miou / 100, "per_class": {"road": miou / 100}}}
 
-    figures = {"source_only": 30, "lse_fl": 40, "source_converged": 32, "source_converged_target_bn": 42,
-               "lse_fl_converged": 47, "oracle": 59, "oracle_converged": 62}
+    figures = {"source_only": 32, "source_target_bn": 42, "lse_fl": 47, "source_short": 30,
+               "source_short_target_bn": 36, "lse_fl_short": 40, "oracle": 62}
     per_seed = {s: {n: block(v + s) for n, v in figures.items()} for s in (0, 1)}
-    verdicts = ablation.summarise(per_seed, [0, 1], ["lse_fl", "source_converged", "lse_fl_converged"])["verdicts"]
-    bar = verdicts["lse_fl_converged over source_converged_target_bn"]
+    verdicts = ablation.summarise(per_seed, [0, 1], ["lse_fl", "source_short", "lse_fl_short"])["verdicts"]
+    bar = verdicts["lse_fl over source_target_bn"]
     assert bar["difference"] == pytest.approx(5.0) and bar["gap_closed"] == pytest.approx(0.25)
-    assert verdicts["lse_fl over source_converged_target_bn"]["difference"] == pytest.approx(-2.0)
+    assert verdicts["lse_fl_short over source_target_bn"]["difference"] == pytest.approx(-2.0)

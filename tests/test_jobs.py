@@ -63,6 +63,7 @@ def test_train_source_then_evaluate_jobs_with_mlflow(tmp_path, small_benchmark):
     trained = run_job("jobs/train_source.py", "--run-dir", str(run_dir), *settings, timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "source-only model on target val" in trained.stdout and "miou19" in trained.stdout
+    assert "source training: " in trained.stdout + trained.stderr  # the Train worker's progress
     checkpoint = run_dir / "source" / "checkpoint"
     assert (checkpoint / "model.pt").is_file() and (run_dir / "config.yaml").is_file()
     block = json.loads((run_dir / "source" / "eval.json").read_text())

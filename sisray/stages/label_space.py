@@ -21,7 +21,8 @@ from sisray.labels import CLASS_NAMES, NUM_CLASSES
 from sisray.models import LABEL_SPACE_KEY, read_state_dict
 from sisray.rundir import MODEL, RunDir
 from sisray.stages.train_loop import training_set
-from sisray.storage import RunStore, absolute, atomic_write_bytes, atomic_write_json
+from sisray.storage import RunStore, atomic_write_bytes, atomic_write_json
+from sisray.weights import checkpoint_location
 
 _ANNOUNCED = 2000  # counting more labels than this takes noticeable time: say so
 
@@ -66,7 +67,7 @@ def narrowed_source(cfg: Config, store: RunStore, classes: tuple[int, ...]) -> s
     """The given source checkpoint (`model.source_checkpoint`) as the run uses it: as it is when it
     predicts no class outside the label space, else a copy without those classes in
     RUN/source/checkpoint/ (its weights unchanged)."""
-    given = absolute(cfg.model.source_checkpoint)
+    given = checkpoint_location(cfg.model.source_checkpoint)
     state = read_state_dict(given)
     allowed = state.get(LABEL_SPACE_KEY, torch.ones(NUM_CLASSES, dtype=torch.bool)).clone()
     outside = [c for c in range(NUM_CLASSES) if bool(allowed[c]) and c not in classes]
