@@ -1,5 +1,5 @@
-"""What several benches share: a generated benchmark of a given size, a stand-in source model, and
-the small settings of their `--tiny` smoke runs (the tests run every bench that way)."""
+"""What several benches share: a generated benchmark of a given size, the default's source model or
+a stand-in, and the small settings of their `--tiny` smoke runs (the tests run every bench that way)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def make_set(folder: Path, target_train: int, target_val: int = 1, source: int =
 
     generate(folder, SyntheticSpec(seed=1, n_source=source, n_target_train=target_train, n_target_val=target_val))
     return folder
+
+
+def source_model(given: str | None) -> str:
+    """The model file a bench measures with: the one given, else the default's source model (the
+    shipped one, sisray/weights), read as a file: the bench's generated sets are not its source set."""
+    from sisray.weights import checkpoint_location
+
+    return checkpoint_location(given or "shipped:synthetic")
 
 
 def random_checkpoint(path: Path) -> str:

@@ -1,5 +1,5 @@
 """How the cost of an adaptation round grows with the number of target images: N, 2N and 4N.
-    python bench/growth.py [--n 300] [--checkpoint runs/synthetic/source/checkpoint] [--tiny]
+    python bench/growth.py [--n 300] [--checkpoint MODEL (default: the default's source model)] [--tiny]
 
 Each size is one real `jobs/adapt.py` run (its own process and Ray instance) of one round (p = 0.2,
 the demo's first) from the same source model, on a synthetic benchmark with that many target-train
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, TINY, make_set, random_checkpoint
+from common import REPO, TINY, make_set, random_checkpoint, source_model
 
 sys.path.insert(0, str(REPO))
 KINDS = ("score", "select", "patches", "train", "target_bn", "eval")
@@ -66,20 +66,18 @@ def one_round(root: Path, run_dir: Path, checkpoint: str, tiny: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=300, help="N target-train images (the demo's target-train set)")
-    p.add_argument("--checkpoint", default=str(REPO / "runs" / "synthetic" / "source" / "checkpoint"))
+    p.add_argument("--checkpoint", help="the source model (default: the default's, sisray/weights)")
     p.add_argument("--tiny", action="store_true", help="N = 4, 2N at 64x32 from a random model (the tests' smoke run)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
     if args.child:
         child(rest)
         return
-    if not (args.tiny or Path(args.checkpoint).exists()):
-        sys.exit(f"no checkpoint at {args.checkpoint}: run `make demo` (or pass --checkpoint)")
     base, val = (4, 2) if args.tiny else (args.n, 50)
     sizes = [base, 2 * base] if args.tiny else [base, 2 * base, 4 * base]  # tiny: each run is start-up
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = random_checkpoint(Path(tmp) / "random.pt") if args.tiny else args.checkpoint
+        checkpoint = random_checkpoint(Path(tmp) / "random.pt") if args.tiny else source_model(args.checkpoint)
         for n in sizes:
             runs.append(one_round(make_set(Path(tmp) / f"n{n}", n, val), Path(tmp) / f"run{n}", checkpoint, args.tiny))
             r = runs[-1]

@@ -5,7 +5,7 @@ is fp32 either way: `models.inference.predict_probs`); then the first round's se
 thresholds are drawn from each. Prints the share of the selected images both pick, the largest and
 the mean |tau difference| over the classes, and the share of pixels whose predicted class agrees.
 
-    python bench/precision.py --checkpoint runs/synthetic/source/checkpoint [--root data/synthetic] [--tiny]
+    python bench/precision.py [--checkpoint MODEL (default: the default's source model)] [--root data/synthetic] [--tiny]
 
 `--tiny` (4 generated images, a random model) is the test suite's smoke run. Last line: one JSON object.
 """
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import CONFIG, REPO, TINY, make_set, random_checkpoint
+from common import CONFIG, REPO, TINY, make_set, random_checkpoint, source_model
 
 sys.path.insert(0, str(REPO))
 
@@ -64,8 +64,7 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         root = make_set(Path(tmp) / "data", target_train=4) if args.tiny else Path(args.root)
-        checkpoint = random_checkpoint(Path(tmp) / "model.pt") if args.tiny else (
-            args.checkpoint or str(REPO / "runs" / "synthetic" / "source" / "checkpoint"))
+        checkpoint = random_checkpoint(Path(tmp) / "model.pt") if args.tiny else source_model(args.checkpoint)
         cfg = load_config(CONFIG, [f"data.source.root={root}", f"data.target.root={root}", *(TINY if args.tiny else [])])
         dataset = open_target(cfg.data.target, "train", with_labels=False)
         model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.width, checkpoint).eval()

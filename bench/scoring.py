@@ -1,15 +1,15 @@
 """The Ray Data scoring pass against bare PyTorch loops: whole runs (start-up included) first, then
 the marginal rate; the driver's memory; the patch set's size.
 
-    python bench/scoring.py [--n 32] [--large 1024] [--checkpoint runs/synthetic/source/checkpoint] [--tiny]
+    python bench/scoring.py [--n 32] [--large 1024] [--checkpoint MODEL (default: the default's source model)] [--tiny]
 
 Every run is a fresh process, timed by this script from its start to its last record: the Ray side
 imports, starts Ray and scores with 2 actors x 1 thread (`stages.score.score_pass`); the bare loops
 do the same per-image work (load, forward, records) in the same layout, 2 processes x 1 thread each
 scoring half the images, and in 1 process x 2 threads. Whole-run ratio = bare seconds / Ray seconds
 at --large images (above 1: Ray is faster). The marginal rate compares --n with --large images (the
-start-up cancels out). Without a checkpoint, a randomly initialised model (speed only).
-`--tiny` (4 and 8 images) is the test suite's smoke run. Last line: one JSON object.
+start-up cancels out). `--tiny` (4 and 8 images, a randomly initialised model: speed only) is the
+test suite's smoke run. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CONFIG, REPO, make_set, random_checkpoint
+from common import CONFIG, REPO, make_set, random_checkpoint, source_model
 
 sys.path.insert(0, str(REPO))
 
@@ -104,7 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--large", type=int, default=1024)
-    p.add_argument("--checkpoint", default=str(REPO / "runs" / "synthetic" / "source" / "checkpoint"))
+    p.add_argument("--checkpoint", help="the model to score with (default: the default's source model)")
     p.add_argument("--tiny", action="store_true", help="4 and 8 images (the tests' smoke run)")
     p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -117,7 +117,7 @@ def main() -> None:
     small_n, large_n = (4, 8) if args.tiny else (args.n, args.large)
     with tempfile.TemporaryDirectory() as tmp:
         small, large = make_set(Path(tmp) / "small", small_n), make_set(Path(tmp) / "large", large_n)
-        checkpoint = args.checkpoint if Path(args.checkpoint).exists() else random_checkpoint(Path(tmp) / "random.pt")
+        checkpoint = random_checkpoint(Path(tmp) / "random.pt") if args.tiny else source_model(args.checkpoint)
         ray_small_s, (ray_small,) = run(["ray", str(small), checkpoint])
         ray_large_s, (ray_large,) = run(["ray", str(large), checkpoint, "patches"])
         two_s, _ = run(*(["bare", str(large), checkpoint, "1", str(k), "2"] for k in (0, 1)))
