@@ -14,7 +14,7 @@ from pathlib import Path
 from sisray.config import Config, config_to_dict
 from sisray.errors import ConfigError
 from sisray.rundir import BOOKKEEPING, STATE
-from sisray.storage import RunStore, atomic_write_json, disk_full_as_error, run_files
+from sisray.storage import RunStore, atomic_write_json, write_failure_as_error, run_files
 from sisray.tracking import flatten
 
 # Keys that change where or how fast a job runs, not what it computes: a run may resume with others.
@@ -94,7 +94,7 @@ class RunState:
         print(f"== {stage}", flush=True)
         before = _listing(self.store.local)
         began = time.perf_counter()
-        with disk_full_as_error(f"stage {stage}", self.store.local):  # its partial files are removed on the way
+        with write_failure_as_error(f"stage {stage}", self.store.local):  # its partial files are removed on the way
             work()
         self.data["finished"][stage] = round(time.perf_counter() - began, 2)
         written = sorted(k for k, v in _listing(self.store.local).items() if before.get(k) != v)
@@ -119,6 +119,6 @@ class RunState:
 
     def save(self) -> None:
         """Write state.json; a remote run directory receives the stage's files first, then it."""
-        with disk_full_as_error("recording the run's state", self.path):  # the previous state.json stays
+        with write_failure_as_error("recording the run's state", self.path.parent):  # the previous state.json stays
             atomic_write_json(self.path, self.data)
         self.store.push()

@@ -42,19 +42,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 @contextlib.contextmanager
-def disk_full_as_error(what: str, folder: str | Path):
-    """A write that fails for want of space or quota becomes a StorageError naming what and where."""
+def write_failure_as_error(what: str, folder: str | Path):
+    """A write that fails for want of space or quota, or of permission (a read-only or unwritable
+    run directory), becomes a StorageError naming what and where, and how to go on."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in DISK_FULL:
+        elsewhere = exc.filename and not Path(exc.filename).resolve().is_relative_to(Path(folder).resolve())
+        if exc.errno not in DISK_FULL and (exc.errno not in UNWRITABLE or elsewhere):  # e.g. a dataset file unreadable
             raise
         where = exc.filename or folder
-        raise StorageError(f"{what}: no space left writing to {where} ({exc.strerror or exc}). Free space and run "
-                           "the same command again: it resumes from the last finished stage") from None
+        problem, fix = (("no space left writing to", "Free space") if exc.errno in DISK_FULL
+                        else ("cannot write to", f"Make {folder} writable"))
+        raise StorageError(f"{what}: {problem} {where} ({exc.strerror or exc}). {fix} and run the same command "
+                           "again: it resumes from the last finished stage") from None
 
 
 def write_bytes(location: str | Path, data: bytes) -> None:

@@ -202,3 +202,50 @@ def test_a_disk_full_while_writing_patches_is_a_clear_error_and_leaves_the_state
                                                                         "thresholds.json"]  # no partial shard
     resumed = run_state.RunState(RunStore(run_dir), cfg)  # every finished stage's files still verify
     assert resumed.data["finished"] == saved["finished"]
+
+
+# ------------------------------------------------------------------ an unwritable run directory
+
+def test_a_run_directory_that_becomes_unwritable_is_a_clear_error_and_stays_resumable(tmp_path, monkeypatch):
+    """A stage that cannot write (permission, read-only file system), or a state.json that cannot be
+    saved: an error naming the file and what to do; the finished stages stay recorded, and the same
+    stage runs again once the directory is writable. (As root, chmod does not stop a write: the
+    errors are raised as the OS raises them.)"""
+    from sisray import storage
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    state = run_state.RunState(RunStore(tmp_path), cfg)
+    state.run("source/classes", lambda: storage.atomic_write_json(tmp_path / "source" / "classes.json", [0]))
+    target = tmp_path / "round_01" / "selection.json"
+
+    def denied():
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+    with pytest.raises(StorageError) as err:
+        state.run("round_01/select", denied)
+    assert str(err.value) == (f"stage round_01/select: cannot write to {target} (Permission denied). Make {tmp_path} "
+                              "writable and run the same command again: it resumes from the last finished stage")
+    real_write = run_state.atomic_write_json
+
+    def read_only(path, obj):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(path).parent / ".state.json.x.tmp"))
+    monkeypatch.setattr(run_state, "atomic_write_json", read_only)
+    with pytest.raises(StorageError, match=rf"recording the run's state: cannot write to {tmp_path}/\.state\.json"
+                                           r"\.x\.tmp \(Read-only file system\)\. Make"):
+        state.run("round_01/select", lambda: storage.atomic_write_json(target, {}))
+    monkeypatch.setattr(run_state, "atomic_write_json", real_write)
+    assert list(json.loads((tmp_path / "state.json").read_text())["finished"]) == ["source/classes"]
+
+    resumed = run_state.RunState(RunStore(tmp_path), cfg)  # writable again: the same command goes on
+    assert resumed.finished("source/classes") and not resumed.finished("round_01/select")
+    resumed.run("round_01/select", lambda: storage.atomic_write_json(target, {}))
+    assert list(json.loads((tmp_path / "state.json").read_text())["finished"]) == ["source/classes", "round_01/select"]
+
+
+def test_a_permission_error_outside_the_run_directory_is_not_taken_for_it(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    state = run_state.RunState(RunStore(tmp_path / "run"), cfg)
+
+    def unreadable_dataset():
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "data" / "image.png"))
+    with pytest.raises(PermissionError):
+        state.run("source/eval", unreadable_dataset)
