@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The whole method on the built-in benchmark (generated first if missing): source-only training,
-# the LSE rounds (two in the default), the IoU table. Re-running resumes; `make demo RUN=runs/other` starts afresh.
+# The whole method on the built-in benchmark (generated first if missing): the shipped source model
+# (sisray/weights), the LSE rounds (two in the default), the IoU table. Re-running resumes; `make demo RUN=runs/other` starts afresh.
 RUN ?= runs/synthetic
 
 demo: $(STAMP)

@@ -23,6 +23,7 @@ variants differ only in what the rounds do:
     lse_fl_patch_jitter  the default + colour jitter and blur of the pseudo-labelled batches too
     lse_fl_classmix_jitter  both: DACS's student input (the mixed patches jittered)
     lse_fl_fused_teacher the default + the teacher averaged over 1/scale, 1, scale and their mirrors
+    lse_fl_four_rounds   the default's schedule on to p = 0.8: four rounds instead of two
     source_no_photometric  a source model trained without photometric augmentation (its own run, no rounds)
     source_short         the previous default's source schedule: 2.5 epochs (188 steps), nothing held out
     lse_fl_short         the default's rounds from that source model (also gives its + target BN)
@@ -78,6 +79,7 @@ ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source
     "lse_fl_patch_jitter": ["train.photometric_patches=true"],
     "lse_fl_classmix_jitter": ["lse.classmix=true", "train.photometric_patches=true"],  # DACS's student input
     "lse_fl_fused_teacher": ["lse.fused_teacher=true"],
+    "lse_fl_four_rounds": ["lse.p_max=0.8"],  # p = 0.2, 0.4, 0.6, 0.8: more of the target, more steps
 }
 SOURCE_TRAINED = {  # variant -> overrides of jobs/train_source.py: a source model of its own
     "source_no_photometric": ["train.photometric=false"],
@@ -99,7 +101,7 @@ COMPARISONS = [  # (A, B): does A beat B?
     ("lse_fl_confidence", DEFAULT), ("lse_fl_ema", DEFAULT), ("source_only", "source_no_photometric"),
     ("lse_fl_safeguard", DEFAULT), ("lse_fl_safeguard", "source_only"), ("lse_fl_classmix", DEFAULT),
     ("lse_fl_patch_jitter", DEFAULT), ("lse_fl_classmix_jitter", DEFAULT), ("lse_fl_classmix_jitter", "lse_fl_classmix"),
-    ("lse_fl_fused_teacher", DEFAULT),
+    ("lse_fl_fused_teacher", DEFAULT), ("lse_fl_four_rounds", DEFAULT),
     ("source_only", "source_short"), (DEFAULT, "lse_fl_short"), ("lse_fl_short", "source_target_bn"),
     ("source_high_lr", "source_only"), ("lse_fl_high_lr", DEFAULT), ("lse_fl_high_lr", "source_high_lr_target_bn"),
     ("source_rare_class", "source_only"), ("lse_fl_rare_class", DEFAULT),

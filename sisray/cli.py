@@ -25,6 +25,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                              "the same as SISRAY_VERBOSE=1")
 
 
+INTERRUPTED = ("interrupted: the same command resumes the run after its last finished stage (a stage that was "
+               "training goes on from its last checkpoint)")
+
+
 def run(main: Callable[[], int | None]) -> None:
     """Run a job's main: bad input exits 2 with a one-line message, Ctrl-C exits 130; either way the
     run directory's lock is given back."""
@@ -34,7 +38,7 @@ def run(main: Callable[[], int | None]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as exc:
-        print(str(exc) or "interrupted", file=sys.stderr)
+        print(str(exc) or INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     finally:
         release_all()
