@@ -247,3 +247,53 @@ def test_frozen_batchnorm_keeps_its_statistics_but_its_affine_parameters_train()
     net(torch.rand(2, 3, 4, 4) * 10).sum().backward()
     assert torch.equal(net[1].running_mean, before)
     assert net[1].weight.grad is not None and net[2].training  # dropout still trains
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900, method="thread")
+def test_ctrl_c_during_retraining_ends_the_run_killed_and_the_same_command_resumes_it(
+        small_benchmark, fcn_checkpoint, tmp_path):
+    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) once the round's retraining
+    has recorded a checkpoint: exit 130 with what to do, the MLflow run KILLED, the run directory's
+    lock given back, the retraining not recorded as finished; the same command goes on from that
+    checkpoint and ends the same MLflow run FINISHED."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+    from processes import stop_when
+
+    from conftest import set_args, small_adaptation
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    settings = [*small_adaptation(small_benchmark, fcn_checkpoint), "lse.p_max=0.5",  # one round,
+                "train.epochs_per_round=60",  # 60 steps of 4 of the 4 patches: the interrupt lands among them
+                "lse.safeguard=false", "tracking.enabled=true", f"tracking.uri={uri}"]
+    command = [sys.executable, str(REPO / "jobs" / "adapt.py"), "--run-dir", str(run_dir), *set_args(settings)]
+    snapshot = run_dir / "round_01" / "train" / "checkpoint_manager_snapshot.json"
+
+    def checkpoint_recorded() -> bool:
+        try:
+            return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return False
+
+    code, err = stop_when(command, tmp_path, checkpoint_recorded, signal.SIGINT)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "the same command resumes" in err, err[-3000:]
+    finished = json.loads((run_dir / "state.json").read_text())["finished"]
+    assert "round_01/patches" in finished and "round_01/train" not in finished
+    assert not (run_dir / ".lock").exists()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sisray").experiment_id])
+    assert run.info.status == "KILLED"
+
+    again = subprocess.run(command, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== round_01/score" not in again.stdout and "== round_01/train" in again.stdout
+    last = json.loads(snapshot.read_text())["checkpoint_results"][-1]["metrics"]
+    assert last["step"] == 60 and 0 < last["resumed_from"] < 60  # from the interrupted run's checkpoint
+    (resumed,) = client.search_runs([run.info.experiment_id])
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
