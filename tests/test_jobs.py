@@ -85,7 +85,9 @@ def test_train_source_then_evaluate_jobs_with_mlflow(tmp_path, small_benchmark):
     assert train_run.info.status == "FINISHED"
     assert train_run.data.params["model.width"] == "0.0625" and train_run.data.params["lse.scale"] == "2.0"
     assert train_run.data.metrics["source/miou19"] == pytest.approx(block["miou19"])
-    assert len(client.get_metric_history(train_run.info.run_id, "source/loss")) == 3  # log_every=1, 3 steps
+    # log_every=1: 2 steps (0.7 epochs of the 5 source images trained, batch 2); the sixth is held out
+    assert len(client.get_metric_history(train_run.info.run_id, "source/loss")) == 2
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "source/holdout_loss")] == [2]
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"config.yaml", "eval.json", "overlay.png"} <= artifacts
 
