@@ -24,3 +24,7 @@ class ModelError(SisrayError):
 
 class StorageError(SisrayError):
     """A run directory or file location that cannot be opened, read or written."""
+
+
+class TrackingError(SisrayError):
+    """The tracking store cannot be reached when a job opens its run (mid-run, tracking only warns)."""

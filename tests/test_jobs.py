@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_server import Gate, mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,49 +51,80 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900, method="thread")
-def test_train_source_then_evaluate_jobs_with_mlflow(tmp_path, small_benchmark):
+def holds_config(server: MlflowClient) -> bool:
+    """Whether the job's MLflow run is open and holds its config.yaml."""
+    experiment = server.get_experiment_by_name("sisray")
+    return experiment is not None and any("config.yaml" in {a.path for a in server.list_artifacts(r.info.run_id)}
+                                          for r in server.search_runs([experiment.experiment_id]))
+
+
+def run_through_an_outage(args: list[str], gate: Gate, server: MlflowClient, folder: Path,
+                          timeout: int = 600) -> tuple[int, str, str]:
+    """Run the job; stop the tracking server (close the gate) once its run holds config.yaml, and start
+    it again once the job has warned of it. Returns the exit code, stdout and stderr."""
+    out, err = folder / "job.out", folder / "job.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        job = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=stdout, stderr=stderr, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        for ready, then in ((lambda: holds_config(server), gate.close),
+                            (lambda: "did not take" in err.read_text(), gate.open)):
+            while not ready():
+                assert job.poll() is None, f"the job ended before the outage: {err.read_text()[-3000:]}"
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            then()
+        job.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        job.kill()
+    return job.returncode, out.read_text(), err.read_text()
+
+
+def test_train_source_then_evaluate_jobs_with_a_tracking_server_stopped_mid_training(tmp_path, small_benchmark):
     import json
 
-    from mlflow.tracking import MlflowClient
+    with mlflow_server(tmp_path) as url:
+        gate = Gate(url)
+        server = MlflowClient(tracking_uri=url)
+        root = os.path.relpath(small_benchmark, REPO)  # relative, as users write it: Ray workers must still find it
+        settings = ["--set", f"data.source.root={root}", "--set", f"data.target.root={root}",
+                    "--set", "data.source.size=[64, 36]", "--set", "data.target.size=[64, 32]",
+                    "--set", "model.name=fcn8s_vgg16", "--set", "model.init=random", "--set", "model.width=0.0625",
+                    "--set", "train.batch_size=2", "--set", "train.source_epochs=0.7",
+                    "--set", "train.lr=1e-3", "--set", "train.log_every=1", "--set", f"tracking.uri={gate.url}"]
+        run_dir = tmp_path / "run"
+        code, stdout, stderr = run_through_an_outage(["jobs/train_source.py", "--run-dir", str(run_dir), *settings],
+                                                     gate, server, tmp_path)
+        assert code == 0, stderr[-3000:]
+        assert "source-only model on target val" in stdout and "miou19" in stdout
+        assert "source training: " in stdout + stderr  # the Train worker's progress
+        # the Train worker warned once, kept its losses and sent them at its end, once the server was back
+        assert stderr.count("warning: MLflow") == 1 and "answers again" in stderr, stderr[-3000:]
+        checkpoint = run_dir / "source" / "checkpoint"
+        assert (checkpoint / "model.pt").is_file() and (run_dir / "config.yaml").is_file()
+        block = json.loads((run_dir / "source" / "eval.json").read_text())
+        assert set(block) >= {"miou19", "miou16", "miou13", "per_class"}
+        assert block["per_class"]["rider"] is None  # no ground truth, no prediction: NaN -> null
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    root = os.path.relpath(small_benchmark, REPO)  # relative, as users write it: Ray workers must still find it
-    settings = ["--set", f"data.source.root={root}", "--set", f"data.target.root={root}",
-                "--set", "data.source.size=[64, 36]", "--set", "data.target.size=[64, 32]",
-                "--set", "model.name=fcn8s_vgg16", "--set", "model.init=random", "--set", "model.width=0.0625",
-                "--set", "train.batch_size=2", "--set", "train.source_epochs=0.7",
-                "--set", "train.lr=1e-3", "--set", "train.log_every=1", "--set", f"tracking.uri={uri}"]
-    run_dir = tmp_path / "run"
-    trained = run_job("jobs/train_source.py", "--run-dir", str(run_dir), *settings, timeout=600)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "source-only model on target val" in trained.stdout and "miou19" in trained.stdout
-    assert "source training: " in trained.stdout + trained.stderr  # the Train worker's progress
-    checkpoint = run_dir / "source" / "checkpoint"
-    assert (checkpoint / "model.pt").is_file() and (run_dir / "config.yaml").is_file()
-    block = json.loads((run_dir / "source" / "eval.json").read_text())
-    assert set(block) >= {"miou19", "miou16", "miou13", "per_class"}
-    assert block["per_class"]["rider"] is None  # no ground truth, no prediction: NaN -> null
+        evaluated = run_job("jobs/evaluate.py", "--checkpoint", str(checkpoint), "--export", str(tmp_path / "pred"),
+                            "--out", str(tmp_path / "eval.json"), *settings, timeout=600)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        again = json.loads((tmp_path / "eval.json").read_text())
+        assert again["miou19"] == pytest.approx(block["miou19"])  # the same checkpoint, the same numbers
+        assert len(list((tmp_path / "pred").rglob("*_pred_labelIds.png"))) == 3
 
-    evaluated = run_job("jobs/evaluate.py", "--checkpoint", str(checkpoint), "--export", str(tmp_path / "pred"),
-                        "--out", str(tmp_path / "eval.json"), *settings, timeout=600)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    again = json.loads((tmp_path / "eval.json").read_text())
-    assert again["miou19"] == pytest.approx(block["miou19"])  # the same checkpoint, the same numbers
-    assert len(list((tmp_path / "pred").rglob("*_pred_labelIds.png"))) == 3
-
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("sisray").experiment_id])
-    by_job = {r.data.tags["sisray.job"]: r for r in runs}
-    assert set(by_job) == {"train_source", "evaluate"}
-    train_run = by_job["train_source"]
-    assert train_run.info.status == "FINISHED"
-    assert train_run.data.params["model.width"] == "0.0625" and train_run.data.params["lse.scale"] == "2.0"
-    assert train_run.data.metrics["source/miou19"] == pytest.approx(block["miou19"])
-    # log_every=1: 2 steps (0.7 epochs of the 5 source images trained, batch 2); the sixth is held out
-    assert len(client.get_metric_history(train_run.info.run_id, "source/loss")) == 2
-    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "source/holdout_loss")] == [2]
-    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
-    assert {"config.yaml", "eval.json", "overlay.png"} <= artifacts
+        runs = server.search_runs([server.get_experiment_by_name("sisray").experiment_id])
+        by_job = {r.data.tags["sisray.job"]: r for r in runs}
+        assert set(by_job) == {"train_source", "evaluate"}
+        train_run = by_job["train_source"]
+        assert train_run.info.status == "FINISHED"
+        assert train_run.data.params["model.width"] == "0.0625" and train_run.data.params["lse.scale"] == "2.0"
+        assert train_run.data.metrics["source/miou19"] == pytest.approx(block["miou19"])
+        # log_every=1: 2 steps (0.7 epochs of the 5 source images trained, batch 2); the sixth is held out
+        assert [m.step for m in server.get_metric_history(train_run.info.run_id, "source/loss")] == [1, 2]
+        assert [m.step for m in server.get_metric_history(train_run.info.run_id, "source/holdout_loss")] == [2]
+        artifacts = {a.path for a in server.list_artifacts(train_run.info.run_id)}
+        assert {"config.yaml", "eval.json", "overlay.png"} <= artifacts
 
 
 def test_evaluate_refuses_a_bad_checkpoint_before_starting_ray(tmp_path):

@@ -303,3 +303,5 @@ def train_loop(loop_config: dict) -> None:
     if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
         metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
         _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average, holdout_curve, teacher)
+    if rank == 0 and spec.logger:  # what a stopped tracking server did not take, sent or named
+        spec.logger.close()

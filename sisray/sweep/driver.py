@@ -270,10 +270,14 @@ def close_stopped_trials(tracking) -> None:
     if not tracking.logger:
         return
     client = tracking.logger.client
-    for child in client.search_runs([tracking.experiment_id], filter_string=(
-            f"tags.mlflow.parentRunId = '{tracking.run_id}' and attributes.status = 'RUNNING'")):
-        client.set_tag(child.info.run_id, "sisray.stopped_early", "true")
-        client.set_terminated(child.info.run_id, "KILLED")
+
+    def close() -> None:
+        for child in client.search_runs([tracking.experiment_id], filter_string=(
+                f"tags.mlflow.parentRunId = '{tracking.run_id}' and attributes.status = 'RUNNING'")):
+            client.set_tag(child.info.run_id, "sisray.stopped_early", "true")
+            client.set_terminated(child.info.run_id, "KILLED")
+
+    tracking.logger.send("status KILLED of stopped trials", close)
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
