@@ -5,30 +5,26 @@ other Ray processes on the machine (such as the test session's own instance)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+from mlflow.tracking import MlflowClient
 
-from conftest import set_args
-from sisray.models import build_model
+from conftest import set_args, small_adaptation
+from mlflow_server import free_port, mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def group_alive(pgid: int) -> bool:
@@ -39,13 +35,10 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-@pytest.mark.slow
-@pytest.mark.ray  # a Ray head in a subprocess
-@pytest.mark.timeout(900, method="thread")
-def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_path, small_benchmark):
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
-           "RAY_USAGE_STATS_ENABLED": "0"}
+@contextlib.contextmanager
+def ray_head(env: dict) -> Iterator[str]:
+    """`ray start --head --block` on free ports in its own process group (2 CPUs); yields the job API's
+    address once `ray job list` answers there, and ends exactly that group."""
     dashboard = free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -58,38 +51,14 @@ def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_pat
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        torch.manual_seed(0)
-        source = tmp_path / "source.pt"
-        torch.save(build_model("fcn8s_vgg16", width=0.0625).state_dict(), source)
-        run_dir = tmp_path / "run"
-        settings = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
-                    "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
-                    f"model.source_checkpoint={source}", "lse.selection=global", "lse.p0=0.5", "lse.p_max=0.5",
-                    "train.epochs_per_round=1", "train.batch_size=2", "tracking.enabled=false"]
         deadline = time.monotonic() + 120
         while True:  # the dashboard's job API answers a few seconds after the head starts
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True)
+            probe = ray_cli(env, "job", "list", "--address", address)
             if probe.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(2)
         assert probe.returncode == 0, probe.stderr[-2000:]
-        for _ in range(20):  # the head's job agent can come up some seconds after its job API
-            submitted = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                 "python", "jobs/adapt.py", "--run-dir", str(run_dir), *set_args(settings)],
-                env=env, capture_output=True, text=True, timeout=700)  # follows the job's logs until it ends
-            if "No available agent" not in submitted.stderr:
-                break
-            time.sleep(3)
-        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
-        assert "succeeded" in submitted.stdout.lower() and "final" in submitted.stdout
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["complete"] and len(summary["rounds"]) == 1 and summary["final"]["miou19"] is not None
-
-        refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
-                                 env={**env, "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True)
-        assert refused.returncode != 0  # a client without the cluster's token is turned away
+        yield address
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # exactly the processes this test started
         try:
@@ -101,3 +70,74 @@ def test_ray_job_submit_runs_an_adaptation_on_a_token_authenticated_head(tmp_pat
                 break
             time.sleep(1)
     assert not group_alive(head.pid)
+
+
+def ray_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def submit(env: dict, address: str, name: str, job_args: list[str]) -> None:
+    """`ray job submit --no-wait` of `python JOB_ARGS` as submission `name`, the README's way."""
+    for _ in range(20):  # the head's job agent can come up some seconds after its job API
+        submitted = ray_cli(env, "job", "submit", "--address", address, "--submission-id", name, "--no-wait",
+                            "--working-dir", str(REPO), "--", "python", *job_args)
+        if "No available agent" not in submitted.stderr:
+            break
+        time.sleep(3)
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+
+
+def wait_for(env: dict, address: str, name: str, timeout: float = 700) -> str:
+    """The job's final status (SUCCEEDED, FAILED, STOPPED) and its logs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = re.sub(r"\x1b\[[0-9;]*m", "", ray_cli(env, "job", "status", "--address", address, name).stdout)
+        ended = re.search(rf"Job '{name}' (?:was )?(succeeded|failed|stopped)", status)  # the CLI's words for its end
+        if ended:
+            return ended[1].upper() + "\n" + ray_cli(env, "job", "logs", "--address", address, name).stdout
+        assert time.monotonic() < deadline, f"job {name} did not end within {timeout} s: {status}"
+        time.sleep(3)
+
+
+def round_results(summary: dict) -> list[tuple]:
+    return [(r["selected_images"], r["patches"], r["thresholds"]) for r in summary["rounds"]]
+
+
+@pytest.mark.slow
+@pytest.mark.ray  # a Ray head in a subprocess
+@pytest.mark.timeout(1200, method="thread")
+def test_ray_job_submit_runs_two_jobs_side_by_side_as_each_runs_alone_and_refuses_a_third_in_a_run_in_use(
+        tmp_path, small_benchmark, fcn_checkpoint, small_ablation):
+    """On a token-authenticated head, two adaptation jobs submitted together, in their own run
+    directories, both logging to one MLflow server, end with the results of the same job run alone
+    (the small job's reference run, tests/conftest.py); a third pointed at a run directory in use
+    is refused. A client with a wrong token is turned away."""
+    alone = json.loads((small_ablation[0] / "seed_0" / "lse_fl" / "summary.json").read_text())
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    with mlflow_server(tmp_path) as url, ray_head(env) as address:
+        settings = set_args([*small_adaptation(small_benchmark, fcn_checkpoint), "tracking.enabled=true",
+                             f"tracking.uri={url}"])
+        runs = {name: tmp_path / name for name in ("first", "second")}
+        for name, run_dir in runs.items():
+            submit(env, address, name, ["jobs/adapt.py", "--run-dir", str(run_dir), *settings])
+        while not (runs["first"] / ".lock").is_file():
+            time.sleep(0.5)
+        submit(env, address, "third", ["jobs/adapt.py", "--run-dir", str(runs["first"]), *settings])
+        third = wait_for(env, address, "third")
+        assert third.startswith("FAILED") and f"the run directory is in use: {runs['first']}/.lock" in third, third
+        for name, run_dir in runs.items():
+            ended = wait_for(env, address, name)
+            assert ended.startswith("SUCCEEDED"), ended[-4000:]
+            summary = json.loads((run_dir / "summary.json").read_text())
+            assert summary["complete"] and round_results(summary) == round_results(alone)
+            assert summary["final"]["miou19"] == pytest.approx(alone["final"]["miou19"], abs=1e-9)
+
+        server = MlflowClient(url)
+        tracked = server.search_runs([server.get_experiment_by_name("sisray").experiment_id])
+        assert sorted((r.data.tags["sisray.run_dir"], r.info.status) for r in tracked) == [
+            (str(runs["first"]), "FINISHED"), (str(runs["second"]), "FINISHED")]  # the third opened none
+
+        refused = ray_cli({**env, "RAY_AUTH_TOKEN": "wrong"}, "job", "list", "--address", address)
+        assert refused.returncode != 0  # a client without the cluster's token is turned away

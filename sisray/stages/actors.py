@@ -3,6 +3,7 @@ of a batch."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,6 +84,15 @@ class ModelActor:
         """(uint8 images, float softmax) at the working size."""
         images = torch.stack([self.dataset.load_image(i) for i in indices])
         return images, self.predict(images, scales, flip)
+
+
+def image_ids(ids: Sequence[int]):
+    """A pass's input, the indices of its images, made on the driver. (`ray.data.range` reads them in
+    tasks of one whole CPU each: on a cluster whose CPUs the actor pools of this and other jobs hold,
+    such a task never runs, and two jobs side by side on 2 CPUs waited for each other for ever.)"""
+    import ray
+
+    return ray.data.from_items([{"id": int(i)} for i in ids])
 
 
 def pool_options(cfg: Config, items: int) -> tuple[Actors, dict]:

@@ -26,7 +26,7 @@ from sisray.metrics import ConfusionMatrix
 from sisray.models import checkpoint_file
 from sisray.png import png_array, png_bytes
 from sisray.rundir import ModelDir
-from sisray.stages.actors import ActorSpec, ModelActor, pool_options
+from sisray.stages.actors import ActorSpec, ModelActor, image_ids, pool_options
 from sisray.storage import absolute, atomic_write_json
 from sisray.validators import label_free
 
@@ -94,15 +94,13 @@ class Evaluator(ModelActor):
 def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = None,
              scales: tuple[float, ...] = (1.0,), flip: bool = False, figure: Path | None = None) -> dict:
     """The evaluation block of a checkpoint on target val; optionally writes the overlay figure."""
-    import ray
-
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "val", with_labels=True)  # validated before any actor starts
     checkpoint = str(checkpoint_file(checkpoint))
     actors, options = pool_options(cfg, len(dataset))
     spec = EvalSpec(cfg, checkpoint, actors.threads_each, actors.use_gpu,
                     absolute(export) if export else None, tuple(scales), flip)  # actors have their own cwd
-    results = ray.data.range(len(dataset)).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
+    results = image_ids(range(len(dataset))).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
     total = ConfusionMatrix()
     pictures = {}
     entropy, probs, pixels = 0.0, np.zeros(NUM_CLASSES), 0

@@ -29,7 +29,7 @@ from sisray.lse.patches import Box, crop_and_scale, pseudo_label_mask, scale_inv
 from sisray.models import checkpoint_file
 from sisray.png import png_array, png_bytes
 from sisray.progress import Progress
-from sisray.stages.actors import ModelActor, pool_options
+from sisray.stages.actors import ModelActor, image_ids, pool_options
 from sisray.stages.score import PassSpec
 from sisray.storage import atomic_write_bytes
 
@@ -126,8 +126,6 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     """Write the patch set of the selected images as Parquet shards under `out`; returns the row count.
     With `figure`, also a PNG of the first patch of the first FIGURE_IMAGES selected images: patch |
     the model's own prediction on it | its pseudo-label."""
-    import ray
-
     actors, options = pool_options(cfg, max(1, len(selected)))
     spec = patch_spec(cfg, checkpoint, actors, selected, tau, round_, figure is not None)
     staging = out.with_name(f".{out.name}.tmp")
@@ -136,7 +134,7 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     rows: dict[int, bytes] = {}  # figure rows by image
     staging.mkdir(parents=True)
     if selected:
-        patches = ray.data.from_items([{"id": i} for i in selected]).map_batches(
+        patches = image_ids(selected).map_batches(
             Patcher, fn_constructor_kwargs={"spec": spec}, **options)
         progress = Progress("patch pass", len(selected))
         done: set[int] = set()

@@ -23,7 +23,7 @@ from sisray.labels import NUM_CLASSES
 from sisray.lse.records import image_records
 from sisray.models import checkpoint_file
 from sisray.progress import Progress
-from sisray.stages.actors import ActorSpec, ModelActor, arrow_table, pool_options
+from sisray.stages.actors import ActorSpec, ModelActor, arrow_table, image_ids, pool_options
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,11 @@ class Scorer(ModelActor):
 def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict:
     """Score every target-train image; writes `out` (Parquet) atomically and returns its tables
     (`read_scores`)."""
-    import ray
-
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "train", with_labels=False)
     actors, options = pool_options(cfg, len(dataset))
     spec = PassSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu)
-    results = ray.data.range(len(dataset)).map_batches(Scorer, fn_constructor_kwargs={"spec": spec}, **options)
+    results = image_ids(range(len(dataset))).map_batches(Scorer, fn_constructor_kwargs={"spec": spec}, **options)
     n = len(dataset)
     seen = np.zeros(n, bool)
     progress = Progress("scoring", n)

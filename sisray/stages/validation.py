@@ -20,7 +20,7 @@ from sisray.datasets import open_target
 from sisray.labels import NUM_CLASSES
 from sisray.lse.patches import Box, crop_and_scale
 from sisray.models import checkpoint_file
-from sisray.stages.actors import ActorSpec, ModelActor, pool_options
+from sisray.stages.actors import ActorSpec, ModelActor, image_ids, pool_options
 from sisray.validators import ValidationSums, agreement, sample_pixels
 
 SAMPLED_PIXELS = 64  # per image, for BNM and SND: 64 images give a 4096-row matrix
@@ -98,14 +98,12 @@ class Validator(ModelActor):
 def validate_model(cfg: Config, checkpoint: str | Path, source_share: np.ndarray,
                    label_space: tuple[int, ...]) -> dict[str, float]:
     """Every validator of `checkpoint` on the run's validation subset of target-train images."""
-    import ray
-
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "train", with_labels=False)
     subset = validation_subset(cfg, len(dataset))
     actors, options = pool_options(cfg, len(subset))
     spec = ValidationSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu, subset)
-    results = ray.data.range(len(subset)).map_batches(Validator, fn_constructor_kwargs={"spec": spec}, **options)
+    results = image_ids(range(len(subset))).map_batches(Validator, fn_constructor_kwargs={"spec": spec}, **options)
     total = ValidationSums(NUM_CLASSES)
     with stage_errors("validation"):
         for batch in results.iter_batches(batch_format="numpy", batch_size=None):
