@@ -158,6 +158,8 @@ class Tracking:
         self.run_id: str | None = None
         if not self.enabled:
             return
+        import mlflow  # noqa: F401  first: its import sets its loggers' levels, which the lines below lower
+
         from sisray.cluster import is_verbose
 
         if not is_verbose():  # MLflow's database set-up (alembic migrations) logs at INFO on a new store
