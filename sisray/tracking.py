@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,7 @@ class RunLogger:
         deadline = time.monotonic() + CLOSE_WAIT_S
         while self.unsent and not self.flush():
             if time.monotonic() >= deadline:
-                kinds: dict[str, int] = {}
-                for what, _ in self.unsent:
-                    kinds[what.split(" ")[0]] = kinds.get(what.split(" ")[0], 0) + 1
+                kinds = Counter(what.split(" ")[0] for what, _ in self.unsent)
                 _warn(f"{self.uri} still does not answer: not logged to run {self.run_id}: "
                       + ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
                       + " (the run directory holds every figure and file)")
