@@ -73,11 +73,22 @@ class Workers:
     threads_each: int  # torch threads per worker on CPU
 
 
+_SIZE: dict[str, tuple[float, float]] = {}  # each cluster's (CPUs, GPUs) as first seen, by GCS address
+
+
 def _cluster() -> tuple[float, float]:
+    """The (CPUs, GPUs) of the Ray cluster this process is connected to, read once per cluster:
+    every stage of a job is sized from the cluster it started on. A node lost mid-run (replaced or
+    not) then changes no later stage's count of actors, workers or threads, so the run's results stay
+    those of an uninterrupted one. To use nodes that join later, set train.num_workers and
+    resources.num_actors."""
     import ray
 
-    resources = ray.cluster_resources()
-    return float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    address = ray.get_runtime_context().gcs_address
+    if address not in _SIZE:
+        resources = ray.cluster_resources()
+        _SIZE[address] = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    return _SIZE[address]
 
 
 def use_gpu(cfg: Config, gpus: float) -> bool:

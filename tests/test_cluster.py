@@ -1,7 +1,8 @@
-"""`ray start --head` + `ray job submit` as the README documents them, with token authentication.
+"""Ray clusters as the README documents them: `ray start --head` + `ray job submit` with token
+authentication, and a head with worker nodes that a test loses mid-job.
 
-The head runs with `--block` in its own process group; the test ends exactly that group, never
-other Ray processes on the machine (such as the test session's own instance)."""
+Every node runs `ray start --block` in its own process group; a test ends exactly those groups
+(and their workers), never other Ray processes on the machine (such as the test session's own)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,106 @@ def wait_for(env: dict, address: str, name: str, timeout: float = 700) -> str:
         time.sleep(3)
 
 
+class LocalCluster:
+    """A head without CPUs (the driver's node: work runs on the worker nodes) and worker nodes of
+    `cpus` CPUs each, all on this machine. The head marks a node dead 1.5 s after its raylet stops
+    answering (Ray's default: 15 s)."""
+
+    def __init__(self, env: dict, cpus: int):
+        self.cpus = cpus
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**env, "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
+                    "RAY_health_check_timeout_ms": "1000", "RAY_health_check_initial_delay_ms": "500"}
+        self.temp = Path("/tmp") / f"srn{os.getpid()}"
+        self.temp.mkdir(exist_ok=True)
+        self.log = open(self.temp / "nodes.log", "a")  # every node's `ray start` output
+        self.nodes: list[subprocess.Popen] = [self._start(
+            "--head", "--port", str(self.port), "--num-cpus", "0", "--ray-client-server-port", str(free_port()),
+            "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+            "--temp-dir", str(self.temp))]
+
+    def _start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+             "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()), *args],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def total_cpus(self) -> float:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import ray; ray.init(logging_level='ERROR', log_to_driver=False); "
+             "print('CPU', ray.cluster_resources().get('CPU', 0))"],
+            env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True, text=True, timeout=120)
+        counted = re.search(r"^CPU (\S+)$", probe.stdout, re.M)
+        return float(counted[1]) if counted else -1.0
+
+    def add_node(self) -> None:
+        """A worker node, once the head counts its CPUs. One at a time: nodes on one machine name
+        their sockets in the session's directory in turn, and two starting together take one name."""
+        expected = self.cpus * len(self.nodes)  # the live worker nodes' and this one's
+        self.nodes.append(self._start("--address", self.address, "--num-cpus", str(self.cpus)))
+        deadline = time.monotonic() + 120
+        while self.total_cpus() != expected:
+            assert time.monotonic() < deadline, (f"a worker node did not join {self.address} ({self.total_cpus()} "
+                                                 f"CPUs): {(self.temp / 'nodes.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def lose_node_hosting(self, title: str, once: Callable[[], bool] = lambda: True) -> None:
+        """Kill (SIGKILL) the worker node whose raylet runs the process titled `title`, as soon as
+        there is one and `once()` holds, with all its processes, as a machine is lost; start a
+        replacement node (as an autoscaler would)."""
+        deadline = time.monotonic() + 120
+        while not (hosted := self._find(title)) or not once():
+            assert time.monotonic() < deadline, f"no {title} on a worker node"
+            time.sleep(0.01)
+        kill_nodes({hosted})
+        self.nodes = [n for n in self.nodes if n.pid != hosted]
+        self.add_node()
+
+    def _find(self, title: str) -> int | None:
+        """The process group of the worker node running a process titled `title`."""
+        workers = {n.pid for n in self.nodes[1:]}
+        running = processes()
+        for parent, _, command in running.values():
+            node = running.get(parent, (0, 0, ""))[1]  # a Ray worker's parent is its node's raylet
+            if title in command and node in workers:
+                return node
+        return None
+
+    def stop(self) -> None:
+        kill_nodes({n.pid for n in self.nodes})
+        self.log.close()
+
+
+def kill_nodes(groups: set[int]) -> None:
+    """SIGKILL to every process of the nodes whose `ray start` process groups are `groups`, and to
+    their Ray workers (each in a group of its own, a child of its node's raylet)."""
+    running = processes()
+    for pid, (parent, pgid, _) in running.items():
+        if pgid in groups or running.get(parent, (0, 0, ""))[1] in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def processes() -> dict[int, tuple[int, int, str]]:
+    """Every process on the machine: pid -> (parent pid, process group, command line)."""
+    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid=,args="], capture_output=True, text=True).stdout
+    return {int(f[0]): (int(f[1]), int(f[2]), f[3]) for f in (r.split(None, 3) for r in rows.splitlines()) if len(f) == 4}
+
+
+@contextlib.contextmanager
+def ray_cluster(env: dict, workers: int, cpus: int) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(env, cpus)
+    try:
+        for _ in range(workers):
+            cluster.add_node()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 def round_results(summary: dict) -> list[tuple]:
     return [(r["selected_images"], r["patches"], r["thresholds"]) for r in summary["rounds"]]
 
@@ -141,3 +242,46 @@ def test_ray_job_submit_runs_two_jobs_side_by_side_as_each_runs_alone_and_refuse
 
         refused = ray_cli({**env, "RAY_AUTH_TOKEN": "wrong"}, "job", "list", "--address", address)
         assert refused.returncode != 0  # a client without the cluster's token is turned away
+
+
+@pytest.mark.slow
+@pytest.mark.ray  # a Ray cluster of three nodes in subprocesses
+@pytest.mark.timeout(900, method="thread")
+def test_a_node_lost_mid_scoring_and_another_mid_retraining_change_no_result(
+        tmp_path, small_benchmark, fcn_checkpoint, small_ablation):
+    """On a head and two worker nodes, the worker node running a scoring actor is lost while round 1
+    scores, and the one running a Ray Train worker while round 2 retrains; each is replaced, as an
+    autoscaler would. The job ends with the selection, patches, thresholds and mIoU of the same job
+    run alone (the small job's reference run, tests/conftest.py)."""
+    alone = json.loads((small_ablation[0] / "seed_0" / "lse_fl" / "summary.json").read_text())
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    run = tmp_path / "run"
+    cpus = max(1, (os.cpu_count() or 2) // 2)  # the cluster has this machine's CPUs, as the reference run had
+    with ray_cluster(env, workers=2, cpus=cpus) as cluster:
+        job = subprocess.Popen(
+            [sys.executable, "jobs/adapt.py", "--run-dir", str(run),
+             *set_args(small_adaptation(small_benchmark, fcn_checkpoint))],
+            cwd=REPO, env={**env, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        output, lost = [], []
+        for line in job.stdout:
+            output.append(line)
+            if line.startswith("== round_01/score"):
+                cluster.lose_node_hosting("MapBatches(Scorer)")
+                lost.append("scoring")
+                assert not (run / "round_01" / "scores.parquet").exists()  # lost while the pass ran
+            elif line.startswith("== round_02/train"):  # lost once Ray Train has registered a checkpoint
+                cluster.lose_node_hosting(
+                    "RayTrainWorker", once=lambda: (run / "round_02" / "train" / "checkpoint_manager_snapshot.json").exists())
+                lost.append("training")
+                assert not (run / "round_02" / "checkpoint").exists()  # before the fit ended
+        assert job.wait(timeout=60) == 0, "".join(output)[-6000:]
+    assert lost == ["scoring", "training"]
+    trained = re.findall(r"RayTrainWorker pid=(\d+)\S* round_02 training: (\d+)/3",
+                         re.sub(r"\x1b\[[0-9;]*m", "", "".join(output)))
+    # the fit had stepped before the node was lost, and workers started after it finished the fit (each
+    # node's log monitor forwards the workers' lines of all nodes on this machine: they repeat)
+    assert any(pid != trained[0][0] and step == "3" for pid, step in trained), trained
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] and round_results(summary) == round_results(alone)
+    assert summary["final"]["miou19"] == pytest.approx(alone["final"]["miou19"], abs=1e-9)

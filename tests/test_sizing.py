@@ -45,3 +45,24 @@ def test_cuda_asked_of_a_cluster_without_gpus_is_a_clear_error(monkeypatch):
         train_workers(cfg)
     with pytest.raises(ConfigError, match="no GPU"):
         inference_actors(cfg, 10)
+
+
+def test_a_cluster_is_measured_once_so_a_node_lost_mid_run_changes_no_later_stage(monkeypatch):
+    """Stages are sized from the cluster as the job first saw it: after a node is lost, the next
+    stage still splits its work as an uninterrupted run's would (tests/test_cluster.py loses nodes)."""
+    import types
+
+    import ray
+
+    seen = {"CPU": 4.0}
+    address = types.SimpleNamespace(gcs_address="10.0.0.1:6379")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(seen))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: address)
+    monkeypatch.setattr(cluster, "_SIZE", {})
+    cfg = load_config(None, ["train.batch_size=8"])
+    before = train_workers(cfg), inference_actors(cfg, 100)
+    seen["CPU"] = 2.0  # a node lost
+    assert (train_workers(cfg), inference_actors(cfg, 100)) == before
+    assert before[0].count == 4 and before[1].count == 4
+    address.gcs_address = "10.0.0.2:6379"  # another cluster is measured anew
+    assert train_workers(cfg).count == 2
