@@ -110,7 +110,7 @@ class TrainConfig:
     source_schedule_epochs: float | None = bounded(None, 0.0, lo_open=True)
     epochs_per_round: float = bounded(2.0, 0.0, lo_open=True)  # passes over the patch set per round
     batch_size: int = bounded(1, 1)  # global batch, split evenly over the workers
-    num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = one per GPU, else as the CPUs allow
+    num_workers: int = bounded(0, 0)  # Ray Train workers; 0 = one per GPU, else as the CPUs allow (the cluster as the job found it)
     lr: float | None = bounded(None, 0.0, lo_open=True)  # None: the model's preset (docs/METHOD.md)
     round_lr: float | None = bounded(None, 0.0, lo_open=True)  # base rate of the retraining rounds; None: as lr
     round_warmup: float = bounded(0.0, 0.0, 1.0)  # share of a round's steps over which its rate rises linearly from 0
@@ -141,7 +141,7 @@ class TrackingConfig:
 @dataclass
 class ResourcesConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
-    num_actors: int = bounded(0, 0)  # Ray Data inference actors; 0 = from the cluster's resources
+    num_actors: int = bounded(0, 0)  # Ray Data inference actors; 0 = from the resources of the cluster as the job found it
     cpus_per_actor: float = bounded(0.5, 0.0, lo_open=True)
     actor_batch_size: int = bounded(4, 1)  # images per inference batch in an actor
     cpus_per_worker: float = bounded(0.5, 0.0, lo_open=True)  # fractional: leaves room for Ray Data tasks
