@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,19 +37,29 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def ray_start(*args: str) -> list[str]:
+    """`ray start --block` on this machine's loopback with `args`, on free ports for every port Ray
+    would otherwise take by default: another Ray (the test session's, another node's) may hold it."""
+    ports = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port")
+    return [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+            *(a for option in ports for a in (option, str(free_port()))), *args]
+
+
+def plain(text: str) -> str:
+    """`text` without the terminal's colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 @contextlib.contextmanager
 def ray_head(env: dict) -> Iterator[str]:
     """`ray start --head --block` on free ports in its own process group (2 CPUs); yields the job API's
     address once `ray job list` answers there, and ends exactly that group."""
     dashboard = free_port()
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         # every port Ray would otherwise take by default: another Ray (the test session's) may hold it
-         "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
-         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()), "--num-cpus", "2",
-         "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--temp-dir", str(Path("/tmp") / f"srh{os.getpid()}"), "--disable-usage-stats"],
+        ray_start("--head", "--port", str(free_port()), "--ray-client-server-port", str(free_port()), "--num-cpus", "2",
+                  "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                  "--temp-dir", str(Path("/tmp") / f"srh{os.getpid()}")),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -92,7 +103,7 @@ def wait_for(env: dict, address: str, name: str, timeout: float = 700) -> str:
     """The job's final status (SUCCEEDED, FAILED, STOPPED) and its logs."""
     deadline = time.monotonic() + timeout
     while True:
-        status = re.sub(r"\x1b\[[0-9;]*m", "", ray_cli(env, "job", "status", "--address", address, name).stdout)
+        status = plain(ray_cli(env, "job", "status", "--address", address, name).stdout)
         ended = re.search(rf"Job '{name}' (?:was )?(succeeded|failed|stopped)", status)  # the CLI's words for its end
         if ended:
             return ended[1].upper() + "\n" + ray_cli(env, "job", "logs", "--address", address, name).stdout
@@ -121,10 +132,7 @@ class LocalCluster:
 
     def _start(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
-             "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-             "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()), *args],
+            ray_start("--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()), *args),
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def total_cpus(self) -> float:
@@ -148,15 +156,13 @@ class LocalCluster:
 
     def lose_node_hosting(self, title: str, once: Callable[[], bool] = lambda: True) -> None:
         """Kill (SIGKILL) the worker node whose raylet runs the process titled `title`, as soon as
-        there is one and `once()` holds, with all its processes, as a machine is lost; start a
-        replacement node (as an autoscaler would)."""
+        there is one and `once()` holds, with all its processes, as a machine is lost."""
         deadline = time.monotonic() + 120
         while not (hosted := self._find(title)) or not once():
             assert time.monotonic() < deadline, f"no {title} on a worker node"
             time.sleep(0.01)
         kill_nodes({hosted})
         self.nodes = [n for n in self.nodes if n.pid != hosted]
-        self.add_node()
 
     def _find(self, title: str) -> int | None:
         """The process group of the worker node running a process titled `title`."""
@@ -171,6 +177,7 @@ class LocalCluster:
     def stop(self) -> None:
         kill_nodes({n.pid for n in self.nodes})
         self.log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def kill_nodes(groups: set[int]) -> None:
@@ -270,15 +277,17 @@ def test_a_node_lost_mid_scoring_and_another_mid_retraining_change_no_result(
                 cluster.lose_node_hosting("MapBatches(Scorer)")
                 lost.append("scoring")
                 assert not (run / "round_01" / "scores.parquet").exists()  # lost while the pass ran
+                cluster.add_node()  # a replacement, as an autoscaler would start one
             elif line.startswith("== round_02/train"):  # lost once Ray Train has registered a checkpoint
                 cluster.lose_node_hosting(
                     "RayTrainWorker", once=lambda: (run / "round_02" / "train" / "checkpoint_manager_snapshot.json").exists())
                 lost.append("training")
                 assert not (run / "round_02" / "checkpoint").exists()  # before the fit ended
+                cluster.add_node()
         assert job.wait(timeout=60) == 0, "".join(output)[-6000:]
     assert lost == ["scoring", "training"]
     trained = re.findall(r"RayTrainWorker pid=(\d+)\S* round_02 training: (\d+)/3",
-                         re.sub(r"\x1b\[[0-9;]*m", "", "".join(output)))
+                         plain("".join(output)))
     # the fit had stepped before the node was lost, and workers started after it finished the fit (each
     # node's log monitor forwards the workers' lines of all nodes on this machine: they repeat)
     assert any(pid != trained[0][0] and step == "3" for pid, step in trained), trained
