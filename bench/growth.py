@@ -35,7 +35,7 @@ KINDS = ("score", "select", "patches", "train", "target_bn", "eval")
 
 
 def child(args: list[str]) -> None:
-    """jobs/adapt.py in this process, then this process's peak RSS (the driver's) as the last line."""
+    """jobs/adapt.py in this process, then its own line with this process's peak RSS (the driver's)."""
     sys.argv = ["jobs/adapt.py", *args]
     try:
         runpy.run_path(str(REPO / "jobs" / "adapt.py"), run_name="__main__")
@@ -60,7 +60,12 @@ def one_round(root: Path, run_dir: Path, checkpoint: str, tiny: bool) -> dict:
     stages["source"] = sum(v for k, v in summary["timings_s"].items() if k.startswith("source/"))
     return {"wall_s": wall, "stage_s": stages, "selected": summary["rounds"][0]["selected_images"],
             "patches": summary["rounds"][0]["patches"],
-            "peak_rss_mb": json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]}
+            "peak_rss_mb": peak_rss_mb(result.stdout)}
+
+
+def peak_rss_mb(stdout: str) -> float:
+    """The child's peak RSS from its own line (Ray may print its lines after it, at exit)."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"peak_rss_mb"')][-1]["peak_rss_mb"]
 
 
 def main() -> None:
