@@ -10,7 +10,8 @@ retraining and target statistics should grow linearly, evaluation not at all; th
 per target image and the fixed cost. `--tiny` (N = 4 and 2N only, 64x32 images, a randomly
 initialised model, global selection, no target statistics) is the test suite's smoke run. Last line:
 {"n", "wall_s", "stage_s", "growth_2n", "growth_4n" (not with --tiny), "per_image_s", "fixed_s",
-"selected", "patches", "driver_rss_mb"}.
+"selected", "patches", "passes_per_round" and "source_passes" (Ray Data passes, Ray tasks and Ray Train
+fits), "driver_rss_mb"}.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def one_round(root: Path, run_dir: Path, checkpoint: str, tiny: bool) -> dict:
               for kind in KINDS}
     stages["source"] = sum(v for k, v in summary["timings_s"].items() if k.startswith("source/"))
     return {"wall_s": wall, "stage_s": stages, "selected": summary["rounds"][0]["selected_images"],
-            "patches": summary["rounds"][0]["patches"],
+            "patches": summary["rounds"][0]["patches"], "round_passes": summary["rounds"][0]["ray_passes"],
+            "source_passes": sum(v for k, v in summary["ray_passes"].items() if k.startswith("source/")),
             "peak_rss_mb": peak_rss_mb(result.stdout)}
 
 
@@ -99,6 +101,7 @@ def main() -> None:
                       **growth,
                       "per_image_s": round(float(per_image), 4), "fixed_s": round(float(fixed), 1),
                       "selected": [r["selected"] for r in runs], "patches": [r["patches"] for r in runs],
+                      "passes_per_round": runs[0]["round_passes"], "source_passes": runs[0]["source_passes"],
                       "driver_rss_mb": [round(r["peak_rss_mb"]) for r in runs]}))
 
 

@@ -132,12 +132,22 @@ def inference_actors(cfg: Config, items: int) -> Actors:
     return Actors(count, gpu, max(1, int(cpus) // count), cfg.resources.actor_batch_size, resources)
 
 
+_PASSES = [0]  # Ray Data passes, Ray tasks and Ray Train fits this process has run (stage_errors)
+
+
+def passes_run() -> int:
+    """How many Ray Data passes, Ray tasks and Ray Train fits this process has started."""
+    return _PASSES[0]
+
+
 @contextmanager
 def stage_errors(stage: str):
-    """Re-raise a sisray error raised inside a Ray actor as itself, with its message (which names the
-    file or value), instead of Ray's wrapped traceback of the actor."""
+    """Around each Ray Data pass, Ray task and Ray Train fit (each is counted: `passes_run`): re-raise
+    a sisray error raised inside a Ray actor as itself, with its message (which names the file or
+    value), instead of Ray's wrapped traceback of the actor."""
     from sisray import errors
 
+    _PASSES[0] += 1
     try:
         yield
     except errors.SisrayError:

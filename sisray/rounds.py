@@ -81,46 +81,65 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
 
     prior = source_share(json.loads(run_dir.label_space.read_text())["pixels"], classes), classes
 
-    def evaluation(checkpoint: str, folder: ModelDir, step: int, prefix: str = "target_val") -> None:
-        block = evaluate_into(cfg, checkpoint, folder, prior)
+    def evaluation(checkpoint: str, folder: ModelDir, step: int, prefix: str = "target_val",
+                   scores: Path | None = None) -> None:
+        """Evaluate on target val; with `scores`, the same pass scores the target-train images there."""
+        block = evaluate_into(cfg, checkpoint, folder, prior, scores)
         tracking.metrics(evaluation_metrics(block, prefix), step=step)
         tracking.artifact(folder.overlay, folder.name)
 
-    def on_target_statistics(model: str, folder: ModelDir, stage: str) -> str:
-        """With lse.target_bn: the model with BatchNorm statistics of the target train images."""
-        state.run(stage, lambda: target_batchnorm(cfg, model, folder.checkpoint))
+    def on_target_statistics(model: str, folder: ModelDir, stage: str, by_the_fit: bool = False) -> str:
+        """With lse.target_bn: the model with BatchNorm statistics of the target train images. A
+        round's retraining wrote them after its last step (`by_the_fit`): no pass of their own."""
+        def estimate() -> None:
+            if not (by_the_fit and (folder.checkpoint / MODEL).is_file()):
+                target_batchnorm(cfg, model, folder.checkpoint)
+        state.run(stage, estimate)
         return store.shared(folder.checkpoint)
+
+    def target_scores(model: str, folder: ModelDir, stage: str) -> None:
+        """FOLDER/target_scores.parquet: the model's scores of the target-train images. Its evaluation
+        wrote them in the same pass (unless the run began with an earlier sisray): no pass of its own."""
+        def score() -> None:
+            if not folder.target_scores.is_file():
+                score_pass(cfg, model, folder.target_scores)
+        state.run(stage, score)
 
     def judged(where: str, kind: str, candidate: tuple[str, ModelDir, str], incumbent_scores: Path,
                incumbent: str) -> bool:
         """With lse.safeguard: score the candidate model on the target-train images and judge it
         against the incumbent's scores (RUN/<where>/safeguard.json); whether it is accepted."""
         model, scored, name = candidate
-        state.run(f"{where}/{kind}", lambda: score_pass(cfg, model, scored.target_scores))
+        target_scores(model, scored, f"{where}/{kind}")
         verdict = run_dir.path / where / SAFEGUARD
         state.run(f"{where}/safeguard", lambda: judge_candidate(
             cfg, where, scored.target_scores, incumbent_scores, run_dir.label_space, classes, verdict, name, incumbent))
         return read_verdict(verdict).accepted
 
-    state.run("source/eval", lambda: evaluation(source, run_dir.source, 0))
+    # a model's evaluation also scores the target-train images when it may teach the next round or
+    # the safeguard judges it: one pass where there were two
+    source_teaches = not cfg.lse.target_bn or cfg.lse.safeguard
+    state.run("source/eval", lambda: evaluation(
+        source, run_dir.source, 0, scores=run_dir.source.target_scores if source_teaches else None))
     teacher = (source, run_dir.source, "the source model")  # the model the next round learns from
     use_target_bn = cfg.lse.target_bn
     if cfg.lse.target_bn:
         adapted = on_target_statistics(source, run_dir.source.target_bn, "source/target_bn")
-        state.run("source/target_bn_eval",
-                  lambda: evaluation(adapted, run_dir.source.target_bn, 0, "source_target_bn"))
+        state.run("source/target_bn_eval", lambda: evaluation(
+            adapted, run_dir.source.target_bn, 0, "source_target_bn", run_dir.source.target_bn.target_scores))
         candidate = (adapted, run_dir.source.target_bn, "the source model with target BatchNorm statistics")
         if cfg.lse.safeguard:
-            state.run("source/target_scores", lambda: score_pass(cfg, source, run_dir.source.target_scores))
+            target_scores(source, run_dir.source, "source/target_scores")
             use_target_bn = judged("source", "target_bn_scores", candidate, run_dir.source.target_scores,
                                    "the source model")
         teacher = candidate if use_target_bn else teacher
     skip = unlabelled(classes)
-    for r, p in enumerate(schedule(cfg.lse), start=1):
+    portions = schedule(cfg.lse)
+    for r, p in enumerate(portions, start=1):
         folder = run_dir.round(r)
         previous, teacher_folder, teacher_name = teacher
 
-        def score() -> None:  # with the safeguard the teacher's scores exist already: no second pass
+        def score() -> None:  # the teacher's evaluation scored the images already: no second pass
             if not teacher_folder.target_scores.is_file():
                 score_pass(cfg, previous, folder.scores)
                 return
@@ -140,12 +159,14 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
                 if artifact.is_file():
                     tracking.artifact(artifact, folder.name)
         state.run(f"{folder.name}/report", pseudo_labels)
-        state.run(f"{folder.name}/train", lambda: train_round(cfg, store, r, previous, tracking.logger))
+        state.run(f"{folder.name}/train", lambda: train_round(cfg, store, r, previous, tracking.logger, use_target_bn))
         trained, trained_folder = store.shared(folder.checkpoint), folder
         if use_target_bn:
-            trained = on_target_statistics(trained, folder.target_bn, f"{folder.name}/target_bn")
+            trained = on_target_statistics(trained, folder.target_bn, f"{folder.name}/target_bn", by_the_fit=True)
             trained_folder = folder.target_bn
-        state.run(f"{folder.name}/eval", lambda: evaluation(trained, folder, r))
+        teaches = r < len(portions) or cfg.lse.safeguard
+        state.run(f"{folder.name}/eval", lambda: evaluation(
+            trained, folder, r, scores=trained_folder.target_scores if teaches else None))
         candidate = (trained, trained_folder, f"round {r}'s model")
         if not cfg.lse.safeguard or judged(folder.name, "target_scores", candidate, folder.scores, teacher_name):
             teacher = candidate
@@ -181,7 +202,8 @@ def round_block(run_dir: RunDir, state: RunState, r: int, p: float) -> dict:
              "thresholds": thresholds["tau"], "threshold_estimator": thresholds["estimator"],
              "pseudo_label_coverage": 1.0 - report["ignored_share"], "coverage": report["coverage"],
              "evaluation": evaluation_block(folder.eval),
-             "timings_s": {s: state.seconds(f"{folder.name}/{s}") for s in ROUND_STAGES}}
+             "timings_s": {s: state.seconds(f"{folder.name}/{s}") for s in ROUND_STAGES},
+             "ray_passes": sum(state.passes(f"{folder.name}/{s}") for s in ROUND_STAGES)}
     if "pseudo_label_accuracy" in report:
         block["pseudo_label_accuracy"] = report["pseudo_label_accuracy"]  # diagnostic: target labels
     if folder.safeguard.is_file():
@@ -206,7 +228,7 @@ def round_metrics(block: dict) -> dict[str, float]:
     taus = [v for v in block["thresholds"].values() if v is not None]
     metrics = {"round/p": block["p"], "round/selected_images": block["selected_images"],
                "round/patches": block["patches"], "round/mean_threshold": float(np.mean(taus)),
-               "round/pseudo_label_coverage": block["pseudo_label_coverage"]}
+               "round/pseudo_label_coverage": block["pseudo_label_coverage"], "round/ray_passes": block["ray_passes"]}
     metrics.update({f"round/time_s/{k}": v for k, v in block["timings_s"].items() if v is not None})
     if "pseudo_label_accuracy" in block:
         metrics["round/pseudo_label_accuracy"] = block["pseudo_label_accuracy"]["overall"]
@@ -227,6 +249,7 @@ def write_summary(cfg: Config, run_dir: RunDir, state: RunState) -> dict:
              "final": final_evaluation(cfg, run_dir, rounds) if len(rounds) == len(schedule(cfg.lse)) else None,
              "complete": len(rounds) == len(schedule(cfg.lse)),
              "timings_s": dict(state.data["finished"]),
+             "ray_passes": {stage: state.passes(stage) for stage in state.data["finished"]},
              "wall_s": round(sum(state.data["finished"].values()), 2)}
     atomic_write_json(run_dir.summary, block)
     return block

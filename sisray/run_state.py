@@ -1,5 +1,5 @@
-"""RUN/state.json: which stages of a run finished, in how many seconds, and the digests of the files
-each wrote; the config fingerprint that a resumed job must match. A stage whose files no longer
+"""RUN/state.json: which stages of a run finished, in how many seconds and Ray passes (Ray Data
+passes, Ray tasks, Ray Train fits), and the digests of the files each wrote; the config fingerprint that a resumed job must match. A stage whose files no longer
 match is redone, with every stage after it.
 """
 
@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sisray.cluster import passes_run
 from sisray.config import Config, config_to_dict
 from sisray.errors import ConfigError
 from sisray.rundir import BOOKKEEPING, STATE
@@ -87,16 +88,21 @@ class RunState:
     def seconds(self, stage: str) -> float | None:
         return self.data["finished"].get(stage)
 
+    def passes(self, stage: str) -> int:
+        """The Ray passes a finished stage ran (0 if it did not run, or ran before sisray counted them)."""
+        return self.data.get("passes", {}).get(stage, 0)
+
     def run(self, stage: str, work: Callable[[], object]) -> None:
         """Run a stage unless it finished before; record it once it has."""
         if self.finished(stage):
             return
         print(f"== {stage}", flush=True)
         before = _listing(self.store.local)
-        began = time.perf_counter()
+        began, passes = time.perf_counter(), passes_run()
         with write_failure_as_error(f"stage {stage}", self.store.local):  # its partial files are removed on the way
             work()
         self.data["finished"][stage] = round(time.perf_counter() - began, 2)
+        self.data.setdefault("passes", {})[stage] = passes_run() - passes
         written = sorted(k for k, v in _listing(self.store.local).items() if before.get(k) != v)
         self.data["outputs"][stage] = {k: file_digest(self.store.local / k) for k in written}
         self.save()
@@ -115,6 +121,7 @@ class RunState:
                     for later in stages[i:]:
                         self.data["finished"].pop(later)
                         self.data["outputs"].pop(later, None)
+                        self.data.get("passes", {}).pop(later, None)
                     return
 
     def save(self) -> None:

@@ -25,6 +25,7 @@ MODEL = "model.pt"  # a plain state dict: usable on its own (evaluate --checkpoi
 TRAIN_STATE = "train_state.pt"  # optimiser, scheduler, step, seed
 SAFEGUARD = "safeguard.json"  # a verdict of the safeguard (lse.safeguard), in the folder of the decision
 STUDENT = "student.pt"  # the trained weights, beside their moving average in model.pt (lse.ema_decay)
+TARGET_BN_MODEL = "target_bn.pt"  # in a round's final Ray Train checkpoint: the model with target statistics (lse.target_bn)
 ONLINE_TEACHER = "online_teacher.pt"  # a round's online teacher (lse.online_teacher), for resuming
 
 SWEEP_STATE = "sweep.json"

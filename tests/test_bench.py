@@ -67,6 +67,8 @@ def test_the_growth_bench_runs_one_round_at_each_size():
     assert figures["n"] == [4, 8] and "growth_2n" in figures and "growth_4n" not in figures
     assert figures["selected"] == [2, 4]  # global selection of half the images
     assert figures["patches"] == [2 * s for s in figures["selected"]]
+    # the round: patches, fit, evaluation; the source model's evaluation scores for the round
+    assert figures["passes_per_round"] == 3 and figures["source_passes"] == 1
     assert all(w > sum(stages) > 0 for w, stages in zip(figures["wall_s"], zip(*figures["stage_s"].values())))
 
 

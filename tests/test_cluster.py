@@ -256,8 +256,8 @@ def test_ray_job_submit_runs_two_jobs_side_by_side_as_each_runs_alone_and_refuse
 @pytest.mark.timeout(900, method="thread")
 def test_a_node_lost_mid_scoring_and_another_mid_retraining_change_no_result(
         tmp_path, small_benchmark, fcn_checkpoint, small_ablation):
-    """On a head and two worker nodes, the worker node running a scoring actor is lost while round 1
-    scores, and the one running a Ray Train worker while round 2 retrains; each is replaced, as an
+    """On a head and two worker nodes, the worker node running a scoring actor is lost while the
+    source model's evaluation scores for round 1, and the one running a Ray Train worker while round 2 retrains; each is replaced, as an
     autoscaler would. The job ends with the selection, patches, thresholds and mIoU of the same job
     run alone (the small job's reference run, tests/conftest.py)."""
     alone = json.loads((small_ablation[0] / "seed_0" / "lse_fl" / "summary.json").read_text())
@@ -273,10 +273,10 @@ def test_a_node_lost_mid_scoring_and_another_mid_retraining_change_no_result(
         output, lost = [], []
         for line in job.stdout:
             output.append(line)
-            if line.startswith("== round_01/score"):
-                cluster.lose_node_hosting("MapBatches(Scorer)")
+            if line.startswith("== source/eval"):  # the pass that also scores for round 1
+                cluster.lose_node_hosting("MapBatches(EvaluatorAndScorer)")
                 lost.append("scoring")
-                assert not (run / "round_01" / "scores.parquet").exists()  # lost while the pass ran
+                assert not (run / "source" / "target_scores.parquet").exists()  # lost while the pass ran
                 cluster.add_node()  # a replacement, as an autoscaler would start one
             elif line.startswith("== round_02/train"):  # lost once Ray Train has registered a checkpoint
                 cluster.lose_node_hosting(

@@ -74,8 +74,10 @@ def stand_ins(monkeypatch):
     calls: list[tuple[str, str]] = []
 
     def score_pass(cfg, checkpoint, out):
-        kind = _model_kind(str(checkpoint))
-        calls.append(("score", kind))
+        calls.append(("score", _model_kind(str(checkpoint))))
+        write_scores(_model_kind(str(checkpoint)), out)
+
+    def write_scores(kind, out):
         counts = counts_like(predicts[kind], BENCHMARK)
         out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"index": np.arange(4), "sample_id": [str(i) for i in range(4)],
@@ -83,8 +85,11 @@ def stand_ins(monkeypatch):
                                  "mean_entropy": np.zeros((4, 19), np.float32).tolist(),
                                  "histograms": np.zeros((4, 19, 2), np.int64).tolist(), "error": [""] * 4}), out)
 
-    def evaluate_into(cfg, checkpoint, folder, prior=None):
+    def evaluate_into(cfg, checkpoint, folder, prior=None, scores=None):
         kind = _model_kind(str(checkpoint))
+        if scores:  # the evaluation's pass also scores the target-train images
+            calls.append(("evaluate and score", kind))
+            write_scores(kind, scores)
         folder.path.mkdir(parents=True, exist_ok=True)
         folder.eval.write_text(json.dumps({"miou": miou[kind], "miou19": miou[kind], "per_class": {}}))
         return {"miou": miou[kind], "miou19": miou[kind], "miou16": None, "miou13": None, "pixel_accuracy": 0.0,
@@ -95,11 +100,11 @@ def stand_ins(monkeypatch):
         destination.mkdir(parents=True, exist_ok=True)
         (destination / "model.pt").write_bytes(b"bn")
 
-    def train_round(cfg, store, r, previous, logger):
+    def train_round(cfg, store, r, previous, logger, target_bn=False):
         calls.append((f"train round {r}", _model_kind(str(previous))))
-        folder = store.local / f"round_{r:02d}" / "checkpoint"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "model.pt").write_bytes(b"trained")
+        for folder in ("checkpoint", *(["target_bn"] if target_bn else [])):  # the fit's target statistics
+            (store.local / f"round_{r:02d}" / folder).mkdir(parents=True, exist_ok=True)
+            (store.local / f"round_{r:02d}" / folder / "model.pt").write_bytes(folder.encode())
 
     def select_and_threshold(cfg, tables, p, folder, skip):
         folder.selection.write_text(json.dumps({"selected_index": [0]}))
@@ -156,7 +161,9 @@ def test_rejected_target_statistics_and_a_rejected_round_keep_the_incumbent(stan
     # no round model gets target statistics
     assert ("train round 1", "source") in calls and ("train round 2", "round_01") in calls
     assert [c for c in calls if c[0] == "target_bn"] == [("target_bn", "source")]
-    assert calls.count(("score", "source")) == 1 and calls.count(("score", "round_01")) == 1
+    # every model is scored once, in the pass of its evaluation
+    assert [c for c in calls if "score" in c[0]] == [
+        ("evaluate and score", kind) for kind in ("source", "source_bn", "round_01", "round_02")]
     run = tmp_path / "run"
     assert (run / "round_01" / "scores.parquet").read_bytes() == (run / "source" / "target_scores.parquet").read_bytes()
     assert (run / "round_02" / "scores.parquet").read_bytes() == (run / "round_01" / "target_scores.parquet").read_bytes()
@@ -172,7 +179,8 @@ def test_accepted_target_statistics_carry_on_into_the_rounds(stand_ins, small_be
     cfg, classes, summary = _run(tmp_path, small_benchmark, fcn_checkpoint, "lse.target_bn=true")
     assert [v["accepted"] for v in summary["safeguard"]] == [True, True, False]
     assert ("train round 1", "source_bn") in calls and ("train round 2", "round_01_bn") in calls
-    assert [c[1] for c in calls if c[0] == "target_bn"] == ["source", "round_01", "round_02"]
+    # the source model's statistics are a task of their own, the rounds' come with their fit
+    assert [c[1] for c in calls if c[0] == "target_bn"] == ["source"]
     assert summary["final"]["miou"] == 0.35
 
 
@@ -186,3 +194,17 @@ def test_without_rounds_accepted_the_final_model_is_the_source_model(stand_ins, 
     assert [v["accepted"] for v in summary["safeguard"]] == [False, False]
     assert ("train round 2", "source") in calls  # round 2 learns from the model kept: the source model
     assert summary["final"]["miou"] == 0.3
+
+
+def test_without_the_safeguard_only_the_teachers_are_scored_each_in_the_pass_of_its_evaluation(
+        stand_ins, small_benchmark, fcn_checkpoint, tmp_path):
+    """The default's rounds (target statistics, no safeguard): the source model with target statistics
+    teaches round 1 and round 1's model round 2; the plain source model and the last model teach none."""
+    predicts, miou, calls = stand_ins
+    predicts.update(source_bn=source_proportions(small_benchmark), round_01_bn=source_proportions(small_benchmark))
+    miou.update(source=0.1, source_bn=0.2, round_01_bn=0.3, round_02_bn=0.4)
+    cfg, classes, summary = _run(tmp_path, small_benchmark, fcn_checkpoint, "lse.target_bn=true", "lse.safeguard=false")
+    assert [c for c in calls if "score" in c[0]] == [("evaluate and score", "source_bn"),
+                                                     ("evaluate and score", "round_01_bn")]
+    assert ("train round 1", "source_bn") in calls and ("train round 2", "round_01_bn") in calls
+    assert summary["final"]["miou"] == 0.4

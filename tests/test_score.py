@@ -19,7 +19,8 @@ from sisray.stages import score
 from sisray.datasets import open_target
 from sisray.stages.actors import ModelActor
 from sisray.stages.patch_pass import Patcher, patch_pass
-from sisray.stages.score import Scorer, score_pass
+from sisray.stages.evaluate import evaluate, json_ready
+from sisray.stages.score import Scorer, read_histograms, read_scores, score_pass
 from sisray.stages.select import select_and_threshold
 
 pytestmark = pytest.mark.ray
@@ -145,6 +146,25 @@ def test_a_corrupt_target_image_fails_the_stage_naming_it_and_writes_nothing(ray
     assert tables["counts"][row].sum() == 0 and (tables["counts"].sum(axis=1) > 0).sum() == 2
     selected, _ = select_and_threshold(cfg, tables, 1.0, RoundDir(out.parent))
     assert row not in selected and len(selected) == 2
+
+
+def test_an_evaluation_that_also_scores_equals_an_evaluation_and_a_scoring_pass_alone(
+        ray_session, small_benchmark, checkpoint, tmp_path):
+    """One pass over target val and target train, its batches mixing the two splits (3 val and 4
+    train images in batches of 2): the evaluation block, the overlay figure and the scores file are
+    those of the two passes each alone."""
+    cfg = _config(small_benchmark, "resources.num_actors=2", "resources.actor_batch_size=2")
+    alone = evaluate(cfg, checkpoint, figure=tmp_path / "alone.png")
+    scored = score_pass(cfg, checkpoint, tmp_path / "alone.parquet")
+    both = evaluate(cfg, checkpoint, figure=tmp_path / "both.png", scores=tmp_path / "both.parquet")
+    assert json_ready(both) == json_ready(alone) and alone["images"] == 3
+    assert (tmp_path / "both.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+    merged = read_scores(tmp_path / "both.parquet")
+    for key in ("counts", "scores", "mean_entropy"):
+        assert np.array_equal(merged[key], scored[key]), key
+    assert list(merged["sample_id"]) == list(scored["sample_id"]) and merged["counts"].sum() == 4 * 64 * 32
+    assert np.array_equal(read_histograms(tmp_path / "both.parquet", [0, 1, 2, 3], 16),
+                          read_histograms(tmp_path / "alone.parquet", [0, 1, 2, 3], 16))
 
 
 class DyingScorer(Scorer):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sisray.errors import ModelError
-from sisray.stages.target_bn import reestimate
+from sisray.target_statistics import reestimate
 
 
 def _net() -> nn.Module:

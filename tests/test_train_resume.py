@@ -106,3 +106,43 @@ def test_a_round_resumed_after_a_kill_ends_as_the_uninterrupted_round(tmp_path, 
     start = torch.load(fcn_checkpoint, weights_only=True)
     teacher = torch.load(whole.checkpoint(3) / ONLINE_TEACHER, weights_only=True)
     assert not all(torch.equal(teacher[k], start[k]) for k in start if k in teacher)
+
+
+@pytest.mark.timeout(300)
+def test_a_round_with_target_statistics_hands_them_over_in_its_final_checkpoint(tmp_path, monkeypatch,
+                                                                               small_benchmark):
+    """lse.target_bn: the last step's checkpoint holds the published model with BatchNorm statistics
+    of the target-train images, as the source model's task computes them from model.pt; a fit resumed
+    after its last step hands them over again."""
+    from sisray.labels import NUM_CLASSES
+    from sisray.models import build_model
+    from sisray.rundir import TARGET_BN_MODEL
+    from sisray.target_statistics import with_target_statistics
+
+    cfg = load_config(REPO / "configs" / "synthetic.yaml", [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
+                             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=lraspp_lite0",
+                             "train.batch_size=2", "train.checkpoint_every=2",
+                             "model.source_checkpoint=null", "model.init=random", "tracking.enabled=false"])
+    spec = TrainSpec(config=cfg, stage="round_01", steps=4, init="random", threads=1, logger=None,
+                     round=1, patches=str(_patch_set(tmp_path)), lr=1e-3, target_bn=True)
+    train = StandIn(tmp_path / "fit")
+    train.folder.mkdir()
+    train.install(monkeypatch)
+    train_loop({"spec": spec})
+    assert not (train.checkpoint(2) / TARGET_BN_MODEL).exists()  # the last step's only
+    handed = torch.load(train.checkpoint(4) / TARGET_BN_MODEL, weights_only=True)
+    trained = build_model("lraspp_lite0", NUM_CLASSES, 1.0, str(train.checkpoint(4) / MODEL))
+    expected, seen, skipped = with_target_statistics(cfg, trained, torch.device("cpu"))
+    assert seen == 4 and not skipped
+    assert handed.keys() == expected.keys() and all(torch.equal(handed[k], expected[k]) for k in expected)
+    statistics = [k for k in expected if k.endswith("running_mean")]
+    weights = torch.load(train.checkpoint(4) / MODEL, weights_only=True)
+    assert statistics and not any(torch.equal(handed[k], weights[k]) for k in statistics)
+    assert all(torch.equal(handed[k], weights[k]) for k in weights if "running" not in k and "num_batches" not in k)
+
+    again = StandIn(tmp_path / "again", restored=train.checkpoint(4))
+    again.folder.mkdir()
+    again.install(monkeypatch)
+    train_loop({"spec": spec})
+    repeated = torch.load(again.checkpoint(4) / TARGET_BN_MODEL, weights_only=True)
+    assert all(torch.equal(repeated[k], expected[k]) for k in expected)

@@ -36,14 +36,16 @@ class ModelActor:
     split: ClassVar[str] = "train"
     with_labels: ClassVar[bool] = False
 
-    def __init__(self, spec: ActorSpec):
+    def __init__(self, spec: ActorSpec, model: torch.nn.Module | None = None):
+        """`model`: another actor's, on this actor's device (two jobs of one pass share it)."""
         torch.set_num_threads(spec.threads)
         self.spec = spec
         self.cfg = spec.config
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
         self.dataset = open_target(self.cfg.data.target, self.split, with_labels=self.with_labels)
-        self.model = build_model(self.cfg.model.name, NUM_CLASSES, self.cfg.model.width, spec.checkpoint)
-        self.model = self.model.to(self.device).eval()
+        if model is None:
+            model = build_model(self.cfg.model.name, NUM_CLASSES, self.cfg.model.width, spec.checkpoint)
+        self.model = model.to(self.device).eval()
 
     def load_images(self, indices: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
         """uint8 images at the working size by index. With the target's `skip_bad_pairs`, an image
@@ -86,13 +88,16 @@ class ModelActor:
         return images, self.predict(images, scales, flip)
 
 
-def image_ids(ids: Sequence[int]):
-    """A pass's input, the indices of its images, made on the driver. (`ray.data.range` reads them in
-    tasks of one whole CPU each: on a cluster whose CPUs the actor pools of this and other jobs hold,
-    such a task never runs, and two jobs side by side on 2 CPUs waited for each other for ever.)"""
+def image_ids(ids: Sequence[int], splits: Sequence[int] | None = None):
+    """A pass's input, the indices of its images (and the split of each, when a pass reads two),
+    made on the driver. (`ray.data.range` reads them in tasks of one whole CPU each: on a cluster
+    whose CPUs the actor pools of this and other jobs hold, such a task never runs, and two jobs side
+    by side on 2 CPUs waited for each other for ever.)"""
     import ray
 
-    return ray.data.from_items([{"id": int(i)} for i in ids])
+    if splits is None:
+        return ray.data.from_items([{"id": int(i)} for i in ids])
+    return ray.data.from_items([{"id": int(i), "split": int(s)} for i, s in zip(ids, splits)])
 
 
 def pool_options(cfg: Config, items: int) -> tuple[Actors, dict]:

@@ -27,6 +27,7 @@ from sisray.models import checkpoint_file
 from sisray.png import png_array, png_bytes
 from sisray.rundir import ModelDir
 from sisray.stages.actors import ActorSpec, ModelActor, image_ids, pool_options
+from sisray.stages.score import Scorer, ScoresWriter, scores_written
 from sisray.storage import absolute, atomic_write_json
 from sisray.validators import label_free
 
@@ -71,57 +72,125 @@ class Evaluator(ModelActor):
     with_labels = True
 
     def __call__(self, batch: dict) -> dict:
-        indices = [int(i) for i in batch["id"]]
+        return self.rows([int(i) for i in batch["id"]])
+
+    @staticmethod
+    def blank(n: int) -> dict:
+        """n rows that add nothing to the sums."""
+        return {"id": np.zeros(n, np.int64), "counts": np.zeros((n, NUM_CLASSES, NUM_CLASSES), np.int64),
+                "overlay": np.full(n, b"", object), "entropy": np.zeros(n), "probs": np.zeros((n, NUM_CLASSES)),
+                "pixels": np.zeros(n, np.int64)}
+
+    def rows(self, indices: list[int]) -> dict:
+        """The sums of the target-val images `indices`, in that order."""
         images, probs = self.probabilities(indices, self.spec.scales, self.spec.flip)
-        counts, overlays = [], []
-        entropy = pixel_entropy(probs).sum(dim=(1, 2)).cpu().numpy()  # at the working size: no label involved
-        probs_sum = probs.sum(dim=(2, 3)).cpu().numpy()
+        out = self.blank(len(indices))
+        out["id"][:] = indices
+        out["entropy"][:] = pixel_entropy(probs).sum(dim=(1, 2)).cpu().numpy()  # at the working size: no label involved
+        out["probs"][:] = probs.sum(dim=(2, 3)).cpu().numpy()
+        out["pixels"][:] = probs.shape[2] * probs.shape[3]
         for k, index in enumerate(indices):
             label = self.dataset.load_label(index, native=True)
             full = F.interpolate(probs[k:k + 1], size=label.shape, mode="bilinear", align_corners=False)
             prediction = full.argmax(1)[0].cpu()
             matrix = ConfusionMatrix()
             matrix.update(prediction, label)
-            counts.append(matrix.counts)
+            out["counts"][k] = matrix.counts
             if self.spec.export:
                 export_prediction(self.spec.export, self.dataset.samples[index].id, prediction.numpy().astype(np.uint8))
-            overlays.append(png_bytes(overlay(images[k], prediction.numpy(), label.numpy())) if index < OVERLAYS else b"")
-        return {"id": batch["id"], "counts": np.stack(counts), "overlay": np.array(overlays, dtype=object),
-                "entropy": entropy.astype(np.float64), "probs": probs_sum.astype(np.float64),
-                "pixels": np.full(len(indices), probs.shape[2] * probs.shape[3], np.int64)}
+            if index < OVERLAYS:
+                out["overlay"][k] = png_bytes(overlay(images[k], prediction.numpy(), label.numpy()))
+        return out
+
+
+VAL, TRAIN = 0, 1  # the split of a row of the pass that evaluates and scores
+
+
+class EvaluatorAndScorer:
+    """Ray Data actor of a pass that evaluates a model on target val and scores target train with
+    it (the next round's teacher): one model, {"id", "split"} rows of both splits, mixed in a batch
+    as Ray Data forms them -> {"split", "eval.<Evaluator's columns>", "score.<Scorer's columns>"}, the
+    columns of the other split blank."""
+
+    def __init__(self, spec: EvalSpec):
+        self.evaluator = Evaluator(spec)
+        self.scorer = Scorer(spec, model=self.evaluator.model)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"split": batch["split"]}
+        for split, prefix, actor in ((VAL, "eval.", self.evaluator), (TRAIN, "score.", self.scorer)):
+            rows = np.flatnonzero(batch["split"] == split)
+            columns = actor.blank(len(batch["split"]))
+            if len(rows):
+                for key, values in actor.rows([int(i) for i in batch["id"][rows]]).items():
+                    columns[key][rows] = values
+            out.update({prefix + key: values for key, values in columns.items()})
+        return out
+
+
+def rows_of(batch: dict[str, np.ndarray], split: int, prefix: str) -> dict[str, np.ndarray]:
+    """One split's rows and columns of an `EvaluatorAndScorer` batch, without the prefix."""
+    rows = batch["split"] == split
+    return {key.removeprefix(prefix): values[rows] for key, values in batch.items() if key.startswith(prefix)}
+
+
+class EvaluationSums:
+    """The sums of `Evaluator` batches: confusion matrix, overlays, label-free sums."""
+
+    def __init__(self):
+        self.total = ConfusionMatrix()
+        self.pictures: dict[int, bytes] = {}
+        self.entropy, self.probs, self.pixels = 0.0, np.zeros(NUM_CLASSES), 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.total.counts += batch["counts"].sum(axis=0)
+        self.pictures.update({int(i): png for i, png in zip(batch["id"], batch["overlay"]) if png})
+        self.entropy += float(batch["entropy"].sum())
+        self.probs += batch["probs"].sum(axis=0)
+        self.pixels += int(batch["pixels"].sum())
+
+    def summary(self, dataset, checkpoint: str, figure: Path | None) -> dict:
+        """The evaluation block; writes the overlay figure if asked."""
+        summary = self.total.summary(dataset.eval_classes)
+        summary["label_free"] = label_free(self.entropy, self.probs, self.pixels)
+        # the mean prediction per class: what share of the target images each class takes (label-free)
+        summary["class_share"] = {CLASS_NAMES[c]: float(v) for c, v in enumerate(self.probs / max(self.pixels, 1))}
+        summary["images"] = len(dataset)
+        summary["checkpoint"] = checkpoint
+        if figure and self.pictures:
+            rows = [png_array(self.pictures[i]) for i in sorted(self.pictures)]
+            figure.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.concatenate(rows, axis=0)).save(figure)
+        return summary
 
 
 def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = None,
-             scales: tuple[float, ...] = (1.0,), flip: bool = False, figure: Path | None = None) -> dict:
-    """The evaluation block of a checkpoint on target val; optionally writes the overlay figure."""
+             scales: tuple[float, ...] = (1.0,), flip: bool = False, figure: Path | None = None,
+             scores: Path | None = None) -> dict:
+    """The evaluation block of a checkpoint on target val; optionally writes the overlay figure. With
+    `scores`, the same pass also scores every target-train image into that file (`score_pass`)."""
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "val", with_labels=True)  # validated before any actor starts
+    train = len(open_target(cfg.data.target, "train", with_labels=False)) if scores else 0
     checkpoint = str(checkpoint_file(checkpoint))
-    actors, options = pool_options(cfg, len(dataset))
+    actors, options = pool_options(cfg, len(dataset) + train)
     spec = EvalSpec(cfg, checkpoint, actors.threads_each, actors.use_gpu,
                     absolute(export) if export else None, tuple(scales), flip)  # actors have their own cwd
-    results = image_ids(range(len(dataset))).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
-    total = ConfusionMatrix()
-    pictures = {}
-    entropy, probs, pixels = 0.0, np.zeros(NUM_CLASSES), 0
-    with stage_errors("evaluation"):
+    sums = EvaluationSums()
+    if not scores:
+        results = image_ids(range(len(dataset))).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
+        with stage_errors("evaluation"):
+            for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+                sums.add(batch)
+        return sums.summary(dataset, checkpoint, figure)
+    rows = [*((i, VAL) for i in range(len(dataset))), *((i, TRAIN) for i in range(train))]
+    results = image_ids(*zip(*rows)).map_batches(EvaluatorAndScorer, fn_constructor_kwargs={"spec": spec}, **options)
+    with ScoresWriter(scores, train) as writer, stage_errors("evaluation and scoring"):
         for batch in results.iter_batches(batch_format="numpy", batch_size=None):
-            total.counts += batch["counts"].sum(axis=0)
-            pictures.update({int(i): png for i, png in zip(batch["id"], batch["overlay"]) if png})
-            entropy += float(batch["entropy"].sum())
-            probs += batch["probs"].sum(axis=0)
-            pixels += int(batch["pixels"].sum())
-    summary = total.summary(dataset.eval_classes)
-    summary["label_free"] = label_free(entropy, probs, pixels)
-    # the mean prediction per class: what share of the target images each class takes (label-free)
-    summary["class_share"] = {CLASS_NAMES[c]: float(v) for c, v in enumerate(probs / max(pixels, 1))}
-    summary["images"] = len(dataset)
-    summary["checkpoint"] = checkpoint
-    if figure and pictures:
-        rows = [png_array(pictures[i]) for i in sorted(pictures)]
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.concatenate(rows, axis=0)).save(figure)
-    return summary
+            sums.add(rows_of(batch, VAL, "eval."))
+            writer.add(rows_of(batch, TRAIN, "score."))
+    scores_written(scores)
+    return sums.summary(dataset, checkpoint, figure)
 
 
 def json_ready(summary: dict) -> dict:
@@ -136,13 +205,15 @@ def json_ready(summary: dict) -> dict:
 
 
 def evaluate_into(cfg: Config, checkpoint: str | Path, folder: ModelDir,
-                  prior: tuple[np.ndarray, tuple[int, ...]] | None = None) -> dict:
-    """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png. With
-    `validation.images` and the source's class shares over the label space (`prior`), the block also
-    holds the model's label-free validators on target-train images ("validators")."""
+                  prior: tuple[np.ndarray, tuple[int, ...]] | None = None, scores: Path | None = None) -> dict:
+    """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png, and the
+    model's scores of the target-train images into `scores` from the same pass (for a model that
+    teaches the next round or that the safeguard judges). With `validation.images` and the source's
+    class shares over the label space (`prior`), the block also holds the model's label-free
+    validators on target-train images ("validators")."""
     from sisray.stages.validation import validate_model
 
-    summary = evaluate(cfg, checkpoint, figure=folder.overlay)
+    summary = evaluate(cfg, checkpoint, figure=folder.overlay, scores=scores)
     if cfg.validation.images and prior is not None:
         summary["validators"] = validate_model(cfg, checkpoint, *prior)
     summary = json_ready(summary)

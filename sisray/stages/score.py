@@ -39,21 +39,68 @@ class Scorer(ModelActor):
     why the image was skipped (only with the target's `skip_bad_pairs`; its records stay zero)."""
 
     def __call__(self, batch: dict) -> dict:
-        indices = [int(i) for i in batch["id"]]
-        images, errors = self.load_images(indices)
+        return self.rows([int(i) for i in batch["id"]])
+
+    def blank(self, n: int) -> dict:
+        """n rows of records, all zero (what a skipped image keeps)."""
         bins = self.cfg.lse.threshold.bins
-        out = {"counts": np.zeros((len(indices), NUM_CLASSES), np.int64),
-               "scores": np.zeros((len(indices), NUM_CLASSES), np.float32),
-               "mean_entropy": np.zeros((len(indices), NUM_CLASSES), np.float32),
-               "histograms": np.zeros((len(indices), NUM_CLASSES, bins), np.int64)}
+        return {"index": np.zeros(n, np.int64), "sample_id": np.full(n, "", object),
+                "counts": np.zeros((n, NUM_CLASSES), np.int64), "scores": np.zeros((n, NUM_CLASSES), np.float32),
+                "mean_entropy": np.zeros((n, NUM_CLASSES), np.float32),
+                "histograms": np.zeros((n, NUM_CLASSES, bins), np.int64), "error": np.full(n, "", object)}
+
+    def rows(self, indices: list[int]) -> dict:
+        """The records of the target-train images `indices`, in that order."""
+        images, errors = self.load_images(indices)
+        out = self.blank(len(indices))
+        out["index"][:] = indices
+        out["sample_id"][:] = [self.dataset.samples[i].id for i in indices]
+        out["error"][:] = [errors.get(i, "") for i in indices]
         rows = [k for k, i in enumerate(indices) if i in images]
         if rows:
-            records = image_records(self.teacher([images[indices[k]] for k in rows]), bins)
+            records = image_records(self.teacher([images[indices[k]] for k in rows]), self.cfg.lse.threshold.bins)
             for key in RECORD_KEYS:
                 out[key][rows] = getattr(records, key).cpu().numpy()
-        return {"index": np.asarray(indices, np.int64),
-                "sample_id": np.array([self.dataset.samples[i].id for i in indices], dtype=object),
-                **out, "error": np.array([errors.get(i, "") for i in indices], dtype=object)}
+        return out
+
+
+class ScoresWriter:
+    """Streams scoring records, in whatever order actors return them, into a scores file: written
+    beside it and renamed once every image has its record (never half a file); an image returned
+    twice (a retried actor) is an error."""
+
+    def __init__(self, out: Path, images: int):
+        self.out, self.staging = out, out.with_name(f".{out.name}.tmp")
+        self.seen = np.zeros(images, bool)
+        self.progress = Progress("scoring", images)
+        self.writer: pq.ParquetWriter | None = None
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        index = batch["index"]
+        if not len(index):  # a batch of the other split of a pass that also evaluates
+            return
+        if self.seen[index].any():
+            raise SisrayError(f"scoring returned image {int(index[self.seen[index]][0])} twice")
+        self.seen[index] = True
+        table = arrow_table(batch)
+        self.writer = self.writer or pq.ParquetWriter(self.staging, table.schema)
+        self.writer.write_table(table)
+        self.progress.advance(len(index))
+
+    def __enter__(self) -> ScoresWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.writer:
+            self.writer.close()
+        complete = kind is None and self.seen.all()
+        if not complete:
+            self.staging.unlink(missing_ok=True)
+        if kind is None and not complete:
+            raise SisrayError(f"scoring returned no record for {int((~self.seen).sum())} of {len(self.seen)} images")
+        if complete:
+            self.staging.replace(self.out)
 
 
 def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict:
@@ -64,33 +111,14 @@ def score_pass(cfg: Config, checkpoint: str | Path, out: Path) -> dict:
     actors, options = pool_options(cfg, len(dataset))
     spec = PassSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu)
     results = image_ids(range(len(dataset))).map_batches(Scorer, fn_constructor_kwargs={"spec": spec}, **options)
-    n = len(dataset)
-    seen = np.zeros(n, bool)
-    progress = Progress("scoring", n)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp")
-    writer = None
-    try:
-        try:
-            with stage_errors("scoring"):
-                for batch in results.iter_batches(batch_format="numpy", batch_size=None):
-                    index = batch["index"]
-                    if seen[index].any():  # a retried actor must not count an image twice
-                        raise SisrayError(f"scoring returned image {int(index[seen[index]][0])} twice")
-                    seen[index] = True
-                    table = arrow_table(batch)
-                    writer = writer or pq.ParquetWriter(staging, table.schema)
-                    writer.write_table(table)
-                    progress.advance(len(index))
-        finally:
-            if writer:
-                writer.close()
-        if not seen.all():
-            raise SisrayError(f"scoring returned no record for {int((~seen).sum())} of {n} images")
-    except BaseException:
-        staging.unlink(missing_ok=True)  # never leave half a scores file
-        raise
-    staging.replace(out)
+    with ScoresWriter(out, len(dataset)) as writer, stage_errors("scoring"):
+        for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+            writer.add(batch)
+    return scores_written(out)
+
+
+def scores_written(out: Path) -> dict:
+    """The tables of a scores file just written (`read_scores`), and a line on the images it skipped."""
     tables = read_scores(out)
     if tables["skipped"]:
         print(f"scoring: skipped {len(tables['skipped'])} unreadable image(s) (skip_bad_pairs), e.g. "

@@ -16,16 +16,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sisray import storage
-from sisray.cluster import Workers, ray_log_level, train_workers
+from sisray.cluster import Workers, ray_log_level, stage_errors, train_workers
 from sisray.config import Config, with_absolute_paths
 from sisray.errors import SisrayError
 from sisray.models import checkpoint_file
 from sisray.patch_set import count_rows
-from sisray.rundir import MODEL, TRAIN_STATE, RunDir, round_name
+from sisray.rundir import MODEL, TARGET_BN_MODEL, TRAIN_STATE, RunDir, round_name
 from sisray.sampling import RareClassSampler, rare_class_sampler
 from sisray.stages.label_space import label_space
 from sisray.stages.train_loop import TrainSpec, holdout_split, read_train_state, train_loop, training_set
 from sisray.storage import RunStore
+from sisray.target_statistics import report
 from sisray.tracking import RunLogger
 
 
@@ -73,7 +74,8 @@ def fit(cfg: Config, spec: TrainSpec, store: RunStore, name: str, loop=None):
             logging_config=ray.train.LoggingConfig(log_level=ray_log_level())),
     )
     try:
-        result = fit_interruptibly(trainer)
+        with stage_errors("training"):
+            result = fit_interruptibly(trainer)
     except ray.train.TrainingFailedError as exc:
         raise SisrayError(f"training failed: {exc}") from exc
     if result.checkpoint is None:
@@ -107,14 +109,15 @@ def finished_step(checkpoint: Path) -> int:
     return read_train_state(state)["step"] if state.is_file() else 0
 
 
-def publish_checkpoint(files: Iterable[str | Path], destination: Path) -> None:
+def publish_checkpoint(files: Iterable[str | Path], destination: Path, renamed: dict[str, str] | None = None) -> None:
     """Copy checkpoint files (paths or URIs) into the directory `destination` atomically (copy
-    beside it, then rename)."""
+    beside it, then rename); a file named as a key of `renamed` takes its value as name."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
         for item in files:
-            (staging / Path(str(item).partition("?")[0]).name).write_bytes(storage.read_bytes(item))
+            name = Path(str(item).partition("?")[0]).name
+            (staging / (renamed or {}).get(name, name)).write_bytes(storage.read_bytes(item))
         if destination.exists():
             shutil.rmtree(destination)
         staging.rename(destination)
@@ -123,10 +126,16 @@ def publish_checkpoint(files: Iterable[str | Path], destination: Path) -> None:
         raise
 
 
-def publish_result(result, destination: Path) -> None:
-    """Ray Train's final checkpoint (local or remote) as RUN/<stage>/checkpoint/."""
+def publish_result(result, destination: Path, target_bn: Path | None = None) -> None:
+    """Ray Train's final checkpoint (local or remote) as RUN/<stage>/checkpoint/; with `target_bn`,
+    its model with target BatchNorm statistics as TARGET_BN/model.pt, beside the same train_state.pt."""
     with result.checkpoint.as_directory() as folder:
-        publish_checkpoint(sorted(Path(folder).iterdir()), destination)
+        files = sorted(Path(folder).iterdir())
+        publish_checkpoint([f for f in files if f.name != TARGET_BN_MODEL], destination)
+        if target_bn:
+            publish_checkpoint([Path(folder) / TARGET_BN_MODEL, Path(folder) / TRAIN_STATE], target_bn,
+                               renamed={TARGET_BN_MODEL: MODEL})
+            report(result.metrics["target_bn_images"], result.metrics["target_bn_skipped"])
 
 
 def train_source(cfg: Config, store: RunStore, logger: RunLogger | None) -> Path:
@@ -157,11 +166,14 @@ def labelled_sampler(cfg: Config, store: RunStore) -> RareClassSampler | None:
     return rare_class_sampler(counted, trained, cfg.train.rare_class_sampling)
 
 
-def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger: RunLogger | None) -> Path:
+def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger: RunLogger | None,
+                target_bn: bool = False) -> Path:
     """Retraining of one round on the labelled set + the round's patch set (RUN/round_XX/patches/),
     from the previous model (a location workers can read) and its optimiser state: writes
-    RUN/round_XX/checkpoint/. Its length is `train.epochs_per_round` passes over the patch set; a
-    round without patches keeps the model."""
+    RUN/round_XX/checkpoint/, and with `target_bn` the model with target BatchNorm statistics,
+    re-estimated by the first worker after the last step (RUN/round_XX/target_bn/). Its length is
+    `train.epochs_per_round` passes over the patch set; a round without patches keeps the model
+    (its target statistics are then a stage of their own, stages/target_bn.py)."""
     folder = RunDir(store.local).round(round_)
     stage, destination, patches = folder.name, folder.checkpoint, folder.patches
     samples = count_rows(patches)
@@ -176,21 +188,23 @@ def train_round(cfg: Config, store: RunStore, round_: int, previous: str, logger
         publish_checkpoint([f for f in (model, state) if f], destination)
         return destination
     spec = round_spec(cfg, round_, steps, model, state, store.shared(patches), train_workers(cfg), logger,
-                      labelled_sampler(cfg, store))
-    publish_result(fit(cfg, spec, store, stage), destination)
+                      labelled_sampler(cfg, store), target_bn)
+    publish_result(fit(cfg, spec, store, stage), destination, folder.target_bn.checkpoint if target_bn else None)
     return destination
 
 
 def round_spec(cfg: Config, round_: int, steps: int, model: str, carried_state: str | None, patches: str,
-               workers: Workers, logger: RunLogger | None, sampler: RareClassSampler | None = None) -> TrainSpec:
+               workers: Workers, logger: RunLogger | None, sampler: RareClassSampler | None = None,
+               target_bn: bool = False) -> TrainSpec:
     """What the workers of a round's retraining run, every value resolved here: the rounds' rate
     (train.round_lr, else train.lr, else the model's recipe), warm-up steps, BatchNorm, EMA, how its
-    labelled images are drawn and how far ahead they are loaded."""
+    labelled images are drawn and how far ahead they are loaded, and whether its final checkpoint
+    holds the model with target BatchNorm statistics."""
     return TrainSpec(cfg, round_name(round_), steps, model, workers.threads_each, logger, round_, patches,
                      carried_state, lr=cfg.train.round_lr or cfg.train.lr,
                      warmup_steps=round(cfg.train.round_warmup * steps), frozen_bn=cfg.train.round_bn == "frozen",
                      ema_decay=cfg.lse.ema_decay, online_teacher=cfg.lse.online_teacher, sampler=sampler,
-                     prefetch=prefetch_depth(cfg, workers))
+                     prefetch=prefetch_depth(cfg, workers), target_bn=target_bn)
 
 
 def prefetch_depth(cfg: Config, workers: Workers) -> int:

@@ -36,8 +36,9 @@ from sisray.optim import freeze_batchnorm_statistics, make_optimizer, moving_ave
 from sisray.patch_set import PatchDataset
 from sisray.prefetch import prefetched
 from sisray.progress import Progress
-from sisray.rundir import MODEL, ONLINE_TEACHER, STUDENT, TRAIN_STATE
+from sisray.rundir import MODEL, ONLINE_TEACHER, STUDENT, TARGET_BN_MODEL, TRAIN_STATE
 from sisray.sampling import RareClassSampler
+from sisray.target_statistics import with_target_statistics
 from sisray.tracking import RunLogger
 
 
@@ -63,6 +64,7 @@ class TrainSpec:
     online_teacher: float | None = None  # EMA decay of the teacher re-drawing the patches' labels (lse.online_teacher)
     sampler: RareClassSampler | None = None  # draws the labelled images (train.rare_class_sampling); None: epochs
     ray_log_level: str = "INFO"  # of Ray Train's own logs in the worker (the driver's: cluster.ray_log_level)
+    target_bn: bool = False  # the final checkpoint also holds the model with target BatchNorm statistics (lse.target_bn)
 
 
 def stream_seed(seed: int, round_: int, stream: int) -> int:
@@ -129,7 +131,8 @@ def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[torch
 
 
 def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed: int,
-                     average: AveragedModel | None, holdout_curve: list, teacher: AveragedModel | None) -> None:
+                     average: AveragedModel | None, holdout_curve: list, teacher: AveragedModel | None,
+                     adapted: dict | None) -> None:
     # model.pt is a plain state dict, usable on its own (evaluate --checkpoint, model.init): the
     # moving average when there is one; the trained weights then go to student.pt, for resuming.
     if average is not None:
@@ -138,18 +141,22 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, seed:
     torch.save(model.state_dict(), folder / MODEL)
     if teacher is not None:
         torch.save(teacher.module.state_dict(), folder / ONLINE_TEACHER)
+    if adapted is not None:
+        torch.save(adapted, folder / TARGET_BN_MODEL)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "seed": seed, "holdout_loss": holdout_curve}, folder / TRAIN_STATE)
 
 
 def _report(metrics: dict, rank: int, model, optimizer, scheduler, step: int, seed: int,
-            average: AveragedModel | None = None, holdout_curve: list = (), teacher: AveragedModel | None = None) -> None:
+            average: AveragedModel | None = None, holdout_curve: list = (), teacher: AveragedModel | None = None,
+            adapted: dict | None = None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed, average, list(holdout_curve), teacher)
+            _save_checkpoint(Path(tmp), model, optimizer, scheduler, step, seed, average, list(holdout_curve), teacher,
+                             adapted)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -180,6 +187,22 @@ def training_step(net, optimizer, labelled: tuple, patches: tuple | None, beta: 
                  "target_loss": target_loss.item()}
     optimizer.step()
     return parts
+
+
+def final_target_statistics(spec: TrainSpec, published: torch.nn.Module, device: torch.device, rank: int,
+                            world: int, metrics: dict) -> dict | None:
+    """With `spec.target_bn`, on the first worker: the published model's state with BatchNorm
+    statistics of the target-train images (its images used and skipped go into `metrics`). The other
+    workers wait at the final report meanwhile, so their threads are used too."""
+    if not spec.target_bn or rank != 0:
+        return None
+    torch.set_num_threads(spec.threads * world)
+    try:
+        adapted, seen, skipped = with_target_statistics(spec.config, published, device)
+    finally:
+        torch.set_num_threads(spec.threads)
+    metrics.update(target_bn_images=seen, target_bn_skipped=skipped)
+    return adapted
 
 
 def read_train_state(location: str | Path) -> dict:
@@ -254,6 +277,10 @@ def train_loop(loop_config: dict) -> None:
         indices = global_batch(step, cfg.train.batch_size, len(patches), stream_seed(cfg.seed, spec.round, 1))
         return labelled, load_batch(patches, indices[mine], device)
 
+    def published_model() -> torch.nn.Module:
+        """What model.pt holds: the moving average of the weights (lse.ema_decay), else the weights."""
+        return average.module if average is not None else model
+
     batches = prefetched(load_step, range(start, spec.steps), spec.prefetch)
     for step in range(start, spec.steps):
         began = time.perf_counter()
@@ -294,14 +321,16 @@ def train_loop(loop_config: dict) -> None:
             samples_per_s = cfg.train.batch_size / statistics.median(step_times)
             metrics = {"step": done, "loss": parts["loss"], "resumed_from": start, "samples_per_s": samples_per_s}
             if held_out_ids and rank == 0:  # the published model's loss on the labelled images it never saw
-                published = average.module if average is not None else model
-                holdout_curve.append([done, held_out_loss(published, dataset, held_out_ids, device, per_worker)])
+                holdout_curve.append([done, held_out_loss(published_model(), dataset, held_out_ids, device, per_worker)])
                 metrics["holdout_loss"] = holdout_curve[-1][1]
                 if spec.logger:
                     spec.logger.metrics({f"{spec.stage}/holdout_loss": holdout_curve[-1][1]}, step=done)
-            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed, average, holdout_curve, teacher)
+            adapted = final_target_statistics(spec, published_model(), device, rank, world, metrics) \
+                if done == spec.steps else None
+            _report(metrics, rank, model, optimizer, scheduler, done, cfg.seed, average, holdout_curve, teacher, adapted)
     if start >= spec.steps:  # resumed after the last step: hand the final checkpoint back again
         metrics = {"step": start, "loss": float("nan"), "resumed_from": start}
-        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average, holdout_curve, teacher)
+        adapted = final_target_statistics(spec, published_model(), device, rank, world, metrics)
+        _report(metrics, rank, model, optimizer, scheduler, start, cfg.seed, average, holdout_curve, teacher, adapted)
     if rank == 0 and spec.logger:  # what a stopped tracking server did not take, sent or named
         spec.logger.close()
