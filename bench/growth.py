@@ -3,13 +3,15 @@
 
 Each size is one real `jobs/adapt.py` run (its own process and Ray instance) of one round (p = 0.2,
 the demo's first) from the same source model, on a synthetic benchmark with that many target-train
-images and the same 50 target-val images: the source model's evaluation (with and without target
-BatchNorm statistics), scoring, selection, patches, focal-loss retraining (2 epochs over the round's
-patch set, as in the demo), the round model's target statistics and evaluation. Scoring, patches,
-retraining and target statistics should grow linearly, evaluation not at all; the fit gives seconds
-per target image and the fixed cost. `--tiny` (N = 4 and 2N only, 64x32 images, a randomly
-initialised model, global selection, no target statistics) is the test suite's smoke run. Last line:
-{"n", "wall_s", "stage_s", "growth_2n", "growth_4n" (not with --tiny), "per_image_s", "fixed_s",
+images and the same 50 target-val images: the source model's evaluation (without and with target
+BatchNorm statistics; the latter's pass also scores the target-train images for the round), selection,
+patches, focal-loss retraining (2 epochs over the round's patch set, as in the demo; its model's target
+statistics after the last step) and evaluation. Scoring, patches, retraining and target statistics
+should grow linearly, evaluation not at all; the fit gives seconds
+per target image and the fixed cost. `--tiny` (N = 4 only, 64x32 images, a randomly initialised
+model, global selection, no target statistics) is the test suite's smoke run: one job, all start-up,
+so it measures no growth. Last line:
+{"n", "wall_s", "stage_s", "growth_2n", "growth_4n", "per_image_s", "fixed_s" (not with --tiny),
 "selected", "patches", "passes_per_round" and "source_passes" (Ray Data passes, Ray tasks and Ray Train
 fits), "driver_rss_mb"}.
 """
@@ -70,18 +72,26 @@ def peak_rss_mb(stdout: str) -> float:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"peak_rss_mb"')][-1]["peak_rss_mb"]
 
 
+def cost_model(sizes: list[int], walls: list[float]) -> dict[str, float]:
+    """Each size's wall time over the first's ("growth_2n", "growth_4n", ...) and the straight line
+    through them: seconds per target image and fixed seconds."""
+    per_image, fixed = np.polyfit(sizes, walls, 1)
+    return {**{f"growth_{n // sizes[0]}n": round(w / walls[0], 3) for n, w in zip(sizes[1:], walls[1:])},
+            "per_image_s": round(float(per_image), 4), "fixed_s": round(float(fixed), 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=300, help="N target-train images (the demo's target-train set)")
     p.add_argument("--checkpoint", help="the source model (default: the default's, sisray/weights)")
-    p.add_argument("--tiny", action="store_true", help="N = 4, 2N at 64x32 from a random model (the tests' smoke run)")
+    p.add_argument("--tiny", action="store_true", help="N = 4 only, at 64x32 from a random model (the tests' smoke run)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
     if args.child:
         child(rest)
         return
     base, val = (4, 2) if args.tiny else (args.n, 50)
-    sizes = [base, 2 * base] if args.tiny else [base, 2 * base, 4 * base]  # tiny: each run is start-up
+    sizes = [base] if args.tiny else [base, 2 * base, 4 * base]  # tiny: one run, all start-up, measures no growth
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(Path(tmp) / "random.pt") if args.tiny else source_model(args.checkpoint)
@@ -92,14 +102,13 @@ def main() -> None:
                   ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_s"].items()) + f"); driver {r['peak_rss_mb']:.0f} MB",
                   flush=True)
     walls = [r["wall_s"] for r in runs]
-    per_image, fixed = np.polyfit(sizes, walls, 1)
-    print(f"cost = {fixed:.1f} s + {per_image:.3f} s per target image; " +
-          ", ".join(f"{n // base}N/N {w / walls[0]:.2f}" for n, w in zip(sizes[1:], walls[1:])))
-    growth = {f"growth_{n // base}n": round(w / walls[0], 3) for n, w in zip(sizes[1:], walls[1:])}
+    growth = cost_model(sizes, walls) if len(sizes) > 1 else {}
+    if growth:
+        print(f"cost = {growth['fixed_s']:.1f} s + {growth['per_image_s']:.3f} s per target image; " +
+              ", ".join(f"{n // base}N/N {growth[f'growth_{n // base}n']:.2f}" for n in sizes[1:]))
     print(json.dumps({"n": sizes, "wall_s": [round(w, 1) for w in walls],
                       "stage_s": {k: [round(r["stage_s"][k], 1) for r in runs] for k in runs[0]["stage_s"]},
                       **growth,
-                      "per_image_s": round(float(per_image), 4), "fixed_s": round(float(fixed), 1),
                       "selected": [r["selected"] for r in runs], "patches": [r["patches"] for r in runs],
                       "passes_per_round": runs[0]["round_passes"], "source_passes": runs[0]["source_passes"],
                       "driver_rss_mb": [round(r["peak_rss_mb"]) for r in runs]}))

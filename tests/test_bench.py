@@ -62,20 +62,30 @@ def test_the_precision_bench_compares_one_model_at_two_precisions():
     assert 0.9 < figures["pixel_agreement"] < 1  # the same model: bf16 rounding moves a few pixels, not most
 
 
-def test_the_growth_bench_runs_one_round_at_each_size():
+def test_the_growth_bench_runs_a_whole_round():
     figures = _last_json("growth.py", "--tiny")
-    assert figures["n"] == [4, 8] and "growth_2n" in figures and "growth_4n" not in figures
-    assert figures["selected"] == [2, 4]  # global selection of half the images
+    assert figures["n"] == [4] and "growth_2n" not in figures  # one size: no growth to measure
+    assert figures["selected"] == [2]  # global selection of half the images
     assert figures["patches"] == [2 * s for s in figures["selected"]]
     # the round: patches, fit, evaluation; the source model's evaluation scores for the round
     assert figures["passes_per_round"] == 3 and figures["source_passes"] == 1
     assert all(w > sum(stages) > 0 for w, stages in zip(figures["wall_s"], zip(*figures["stage_s"].values())))
 
 
-def _ablation():
+def test_the_growth_bench_fits_its_cost_model_to_the_wall_times():
+    """On the figures of bench/README.md: the ratios to N and the line through the three sizes."""
+    growth = _bench_module("growth")
+    # (the README's figures came from the unrounded wall times)
+    assert growth.cost_model([300, 600, 1200], [117.8, 161.8, 253.9]) == pytest.approx(
+        {"growth_2n": 1.374, "growth_4n": 2.156, "per_image_s": 0.1516, "fixed_s": 71.7}, abs=2e-3)
+    assert growth.cost_model([10, 20], [30.0, 50.0]) == {"growth_2n": 1.667, "per_image_s": 2.0, "fixed_s": 10.0}
+
+
+def _bench_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
+    sys.path.insert(0, str(REPO / "bench"))  # the benches import their common module
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -107,7 +117,7 @@ def test_the_ablation_reports_what_its_runs_measured(small_ablation, fcn_checkpo
 def test_every_ablation_variant_is_a_valid_config_that_changes_the_default():
     from sisray.config import load_config
 
-    ablation = _ablation()
+    ablation = _bench_module("ablation")
     default = load_config(REPO / "configs" / "synthetic.yaml")
     for name, overrides in {**ablation.ADAPTED, **ablation.SOURCE_TRAINED}.items():
         variant = load_config(REPO / "configs" / "synthetic.yaml", overrides)  # a renamed key fails here
@@ -121,7 +131,7 @@ def test_the_suite_adapts_every_domain_from_one_source_model_per_seed(tmp_path, 
     from sisray.config import load_config, save_config
     from sisray.datasets.synthetic import SUITE
 
-    ablation = _ablation()
+    ablation = _bench_module("ablation")
     calls = []
 
     def stand_in(script, run_dir, overrides):  # writes what a finished job leaves behind
@@ -175,7 +185,7 @@ def test_a_finished_run_is_known_whether_its_paths_were_given_relative_or_absolu
     """Re-running the ablation with --out given another way must not run finished jobs again."""
     from sisray.config import load_config, save_config
 
-    ablation = _ablation()
+    ablation = _bench_module("ablation")
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "out" / "dusk" / "seed_0" / "lse_fl"
     run.mkdir(parents=True)
@@ -194,27 +204,18 @@ def test_the_safeguard_record_says_which_verdicts_target_labels_bear_out():
                "rounds": [{"round": 1, "evaluation": ev(0.35)}, {"round": 2, "evaluation": ev(0.33)}],
                "safeguard": [{"decision": "source", "accepted": True}, {"decision": "round_01", "accepted": True},
                              {"decision": "round_02", "accepted": True}]}
-    record = _ablation().safeguard_record(summary)
+    record = _bench_module("ablation").safeguard_record(summary)
     # BN accepted though worse (wrong); round 1 (0.35 against the BN model's 0.25) right; round 2 (0.33
     # against round 1's 0.35) accepted: wrong
     assert [(r["right"], r["gain"]) for r in record] == [(False, -5.0), (True, 10.0), (False, -2.0)]
     summary["safeguard"][0]["accepted"] = False  # BN rejected: round 1 is compared with the source model
-    record = _ablation().safeguard_record(summary)
+    record = _bench_module("ablation").safeguard_record(summary)
     assert [(r["right"], r["gain"]) for r in record] == [(True, -5.0), (True, 5.0), (False, -2.0)]
 
 
-def _selection():
-    import importlib.util
-
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("selection", REPO / "bench" / "selection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_selection_scores_rank_correlation_and_regret_per_validator():
-    selection = _selection()
+    selection = _bench_module("selection")
     names = list(selection.HIGHER_IS_BETTER)
     trials = {}
     for k, miou in enumerate([0.30, 0.40, 0.35, 0.20]):
@@ -237,7 +238,7 @@ def test_the_oracle_trains_as_many_steps_as_the_source_model_and_the_bar_is_repo
     the 90% of the 6 source images it trains on; the issue's bar (the rounds over the better of the
     source model with and without target BN, and the share of the gap to the oracle) is computed from
     the seeds' figures."""
-    ablation = _ablation()
+    ablation = _bench_module("ablation")
     roots = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}"]
     assert ablation.oracle_epochs(roots) == pytest.approx(15 * 0.9 * 6 / 4)
     assert ablation.oracle_epochs([*roots, *ablation.SOURCE_TRAINED["source_short"]]) == pytest.approx(2.5 * 6 / 4)
