@@ -274,7 +274,7 @@ def test_ctrl_c_during_retraining_ends_the_run_killed_and_the_same_command_resum
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
     settings = [*small_adaptation(small_benchmark, fcn_checkpoint), "lse.p_max=0.5",  # one round,
-                "train.epochs_per_round=60",  # 60 steps of 4 of the 4 patches: the interrupt lands among them
+                "train.epochs_per_round=20",  # 20 steps of 4 of the 4 patches: the interrupt lands among them
                 "lse.safeguard=false", "tracking.enabled=true", f"tracking.uri={uri}"]
     command = [sys.executable, str(REPO / "jobs" / "adapt.py"), "--run-dir", str(run_dir), *set_args(settings)]
     snapshot = run_dir / "round_01" / "train" / "checkpoint_manager_snapshot.json"
@@ -300,6 +300,6 @@ def test_ctrl_c_during_retraining_ends_the_run_killed_and_the_same_command_resum
     assert again.returncode == 0, again.stderr[-3000:]
     assert "== round_01/score" not in again.stdout and "== round_01/train" in again.stdout
     last = json.loads(snapshot.read_text())["checkpoint_results"][-1]["metrics"]
-    assert last["step"] == 60 and 0 < last["resumed_from"] < 60  # from the interrupted run's checkpoint
+    assert last["step"] == 20 and 0 < last["resumed_from"] < 20  # from the interrupted run's checkpoint
     (resumed,) = client.search_runs([run.info.experiment_id])
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
