@@ -8,8 +8,8 @@ imports, starts Ray and scores with 2 actors x 1 thread (`stages.score.score_pas
 do the same per-image work (load, forward, records) in the same layout, 2 processes x 1 thread each
 scoring half the images, and in 1 process x 2 threads. Whole-run ratio = bare seconds / Ray seconds
 at --large images (above 1: Ray is faster). The marginal rate compares --n with --large images (the
-start-up cancels out). `--tiny` (4 and 8 images, a randomly initialised model: speed only) is the
-test suite's smoke run. Last line: one JSON object.
+start-up cancels out). `--tiny` (8 images, a randomly initialised model: speed only; no marginal
+rate, no memory ratio) is the test suite's smoke run. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--large", type=int, default=1024)
     p.add_argument("--checkpoint", help="the model to score with (default: the default's source model)")
-    p.add_argument("--tiny", action="store_true", help="4 and 8 images (the tests' smoke run)")
+    p.add_argument("--tiny", action="store_true", help="8 images, whole runs only (the tests' smoke run)")
     p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -114,32 +114,36 @@ def main() -> None:
                else bare_child(Path(root), checkpoint, float(spawned), *(int(v) for v in rest)))
         print(json.dumps(out))
         return
-    small_n, large_n = (4, 8) if args.tiny else (args.n, args.large)
+    small_n, large_n = (0, 8) if args.tiny else (args.n, args.large)
     with tempfile.TemporaryDirectory() as tmp:
-        small, large = make_set(Path(tmp) / "small", small_n), make_set(Path(tmp) / "large", large_n)
+        large = make_set(Path(tmp) / "large", large_n)
         checkpoint = random_checkpoint(Path(tmp) / "random.pt") if args.tiny else source_model(args.checkpoint)
-        ray_small_s, (ray_small,) = run(["ray", str(small), checkpoint])
         ray_large_s, (ray_large,) = run(["ray", str(large), checkpoint, "patches"])
+        if small_n:  # the marginal rate and the memory ratio: a second, smaller whole run
+            ray_small_s, (ray_small,) = run(["ray", str(make_set(Path(tmp) / "small", small_n)), checkpoint])
         two_s, _ = run(*(["bare", str(large), checkpoint, "1", str(k), "2"] for k in (0, 1)))
         one_s, _ = run(["bare", str(large), checkpoint, "2", "0", "1"])
-    marginal = (large_n - small_n) / (ray_large["pass_seconds"] - ray_small["pass_seconds"])
     print(f"whole runs at {large_n} images (process start to last record): Ray Data 2 actors x 1 thread "
           f"{ray_large_s:.1f} s; bare loops 2 processes x 1 thread {two_s:.1f} s, 1 process x 2 threads {one_s:.1f} s")
     print(f"  whole-run ratio (bare / Ray): {two_s / ray_large_s:.2f} against the same layout, "
-          f"{one_s / ray_large_s:.2f} against 1 x 2")
-    print(f"  at {small_n} images: Ray {ray_small_s:.1f} s whole run; the pass alone {ray_small['pass_seconds']:.1f} s")
-    print(f"marginal rate ({small_n} -> {large_n} images, start-up cancelled): {marginal:.1f} images/s; "
-          f"the bare loops' whole-run rates {large_n / two_s:.1f} (2 x 1) and {large_n / one_s:.1f} (1 x 2) images/s")
-    print(f"driver peak RSS {ray_small['peak_rss_mb']:.0f} MB at {small_n} images, {ray_large['peak_rss_mb']:.0f} MB "
-          f"at {large_n}; patch set {ray_large['bytes_per_selected_image']:.0f} bytes per selected image")
-    print(json.dumps({"whole_run_ratio_same_layout": round(two_s / ray_large_s, 3),
-                      "whole_run_ratio_one_process": round(one_s / ray_large_s, 3),
-                      "ray_whole_s": round(ray_large_s, 1), "bare_2x1_whole_s": round(two_s, 1),
-                      "bare_1x2_whole_s": round(one_s, 1), "ray_marginal_images_per_s": round(marginal, 2),
-                      "ray_small_whole_s": round(ray_small_s, 1),
-                      "rss_ratio": round(ray_large["peak_rss_mb"] / ray_small["peak_rss_mb"], 3),
-                      "bytes_per_selected_image": round(ray_large["bytes_per_selected_image"]),
-                      "images": [small_n, large_n], "random_model": checkpoint.endswith("random.pt")}))
+          f"{one_s / ray_large_s:.2f} against 1 x 2; patch set {ray_large['bytes_per_selected_image']:.0f} bytes "
+          "per selected image")
+    figures = {"whole_run_ratio_same_layout": round(two_s / ray_large_s, 3),
+               "whole_run_ratio_one_process": round(one_s / ray_large_s, 3),
+               "ray_whole_s": round(ray_large_s, 1), "bare_2x1_whole_s": round(two_s, 1),
+               "bare_1x2_whole_s": round(one_s, 1)}
+    if small_n:
+        marginal = (large_n - small_n) / (ray_large["pass_seconds"] - ray_small["pass_seconds"])
+        print(f"  at {small_n} images: Ray {ray_small_s:.1f} s whole run; the pass alone {ray_small['pass_seconds']:.1f} s")
+        print(f"marginal rate ({small_n} -> {large_n} images, start-up cancelled): {marginal:.1f} images/s; "
+              f"the bare loops' whole-run rates {large_n / two_s:.1f} (2 x 1) and {large_n / one_s:.1f} (1 x 2) images/s")
+        print(f"driver peak RSS {ray_small['peak_rss_mb']:.0f} MB at {small_n} images, "
+              f"{ray_large['peak_rss_mb']:.0f} MB at {large_n}")
+        figures.update(ray_marginal_images_per_s=round(marginal, 2), ray_small_whole_s=round(ray_small_s, 1),
+                       rss_ratio=round(ray_large["peak_rss_mb"] / ray_small["peak_rss_mb"], 3))
+    print(json.dumps({**figures, "bytes_per_selected_image": round(ray_large["bytes_per_selected_image"]),
+                      "images": [n for n in (small_n, large_n) if n],
+                      "random_model": checkpoint.endswith("random.pt")}))
 
 
 if __name__ == "__main__":

@@ -81,9 +81,10 @@ def _cluster() -> tuple[float, float]:
     every stage of a job is sized from the cluster it started on. A node lost mid-run (replaced or
     not) then changes no later stage's count of actors, workers or threads, so the run's results stay
     those of an uninterrupted one. To use nodes that join later, set train.num_workers and
-    resources.num_actors."""
+    resources.num_actors. Ray is started here, when a job's first stage needs it (`start_ray`)."""
     import ray
 
+    start_ray()
     address = ray.get_runtime_context().gcs_address
     if address not in _SIZE:
         resources = ray.cluster_resources()

@@ -55,17 +55,15 @@ class Job:
 
     @contextmanager
     def started(self, finished_anyway: Callable[[], bool] = lambda: False) -> Iterator[Tracking]:
-        """Save the config, start Ray (or join RAY_ADDRESS) and open the MLflow run; close it with
-        the job's outcome. An exception ends the run FAILED unless `finished_anyway()` says the work
-        was all done (Tune stops a trial once it has reported its last round)."""
-        from sisray.cluster import start_ray
-
+        """Save the config and open the MLflow run; close it with the job's outcome. (Ray starts, or
+        joins RAY_ADDRESS, when a stage first sizes itself: a finished run re-run starts none.) An
+        exception ends the run FAILED unless `finished_anyway()` says the work was all done (Tune
+        stops a trial once it has reported its last round)."""
         if self.store:
             self.store.local.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir.config)
         if self.state:
             self.state.save()
-        start_ray()
         resume = self.state.mlflow_run_id if self.state else self.resume_run_id
         tracking = Tracking(self.cfg, self.kind, resume_run_id=resume, parent_run_id=self.parent_run_id,
                             tags=self.tags)

@@ -65,10 +65,11 @@ def previous_run(tmp_path, fcn_checkpoint):
 
 def run_adapt(monkeypatch, capsys, *args: str) -> str:
     """jobs/adapt.py in this process (its checks are cheap; a subprocess would import torch each time);
-    returns stderr after asserting it exited 2 before starting Ray."""
-    def no_ray():
+    returns stderr after asserting it exited 2 before its work began (the run's config saved, Ray)."""
+    def no_work(*args, **kwargs):
         raise AssertionError("the job went past its input checks")
-    monkeypatch.setattr("sisray.cluster.start_ray", no_ray)
+    monkeypatch.setattr("sisray.job.Job.started", no_work)
+    monkeypatch.setattr("sisray.cluster.start_ray", no_work)
     monkeypatch.setattr(sys, "argv", ["jobs/adapt.py", *args])
     monkeypatch.delenv("SISRAY_SET", raising=False)
     with pytest.raises(SystemExit) as stop:

@@ -34,12 +34,11 @@ def test_the_masking_bench_compares_like_with_like():
 @pytest.mark.timeout(600, method="thread")
 def test_the_scoring_bench_times_whole_runs_of_every_image():
     figures = _last_json("scoring.py", "--tiny")
-    assert figures["images"] == [4, 8]
+    assert figures["images"] == [8] and "ray_marginal_images_per_s" not in figures  # one size: whole runs only
     assert figures["ray_whole_s"] > 0 and figures["bare_2x1_whole_s"] > 0 and figures["bare_1x2_whole_s"] > 0
     assert figures["whole_run_ratio_same_layout"] == pytest.approx(
         figures["bare_2x1_whole_s"] / figures["ray_whole_s"], rel=0.05)
-    # 4 against 8 images: the marginal rate is noise here (it can come out negative), but computed
-    assert math.isfinite(figures["ray_marginal_images_per_s"]) and figures["bytes_per_selected_image"] > 0
+    assert figures["bytes_per_selected_image"] > 0
 
 
 @pytest.mark.ray
@@ -62,6 +61,9 @@ def test_the_precision_bench_compares_one_model_at_two_precisions():
     assert 0.9 < figures["pixel_agreement"] < 1  # the same model: bf16 rounding moves a few pixels, not most
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # in the job it starts
+@pytest.mark.timeout(600, method="thread")
 def test_the_growth_bench_runs_a_whole_round():
     figures = _last_json("growth.py", "--tiny")
     assert figures["n"] == [4] and "growth_2n" not in figures  # one size: no growth to measure

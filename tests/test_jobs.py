@@ -48,9 +48,6 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     assert f"{tmp_path / 'target'} exists but is not part of a sisray synthetic benchmark" in result.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.timeout(900, method="thread")
 def holds_config(server: MlflowClient) -> bool:
     """Whether the job's MLflow run is open and holds its config.yaml."""
     experiment = server.get_experiment_by_name("sisray")
@@ -80,6 +77,9 @@ def run_through_an_outage(args: list[str], gate: Gate, server: MlflowClient, fol
     return job.returncode, out.read_text(), err.read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900, method="thread")
 def test_train_source_then_evaluate_jobs_with_a_tracking_server_stopped_mid_training(tmp_path, small_benchmark):
     import json
 

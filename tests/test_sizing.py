@@ -59,6 +59,7 @@ def test_a_cluster_is_measured_once_so_a_node_lost_mid_run_changes_no_later_stag
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(seen))
     monkeypatch.setattr(ray, "get_runtime_context", lambda: address)
     monkeypatch.setattr(cluster, "_SIZE", {})
+    monkeypatch.setattr(cluster, "start_ray", lambda: None)  # the cluster stood in for: none started
     cfg = load_config(None, ["train.batch_size=8"])
     before = train_workers(cfg), inference_actors(cfg, 100)
     seen["CPU"] = 2.0  # a node lost

@@ -162,6 +162,7 @@ def run_sweep(cfg: Config, args: SweepArgs) -> None:
     import ray
     from ray import tune
 
+    from sisray.cluster import start_ray
     from sisray.inputs import check_inputs
     from sisray.job import Job
     from sisray.stages.train import train_source
@@ -178,6 +179,7 @@ def run_sweep(cfg: Config, args: SweepArgs) -> None:
     with job.started() as tracking:
         state["parent_run_id"] = tracking.run_id
         atomic_write_json(sweep_dir.state, state)
+        start_ray()
         resources = ray.cluster_resources()
         slots = trial_slots(cfg, float(resources.get("CPU", 1)), float(resources.get("GPU", 0)), args.concurrency)
         tracking.params({**{f"sweep.space.{k}": line for k, line in space.describe().items()},
