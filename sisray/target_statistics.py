@@ -11,8 +11,6 @@ last step (sisray/stages/train_loop.py); the source model gets a Ray task (sisra
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from sisray.config import Config
@@ -44,9 +42,9 @@ def reestimate(model: torch.nn.Module, batches) -> int:
 
 def with_target_statistics(cfg: Config, model: torch.nn.Module,
                            device: torch.device) -> tuple[dict[str, torch.Tensor], int, list[str]]:
-    """The state dict (on the CPU) of a copy of `model` with BatchNorm statistics of the target-train
-    images, the number of images used, and the images skipped (with the target's `skip_bad_pairs`;
-    without it an unreadable image fails)."""
+    """The state dict (on the CPU) of `model` with BatchNorm statistics of the target-train images
+    (set in place: pass a copy of a model that goes on), the number of images used, and the images
+    skipped (with the target's `skip_bad_pairs`; without it an unreadable image fails)."""
     from sisray.datasets import open_target
 
     dataset = open_target(cfg.data.target, "train", with_labels=False)
@@ -66,9 +64,8 @@ def with_target_statistics(cfg: Config, model: torch.nn.Module,
             if images:
                 yield torch.stack(images).to(device)
 
-    adapted = copy.deepcopy(model)
-    seen = reestimate(adapted, batches())
-    return {k: v.cpu() for k, v in adapted.state_dict().items()}, seen, skipped
+    seen = reestimate(model, batches())
+    return {k: v.cpu() for k, v in model.state_dict().items()}, seen, skipped
 
 
 def report(seen: int, skipped: list[str]) -> None:

@@ -11,6 +11,7 @@ exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import statistics
@@ -198,7 +199,7 @@ def final_target_statistics(spec: TrainSpec, published: torch.nn.Module, device:
         return None
     torch.set_num_threads(spec.threads * world)
     try:
-        adapted, seen, skipped = with_target_statistics(spec.config, published, device)
+        adapted, seen, skipped = with_target_statistics(spec.config, copy.deepcopy(published), device)
     finally:
         torch.set_num_threads(spec.threads)
     metrics.update(target_bn_images=seen, target_bn_skipped=skipped)
