@@ -1,6 +1,11 @@
 """Shared fixtures. Ray is started once per session (starting it costs seconds): token authentication
 off, no dashboard, a short temp dir, logical CPU over-subscription, and a hard timeout on every
-test marked `ray` (the failure mode of Ray on a small machine is a silent hang)."""
+test marked `ray` (the failure mode of Ray on a small machine is a silent hang).
+
+`make test` runs the tests in two pytest-xdist workers. The benchmark, the stand-in source model and
+the small job's reference run are made once per test run whichever worker asks first
+(`made_once`). The end-to-end tests are collected first and handed out one at a time (the Makefile's
+--maxschedchunk 1), so that both workers run them and neither ends with a queue of them."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # inherited by Ray's processes
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -27,6 +33,24 @@ def pytest_collection_modifyitems(items):
         if item.get_closest_marker("ray") and not item.get_closest_marker("timeout"):
             # method=thread ends the whole run on a hang instead of leaving CI waiting
             item.add_marker(pytest.mark.timeout(RAY_TEST_TIMEOUT, method="thread"))
+    # the slowest first, in their order otherwise (see above)
+    items.sort(key=lambda item: (not item.get_closest_marker("slow"), not item.get_closest_marker("ray")))
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name`, filled by `make(folder)` once per test run: by the first xdist worker that
+    asks (the others wait at its lock and use it), or once per session without xdist."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / f"made-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +74,8 @@ def small_benchmark(tmp_path_factory) -> Path:
     """A tiny synthetic benchmark written once per session by the real generator."""
     from sisray.datasets.synthetic import SyntheticSpec, generate
 
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root, SyntheticSpec(**SMALL_SPEC), processes=1)
-    return root
+    return made_once(tmp_path_factory, "synthetic", lambda root: generate(root, SyntheticSpec(**SMALL_SPEC),
+                                                                          processes=1))
 
 
 @pytest.fixture(scope="session")
@@ -63,14 +86,15 @@ def fcn_checkpoint(tmp_path_factory) -> Path:
 
     from sisray.models import build_model
 
-    torch.manual_seed(0)
-    model = build_model("fcn8s_vgg16", width=0.0625)
-    with torch.no_grad():
-        model.score_fr.weight.normal_(0, 0.05)
-        model.score_fr.bias.normal_(0, 1.0)
-    path = tmp_path_factory.mktemp("fcn") / "model.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    def make(folder: Path) -> None:
+        torch.manual_seed(0)
+        model = build_model("fcn8s_vgg16", width=0.0625)
+        with torch.no_grad():
+            model.score_fr.weight.normal_(0, 0.05)
+            model.score_fr.bias.normal_(0, 1.0)
+        torch.save(model.state_dict(), folder / "model.pt")
+
+    return made_once(tmp_path_factory, "fcn", make) / "model.pt"
 
 
 def set_args(overrides: list[str]) -> list[str]:
@@ -96,11 +120,13 @@ def small_ablation(small_benchmark, fcn_checkpoint, tmp_path_factory) -> tuple[P
     """`bench/ablation.py` for seed 0, the default variant only, on the small job: (its output folder,
     its last line). Its run, `seed_0/lse_fl`, is the tests' uninterrupted reference run of the small
     job (tests/test_storage.py)."""
-    out = tmp_path_factory.mktemp("ablation")
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "ablation.py"), "--out", str(out), "--seeds", "0",
-         "--variants", "lse_fl",
-         *set_args(small_adaptation(small_benchmark, fcn_checkpoint))],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, json.loads(done.stdout.strip().splitlines()[-1])
+    def make(out: Path) -> None:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "ablation.py"), "--out", str(out), "--seeds", "0",
+             "--variants", "lse_fl", *set_args(small_adaptation(small_benchmark, fcn_checkpoint))],
+            cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        (out / "last_line.json").write_text(done.stdout.strip().splitlines()[-1])
+
+    out = made_once(tmp_path_factory, "ablation", make)
+    return out, json.loads((out / "last_line.json").read_text())
