@@ -2,6 +2,7 @@
 the marginal rate; the driver's memory; the patch set's size.
 
     python bench/scoring.py [--n 32] [--large 1024] [--checkpoint MODEL (default: the default's source model)] [--tiny]
+    python bench/scoring.py --actors 8,32,64,96,128   # where a second actor starts to pay
 
 Every run is a fresh process, timed by this script from its start to its last record: the Ray side
 imports, starts Ray and scores with 2 actors x 1 thread (`stages.score.score_pass`); the bare loops
@@ -29,17 +30,26 @@ from common import CONFIG, REPO, make_set, random_checkpoint, source_model
 sys.path.insert(0, str(REPO))
 
 
-def config(root: Path):
+def config(root: Path, actors: int = 2):
     from sisray.config import load_config
 
     return load_config(CONFIG, [
         f"data.source.root={root}", f"data.target.root={root}", "tracking.enabled=false",
-        "lse.p0=0.2", "lse.selection=global", "resources.num_actors=2"])
+        "lse.p0=0.2", "lse.selection=global", f"resources.num_actors={actors}"])
 
 
-def ray_child(root: Path, checkpoint: str, spawned: float, patches: bool) -> dict:
-    """Score one set on a fresh Ray instance (whole_s: from the process's spawn to the last record);
-    optionally select and write the patch set after that."""
+def busy_cpu_seconds() -> float:
+    """CPU time spent by every process on the machine so far (/proc/stat): a pass's actors, Ray's
+    processes and the driver alike. Read on a quiet machine."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+def ray_child(root: Path, checkpoint: str, spawned: float, patches: bool, actors: int = 2) -> dict:
+    """Score one set on a fresh Ray instance with `actors` actors (whole_s: from the process's spawn
+    to the last record; the pass's own seconds and the machine's CPU-seconds during it); optionally
+    select and write the patch set after that."""
     import ray
 
     from sisray.rundir import RoundDir
@@ -47,15 +57,15 @@ def ray_child(root: Path, checkpoint: str, spawned: float, patches: bool) -> dic
     from sisray.stages.score import score_pass
     from sisray.stages.select import select_and_threshold
 
-    cfg = config(root)
+    cfg = config(root, actors)
     ray.init(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as run:
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), busy_cpu_seconds()
         folder = RoundDir(Path(run))
         tables = score_pass(cfg, checkpoint, folder.scores)
         out = {"images": len(tables["counts"]), "pass_seconds": time.perf_counter() - began,
-               "whole_s": time.time() - spawned}
+               "pass_cpu_s": busy_cpu_seconds() - cpu, "whole_s": time.time() - spawned}
         if patches:
             selected, tau = select_and_threshold(cfg, tables, cfg.lse.p0, folder)
             patch_pass(cfg, checkpoint, selected, tau, 1, folder.patches)
@@ -100,20 +110,42 @@ def run(*children: list[str]) -> tuple[float, list[dict]]:
     return max(r["whole_s"] for r in results), results
 
 
+def actors_per_pass(sizes: list[int], checkpoint: str | None, tiny: bool) -> None:
+    """A scoring pass over each set size with 1 actor x 2 threads and 2 actors x 1 thread: the pass's
+    seconds and the machine's CPU-seconds (`sisray.cluster.IMAGES_PER_ACTOR` rests on these)."""
+    figures: dict[str, list] = {"images": sizes, "pass_s_1": [], "pass_s_2": [], "cpu_s_1": [], "cpu_s_2": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = random_checkpoint(Path(tmp) / "random.pt") if tiny else source_model(checkpoint)
+        for n in sizes:
+            root = make_set(Path(tmp) / f"set{n}", n)
+            for actors in (1, 2):
+                _, (out,) = run(["ray", str(root), model, str(actors)])
+                figures[f"pass_s_{actors}"].append(round(out["pass_seconds"], 2))
+                figures[f"cpu_s_{actors}"].append(round(out["pass_cpu_s"], 2))
+            print(f"{n} images: 1 actor {figures['pass_s_1'][-1]:.2f} s ({figures['cpu_s_1'][-1]:.1f} CPU-s), "
+                  f"2 actors {figures['pass_s_2'][-1]:.2f} s ({figures['cpu_s_2'][-1]:.1f} CPU-s)")
+    print(json.dumps({"actors_per_pass": figures, "random_model": tiny}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--large", type=int, default=1024)
     p.add_argument("--checkpoint", help="the model to score with (default: the default's source model)")
     p.add_argument("--tiny", action="store_true", help="8 images, whole runs only (the tests' smoke run)")
+    p.add_argument("--actors", help="instead: one pass with 1 and with 2 actors at each of these set sizes "
+                                    "(comma-separated), where a second actor starts to pay")
     p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         kind, root, checkpoint, spawned, *rest = args.child
-        out = (ray_child(Path(root), checkpoint, float(spawned), rest == ["patches"]) if kind == "ray"
+        out = (ray_child(Path(root), checkpoint, float(spawned), "patches" in rest,
+                         *(int(v) for v in rest if v != "patches")) if kind == "ray"
                else bare_child(Path(root), checkpoint, float(spawned), *(int(v) for v in rest)))
         print(json.dumps(out))
         return
+    if args.actors:
+        return actors_per_pass([int(n) for n in args.actors.split(",")], args.checkpoint, args.tiny)
     small_n, large_n = (0, 8) if args.tiny else (args.n, args.large)
     with tempfile.TemporaryDirectory() as tmp:
         large = make_set(Path(tmp) / "large", large_n)

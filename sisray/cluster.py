@@ -4,6 +4,7 @@ cluster's resources."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -122,11 +123,20 @@ class Actors:
     resources: dict  # map_batches resource arguments per actor
 
 
-def inference_actors(cfg: Config, items: int) -> Actors:
-    """One actor per GPU when there are GPUs, else one per CPU core; never more actors than items."""
+# An actor costs about 3.5 CPU-seconds before its first image (Python, Ray, torch, the model). On 2
+# cores a second actor pays only from 64 images of the default's scoring (bench/README.md, "Actors
+# per pass"), so a pass gets at most one actor per IMAGES_PER_ACTOR images of work.
+IMAGES_PER_ACTOR = 64
+
+
+def inference_actors(cfg: Config, items: int, work_each: int = 1) -> Actors:
+    """One actor per GPU when there are GPUs, else one per CPU core, and at most one per
+    IMAGES_PER_ACTOR images of work (`items` x `work_each`), unless resources.num_actors sets the
+    count; never more actors than items."""
     cpus, gpus = _cluster()
     gpu = use_gpu(cfg, gpus)
-    count = cfg.resources.num_actors or (int(gpus) if gpu else max(1, int(cpus)))
+    count = cfg.resources.num_actors or min(int(gpus) if gpu else max(1, int(cpus)),
+                                            math.ceil(items * work_each / IMAGES_PER_ACTOR))
     count = max(1, min(count, items))
     # Fractional CPUs leave room for Ray Data's read tasks (a pool at 1 CPU each can starve them).
     resources = {"num_gpus": 1} if gpu else {"num_cpus": cfg.resources.cpus_per_actor}

@@ -39,6 +39,9 @@ def test_the_scoring_bench_times_whole_runs_of_every_image():
     assert figures["whole_run_ratio_same_layout"] == pytest.approx(
         figures["bare_2x1_whole_s"] / figures["ray_whole_s"], rel=0.05)
     assert figures["bytes_per_selected_image"] > 0
+    pass_sizes = _last_json("scoring.py", "--tiny", "--actors", "8")["actors_per_pass"]  # 1 and 2 actors
+    assert pass_sizes["images"] == [8]
+    assert all(len(pass_sizes[k]) == 1 and pass_sizes[k][0] > 0 for k in ("pass_s_1", "pass_s_2", "cpu_s_1", "cpu_s_2"))
 
 
 @pytest.mark.ray

@@ -28,15 +28,19 @@ def test_train_workers_take_a_gpu_each_or_share_the_cores(monkeypatch, cpus, gpu
     assert train_workers(_on(monkeypatch, cpus, gpus, *overrides)) == expected
 
 
-@pytest.mark.parametrize("cpus, gpus, items, overrides, expected", [
-    (2, 0, 100, [], Actors(2, False, 1, 4, {"num_cpus": 0.5})),  # fractional CPUs leave room for read tasks
-    (8, 4, 100, [], Actors(4, True, 2, 4, {"num_gpus": 1})),  # an actor per GPU
-    (8, 4, 3, [], Actors(3, True, 2, 4, {"num_gpus": 1})),  # never more actors than images
-    (8, 4, 100, ["resources.device=cpu", "resources.num_actors=3", "resources.actor_batch_size=2"],
-     Actors(3, False, 2, 2, {"num_cpus": 0.5})),
+@pytest.mark.parametrize("cpus, gpus, items, work_each, overrides, expected", [
+    (2, 0, 100, 1, [], Actors(2, False, 1, 4, {"num_cpus": 0.5})),  # fractional CPUs leave room for read tasks
+    (8, 4, 1000, 1, [], Actors(4, True, 2, 4, {"num_gpus": 1})),  # an actor per GPU
+    (8, 4, 100, 1, [], Actors(2, True, 4, 4, {"num_gpus": 1})),  # at most one per 64 images of work
+    (2, 0, 64, 1, [], Actors(1, False, 2, 4, {"num_cpus": 0.5})),  # a small pass: one actor, every thread
+    (2, 0, 22, 3, [], Actors(2, False, 1, 4, {"num_cpus": 0.5})),  # 66 images of work
+    (8, 4, 100, 1, ["resources.device=cpu", "resources.num_actors=3", "resources.actor_batch_size=2"],
+     Actors(3, False, 2, 2, {"num_cpus": 0.5})),  # the count given
+    (8, 0, 2, 1, ["resources.num_actors=3"], Actors(2, False, 4, 4, {"num_cpus": 0.5})),  # never more than images
 ])
-def test_inference_actors_take_a_gpu_each_or_share_the_cores(monkeypatch, cpus, gpus, items, overrides, expected):
-    assert inference_actors(_on(monkeypatch, cpus, gpus, *overrides), items) == expected
+def test_inference_actors_take_a_gpu_each_or_share_the_cores(monkeypatch, cpus, gpus, items, work_each, overrides,
+                                                             expected):
+    assert inference_actors(_on(monkeypatch, cpus, gpus, *overrides), items, work_each) == expected
 
 
 def test_cuda_asked_of_a_cluster_without_gpus_is_a_clear_error(monkeypatch):
@@ -61,9 +65,9 @@ def test_a_cluster_is_measured_once_so_a_node_lost_mid_run_changes_no_later_stag
     monkeypatch.setattr(cluster, "_SIZE", {})
     monkeypatch.setattr(cluster, "start_ray", lambda: None)  # the cluster stood in for: none started
     cfg = load_config(None, ["train.batch_size=8"])
-    before = train_workers(cfg), inference_actors(cfg, 100)
+    before = train_workers(cfg), inference_actors(cfg, 1000)
     seen["CPU"] = 2.0  # a node lost
-    assert (train_workers(cfg), inference_actors(cfg, 100)) == before
+    assert (train_workers(cfg), inference_actors(cfg, 1000)) == before
     assert before[0].count == 4 and before[1].count == 4
     address.gcs_address = "10.0.0.2:6379"  # another cluster is measured anew
     assert train_workers(cfg).count == 2

@@ -100,11 +100,12 @@ def image_ids(ids: Sequence[int], splits: Sequence[int] | None = None):
     return ray.data.from_items([{"id": int(i), "split": int(s)} for i, s in zip(ids, splits)])
 
 
-def pool_options(cfg: Config, items: int) -> tuple[Actors, dict]:
-    """The actor sizing and the `map_batches` arguments of a pool over `items` inputs."""
+def pool_options(cfg: Config, items: int, work_each: int = 1) -> tuple[Actors, dict]:
+    """The actor sizing and the `map_batches` arguments of a pool over `items` inputs, each about
+    `work_each` images of work (`cluster.inference_actors`)."""
     import ray
 
-    actors = inference_actors(cfg, items)
+    actors = inference_actors(cfg, items, work_each)
     options = dict(compute=ray.data.ActorPoolStrategy(size=actors.count), batch_size=actors.batch_size,
                    **actors.resources)
     return actors, options

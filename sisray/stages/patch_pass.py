@@ -126,7 +126,8 @@ def patch_pass(cfg: Config, checkpoint: str | Path, selected: list[int], tau: np
     """Write the patch set of the selected images as Parquet shards under `out`; returns the row count.
     With `figure`, also a PNG of the first patch of the first FIGURE_IMAGES selected images: patch |
     the model's own prediction on it | its pseudo-label."""
-    actors, options = pool_options(cfg, max(1, len(selected)))
+    # an image is predicted, then its patches are cut, encoded and written: about 1 + patches of work
+    actors, options = pool_options(cfg, max(1, len(selected)), 1 + cfg.lse.patches_per_image)
     spec = patch_spec(cfg, checkpoint, actors, selected, tau, round_, figure is not None)
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
