@@ -46,7 +46,7 @@ def busy_cpu_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
-def ray_child(root: Path, checkpoint: str, spawned: float, patches: bool, actors: int = 2) -> dict:
+def ray_child(root: Path, checkpoint: str, spawned: float, actors: int, patches: bool) -> dict:
     """Score one set on a fresh Ray instance with `actors` actors (whole_s: from the process's spawn
     to the last record; the pass's own seconds and the machine's CPU-seconds during it); optionally
     select and write the patch set after that."""
@@ -127,32 +127,42 @@ def actors_per_pass(sizes: list[int], checkpoint: str | None, tiny: bool) -> Non
     print(json.dumps({"actors_per_pass": figures, "random_model": tiny}))
 
 
+def set_sizes(text: str) -> list[int]:
+    """--actors: comma-separated positive image counts."""
+    try:
+        sizes = [int(n) for n in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated image counts, e.g. 8,32,64")
+    return sizes
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--large", type=int, default=1024)
     p.add_argument("--checkpoint", help="the model to score with (default: the default's source model)")
     p.add_argument("--tiny", action="store_true", help="8 images, whole runs only (the tests' smoke run)")
-    p.add_argument("--actors", help="instead: one pass with 1 and with 2 actors at each of these set sizes "
-                                    "(comma-separated), where a second actor starts to pay")
+    p.add_argument("--actors", type=set_sizes, help="instead: one pass with 1 and with 2 actors at each of these "
+                                                     "set sizes (comma-separated), where a second actor starts to pay")
     p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         kind, root, checkpoint, spawned, *rest = args.child
-        out = (ray_child(Path(root), checkpoint, float(spawned), "patches" in rest,
-                         *(int(v) for v in rest if v != "patches")) if kind == "ray"
+        out = (ray_child(Path(root), checkpoint, float(spawned), int(rest[0]), rest[1:] == ["patches"]) if kind == "ray"
                else bare_child(Path(root), checkpoint, float(spawned), *(int(v) for v in rest)))
         print(json.dumps(out))
         return
     if args.actors:
-        return actors_per_pass([int(n) for n in args.actors.split(",")], args.checkpoint, args.tiny)
+        return actors_per_pass(args.actors, args.checkpoint, args.tiny)
     small_n, large_n = (0, 8) if args.tiny else (args.n, args.large)
     with tempfile.TemporaryDirectory() as tmp:
         large = make_set(Path(tmp) / "large", large_n)
         checkpoint = random_checkpoint(Path(tmp) / "random.pt") if args.tiny else source_model(args.checkpoint)
-        ray_large_s, (ray_large,) = run(["ray", str(large), checkpoint, "patches"])
+        ray_large_s, (ray_large,) = run(["ray", str(large), checkpoint, "2", "patches"])
         if small_n:  # the marginal rate and the memory ratio: a second, smaller whole run
-            ray_small_s, (ray_small,) = run(["ray", str(make_set(Path(tmp) / "small", small_n)), checkpoint])
+            ray_small_s, (ray_small,) = run(["ray", str(make_set(Path(tmp) / "small", small_n)), checkpoint, "2"])
         two_s, _ = run(*(["bare", str(large), checkpoint, "1", str(k), "2"] for k in (0, 1)))
         one_s, _ = run(["bare", str(large), checkpoint, "2", "0", "1"])
     print(f"whole runs at {large_n} images (process start to last record): Ray Data 2 actors x 1 thread "

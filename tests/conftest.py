@@ -71,7 +71,7 @@ SMALL_SPEC = dict(seed=3, n_source=6, n_target_train=4, n_target_val=3)
 
 @pytest.fixture(scope="session")
 def small_benchmark(tmp_path_factory) -> Path:
-    """A tiny synthetic benchmark written once per session by the real generator."""
+    """A tiny synthetic benchmark written once per test run by the real generator."""
     from sisray.datasets.synthetic import SyntheticSpec, generate
 
     return made_once(tmp_path_factory, "synthetic", lambda root: generate(root, SyntheticSpec(**SMALL_SPEC),
