@@ -22,7 +22,7 @@ from sisray.cli import add_config_arguments, run  # noqa: E402
 from sisray.config import load_config  # noqa: E402
 from sisray.datasets.synthetic import (SUITE, SyntheticSource, SyntheticSpec, SyntheticTarget, describe,  # noqa: E402
                                       generate, generate_suite)
-from sisray.datasets.synthetic.scene import LOOKS  # noqa: E402
+from sisray.datasets.synthetic.scene import LOOKS, SCENERIES  # noqa: E402
 from sisray.labels import CLASS_NAMES  # noqa: E402
 
 
@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--appearance-gap", type=float, default=d.appearance_gap,
                    help="0: the target looks like the source (only the scale gap); 1: the full photo-like look")
     p.add_argument("--look", choices=LOOKS, default=d.look, help="the target domain's kind (default: day)")
+    p.add_argument("--scenery", choices=SCENERIES, default=d.scenery,
+                   help="what the target's scenes hold: street (the source's) or rural (other class proportions)")
     p.add_argument("--drives", type=int, default=d.drives,
                    help="target-train images as consecutive frames of this many drives (default 0: a scene each)")
     p.add_argument("--suite", action="store_true",
@@ -79,7 +81,7 @@ def main() -> None:
     args = parse_args()
     spec = SyntheticSpec(seed=args.seed, n_source=args.n_source, n_target_train=args.n_target_train,
                          n_target_val=args.n_target_val, appearance_gap=args.appearance_gap, look=args.look,
-                         drives=args.drives)
+                         drives=args.drives, scenery=args.scenery)
     outs = ({name: str(Path(args.out) / name) for name in SUITE} if args.suite else {args.out: args.out})
     manifests = generate_suite(args.out, spec, args.processes) if args.suite else {
         args.out: generate(args.out, spec, processes=args.processes)}

@@ -94,11 +94,15 @@ class LSEConfig:
     # (sisray/lse/online.py; DACS/DAFormer's mean teacher inside LSE's label transfer); None: the patch pass's labels
     online_teacher: float | None = bounded(None, 0.0, 1.0, lo_open=True, hi_open=True)
     fused_teacher: bool = False  # the teacher's softmax averaged over the image at 1/scale, 1 and scale (LSE's zoom) and their mirrors
-    # keep the incumbent model when target BN statistics or a round's model move the predicted class
-    # proportions on the target-train images further from the source's (sisray/safeguard.py)
+    # keep the incumbent model when target BN statistics or a round's model look worse on the target-train
+    # images by safeguard_rule, without a label (sisray/safeguard.py)
     safeguard: bool = False
-    # how much further (mean |log ratio| of class shares) is tolerated: good rounds on the suite moved up to
-    # +0.1 (the target's framing holds more car and person pixels, which the rounds learn); a collapse moves 0.5+
+    # "consistency": the candidate agrees less with itself than the incumbent, mirrored and under ClassMix
+    # (on validation.images target-train images, 64 when that is 0); "prior": its predicted class proportions
+    # move further from the source labels' than safeguard_tolerance
+    safeguard_rule: Literal["consistency", "prior"] = "consistency"
+    # how much further (mean |log ratio| of class shares) the "prior" rule tolerates: good rounds on the suite
+    # moved up to +0.1 (the target's framing holds more car and person pixels, which the rounds learn)
     safeguard_tolerance: float = bounded(0.15, 0.0)
 
 

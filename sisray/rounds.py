@@ -105,15 +105,19 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
                 score_pass(cfg, model, folder.target_scores)
         state.run(stage, score)
 
-    def judged(where: str, kind: str, candidate: tuple[str, ModelDir, str], incumbent_scores: Path,
-               incumbent: str) -> bool:
-        """With lse.safeguard: score the candidate model on the target-train images and judge it
-        against the incumbent's scores (RUN/<where>/safeguard.json); whether it is accepted."""
-        model, scored, name = candidate
-        target_scores(model, scored, f"{where}/{kind}")
+    def judged(where: str, kind: str, candidate: tuple[str, ModelDir, str, Path], incumbent_scores: Path,
+               incumbent: tuple[str, Path]) -> bool:
+        """With lse.safeguard: judge the candidate model against the incumbent on the target-train
+        images (RUN/<where>/safeguard.json), by their validators (both evaluations computed them: the
+        consistency rule) or their scores (the candidate's scored here if its evaluation did not: the
+        prior rule); whether it is accepted."""
+        model, scored, name, evaluated = candidate
+        if cfg.lse.safeguard_rule == "prior":
+            target_scores(model, scored, f"{where}/{kind}")
         verdict = run_dir.path / where / SAFEGUARD
         state.run(f"{where}/safeguard", lambda: judge_candidate(
-            cfg, where, scored.target_scores, incumbent_scores, run_dir.label_space, classes, verdict, name, incumbent))
+            cfg, where, (scored.target_scores, evaluated), (incumbent_scores, incumbent[1]), run_dir.label_space,
+            classes, verdict, name, incumbent[0]))
         return read_verdict(verdict).accepted
 
     # a model's evaluation also scores the target-train images when it may teach the next round or
@@ -121,23 +125,26 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     source_teaches = not cfg.lse.target_bn or cfg.lse.safeguard
     state.run("source/eval", lambda: evaluation(
         source, run_dir.source, 0, scores=run_dir.source.target_scores if source_teaches else None))
-    teacher = (source, run_dir.source, "the source model")  # the model the next round learns from
+    # the model the next round learns from: (checkpoint, folder of its scores, name, its evaluation)
+    teacher = (source, run_dir.source, "the source model", run_dir.source.eval)
     use_target_bn = cfg.lse.target_bn
     if cfg.lse.target_bn:
         adapted = on_target_statistics(source, run_dir.source.target_bn, "source/target_bn")
         state.run("source/target_bn_eval", lambda: evaluation(
             adapted, run_dir.source.target_bn, 0, "source_target_bn", run_dir.source.target_bn.target_scores))
-        candidate = (adapted, run_dir.source.target_bn, "the source model with target BatchNorm statistics")
+        candidate = (adapted, run_dir.source.target_bn, "the source model with target BatchNorm statistics",
+                     run_dir.source.target_bn.eval)
         if cfg.lse.safeguard:
-            target_scores(source, run_dir.source, "source/target_scores")
+            if cfg.lse.safeguard_rule == "prior":
+                target_scores(source, run_dir.source, "source/target_scores")
             use_target_bn = judged("source", "target_bn_scores", candidate, run_dir.source.target_scores,
-                                   "the source model")
+                                   ("the source model", run_dir.source.eval))
         teacher = candidate if use_target_bn else teacher
     skip = unlabelled(classes)
     portions = schedule(cfg.lse)
     for r, p in enumerate(portions, start=1):
         folder = run_dir.round(r)
-        previous, teacher_folder, teacher_name = teacher
+        previous, teacher_folder, teacher_name, teacher_eval = teacher
 
         def score() -> None:  # the teacher's evaluation scored the images already: no second pass
             if not teacher_folder.target_scores.is_file():
@@ -167,8 +174,9 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
         teaches = r < len(portions) or cfg.lse.safeguard
         state.run(f"{folder.name}/eval", lambda: evaluation(
             trained, folder, r, scores=trained_folder.target_scores if teaches else None))
-        candidate = (trained, trained_folder, f"round {r}'s model")
-        if not cfg.lse.safeguard or judged(folder.name, "target_scores", candidate, folder.scores, teacher_name):
+        candidate = (trained, trained_folder, f"round {r}'s model", folder.eval)
+        if not cfg.lse.safeguard or judged(folder.name, "target_scores", candidate, folder.scores,
+                                           (teacher_name, teacher_eval)):
             teacher = candidate
         # once per round (a resumed job does not log it twice), with the eval stage's time known
         state.run(f"{folder.name}/log",

@@ -1,25 +1,27 @@
 """The label-free safeguard (beyond the paper): before a run adopts a risky change of its model
 (target BatchNorm statistics for the source model, or a round's retrained model), it compares the
 candidate with the model it would replace on the target-train images, without a target label, and
-keeps the incumbent when the candidate looks worse.
+keeps the incumbent when the candidate looks worse. Two rules (lse.safeguard_rule):
 
-What it reads is what the scoring pass computes anyway (sisray/lse/records.py): how many pixels of
-each class a model predicts on the target-train images. Street scenes of different cities, cameras,
-light and weather hold the classes in similar proportions; a model that absorbs a minority class into
-a majority one (the confirmation bias of self-training) or collapses onto a few classes (a source
-model far from its domain) predicts proportions far from those of the source's labels. The distance
-is the mean over the label space of |log(predicted share / source share)|, so that a rare class
-(traffic light, 0.1% of the pixels) counts as much as the road. A candidate is accepted unless it
-moves the prediction further from the source's proportions than the incumbent, by more than
-`tolerance` (lse.safeguard_tolerance).
+- "consistency" (the default): a model that fits the target agrees with itself. The figures are two
+  validators of sisray/validators.py, computed by the models' evaluations on the same target-train
+  images: flip agreement (the share of pixels whose class stays when the image is mirrored) and the
+  ClassMix probe (the share predicted as the model's own pseudo-labels say, once half of another
+  image's predicted classes are pasted on: MixVal's idea). The candidate is rejected only when both
+  fall. On the suite, target BatchNorm statistics that lost 7 points (country roads nearly in the
+  source's look: the statistics follow the other class proportions, not a change of look) lowered
+  both, and every change that helped raised at least one (bench/decisions.py, the README).
+- "prior": street scenes hold the classes in similar proportions; a model that absorbs a minority
+  class into a majority one, or collapses onto a few classes, predicts proportions far from the
+  source labels'. The distance is the mean over the label space of |log(predicted share / source
+  share)|, so that a rare class counts as much as the road; the candidate is rejected when it moves
+  further than the incumbent by more than `tolerance` (lse.safeguard_tolerance). It reads the
+  scoring pass's class counts. Where the target holds other proportions (country roads: a quarter of
+  the building pixels, three times the vegetation) it rejects good rounds; it guards against collapse,
+  it does not rank good models.
 
-What it can and cannot see (measured on the suite, target-val predictions): target BatchNorm
-statistics that helped (+5 to +20 mIoU) brought the proportions 0.5 to 1.6 closer to the source's;
-rounds that helped moved them up to 0.1 further away, because a target camera with a longer focal
-length shows more car and person pixels and the rounds learn that. The source's proportions are a
-prior, not the truth: the check guards against collapse, it does not rank good models.
-
-Pure functions on numpy tables; the stages that score and record are in sisray/stages/safeguard.py.
+Pure functions on numpy tables and figures; the stage that judges and records is in
+sisray/stages/safeguard.py.
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ class Verdict:
     """Whether a candidate model replaces the incumbent, the figures that decided, and why, in words."""
     decision: str  # the folder of the decision: "source" (target BN statistics) or "round_XX"
     accepted: bool
-    candidate_distance: float
-    incumbent_distance: float
-    tolerance: float
+    rule: str  # lse.safeguard_rule
+    candidate: dict  # the figures the rule read, of each model
+    incumbent: dict
     reason: str
 
     def as_dict(self) -> dict:
@@ -66,12 +68,30 @@ class Verdict:
 
 def judge(decision: str, candidate_counts: np.ndarray, incumbent_counts: np.ndarray, prior: np.ndarray,
           classes: tuple[int, ...], tolerance: float, candidate: str, incumbent: str) -> Verdict:
-    """Accept the candidate unless its predicted class proportions on the target are further from the
-    source's than the incumbent's by more than `tolerance`."""
+    """The "prior" rule: accept the candidate unless its predicted class proportions on the target are
+    further from the source's than the incumbent's by more than `tolerance`."""
     new = prior_distance(predicted_share(candidate_counts, classes), prior)
     old = prior_distance(predicted_share(incumbent_counts, classes), prior)
     accepted = new <= old + tolerance
     verb = "accepted" if accepted else "rejected, keeping " + incumbent
     reason = (f"{candidate} {verb}: the distance of its predicted class proportions from the source's is "
               f"{new:.3f} against {old:.3f} for {incumbent} (tolerance {tolerance:g})")
-    return Verdict(decision, accepted, round(new, 4), round(old, 4), tolerance, reason)
+    return Verdict(decision, accepted, "prior", {"prior_distance": round(new, 4)}, {"prior_distance": round(old, 4)},
+                   reason)
+
+
+# The "consistency" rule's probes (sisray/validators.py): how often a model keeps its own answer when the
+# image is mirrored, and when half of another target image's predicted classes are pasted onto it.
+CONSISTENCY = ("flip_agreement", "mix_accuracy")
+
+
+def judge_consistency(decision: str, candidate_figures: dict, incumbent_figures: dict, candidate: str,
+                      incumbent: str) -> Verdict:
+    """The "consistency" rule: accept the candidate unless it agrees less with itself than the incumbent
+    on every probe of CONSISTENCY (the figures of sisray/validators.py, on the same target-train images)."""
+    new = {name: round(float(candidate_figures[name]), 4) for name in CONSISTENCY}
+    old = {name: round(float(incumbent_figures[name]), 4) for name in CONSISTENCY}
+    accepted = any(new[name] >= old[name] for name in CONSISTENCY)
+    verb = "accepted" if accepted else "rejected, keeping " + incumbent
+    figures = ", ".join(f"{name.replace('_', ' ')} {new[name]:.3f} against {old[name]:.3f}" for name in CONSISTENCY)
+    return Verdict(decision, accepted, "consistency", new, old, f"{candidate} {verb}: {figures} for {incumbent}")

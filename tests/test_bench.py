@@ -219,6 +219,48 @@ def test_the_safeguard_record_says_which_verdicts_target_labels_bear_out():
 
 
 
+def test_decisions_count_each_rule_right_when_it_keeps_what_helped_and_rejects_what_hurt():
+    decisions = _bench_module("decisions")
+    base = {"mean_entropy": 0.2, "information": 0.4, "bnm": 0.5, "snd": 0.7, "flip_agreement": 0.93,
+            "scale_agreement": 0.8, "prior_distance": 0.3, "mix_accuracy": 0.90}
+    less_consistent = {**base, "mean_entropy": 0.1, "flip_agreement": 0.91, "mix_accuracy": 0.87, "prior_distance": 0.5}
+    more_consistent = {**base, "flip_agreement": 0.94, "mix_accuracy": 0.89}
+    harmful = {"incumbent_miou": 57.8, "candidate_miou": 50.4,
+               "verdicts": decisions.verdicts(base, less_consistent, tolerance=0.15)}
+    helpful = {"incumbent_miou": 50.4, "candidate_miou": 56.5,
+               "verdicts": decisions.verdicts(base, more_consistent, tolerance=0.15)}
+    assert harmful["verdicts"]["mean_entropy"] and not harmful["verdicts"]["consistency"]  # lower entropy, yet worse
+    # prior: 0.3 -> 0.5 squashed is 0.43 -> 1.0 raw, beyond the tolerance
+    assert not harmful["verdicts"]["prior"] and helpful["verdicts"]["prior"]
+    rules = decisions.tally([harmful, helpful])
+    assert rules["accept"] == {"right": 1, "decisions": 2, "hurt": 1, "hurt_rejected": 0, "helped_rejected": 0}
+    assert rules["consistency"] == {"right": 2, "decisions": 2, "hurt": 1, "hurt_rejected": 1, "helped_rejected": 0}
+    assert rules["mean_entropy"]["right"] == 1 and rules["flip_agreement"]["right"] == 2
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600, method="thread")
+def test_the_decisions_bench_judges_every_change_of_a_finished_run(small_ablation, tmp_path):
+    """The small job's run (no target BN: its two rounds are the changes), copied so that the
+    validators' cache stays out of the shared run."""
+    import shutil
+
+    out, _ = small_ablation
+    shutil.copytree(out / "seed_0" / "lse_fl", tmp_path / "seed_0" / "lse_fl")
+    figures = _last_json("decisions.py", "--runs", str(tmp_path), "--images", "3")
+    run = json.loads((tmp_path / "seed_0" / "lse_fl" / "summary.json").read_text())
+    mious = [100 * run["source_only"]["miou"], *(100 * r["evaluation"]["miou"] for r in run["rounds"])]
+    assert [d["decision"] for d in figures["decisions"]] == ["round_01", "round_02"]
+    assert [(d["incumbent_miou"], d["candidate_miou"]) for d in figures["decisions"]] == [
+        (round(a, 2), round(b, 2)) for a, b in zip(mious, mious[1:])]
+    first, second = figures["decisions"]
+    assert second["validators"]["incumbent"] == first["validators"]["candidate"]  # round 1's model, computed once
+    assert len(json.loads((tmp_path / "seed_0" / "lse_fl" / "validators_3.json").read_text())) == 3
+    helped = sum(d["candidate_miou"] >= d["incumbent_miou"] for d in figures["decisions"])
+    assert figures["rules"]["accept"] == {"right": helped, "decisions": 2, "hurt": 2 - helped, "hurt_rejected": 0,
+                                          "helped_rejected": 0}
+
+
 def test_selection_scores_rank_correlation_and_regret_per_validator():
     selection = _bench_module("selection")
     names = list(selection.HIGHER_IS_BETTER)

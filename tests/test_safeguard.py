@@ -15,7 +15,7 @@ import pytest
 from sisray import rounds, run_state
 from sisray.config import load_config
 from sisray.datasets.synthetic import CLASSES as BENCHMARK
-from sisray.safeguard import judge, predicted_share, prior_distance, source_share
+from sisray.safeguard import judge, judge_consistency, predicted_share, prior_distance, source_share
 from sisray.storage import RunStore
 from sisray.tracking import Tracking
 
@@ -45,7 +45,7 @@ def test_a_candidate_further_from_the_source_proportions_than_the_tolerance_is_r
     collapsed = counts_like([0.7, 0.25, 0.05, 0.0])
     near = counts_like([0.38, 0.31, 0.2, 0.11])
     kept = judge("round_02", collapsed, near, PRIOR, CLASSES, 0.05, "round 2's model", "round 1's model")
-    assert not kept.accepted and kept.candidate_distance > kept.incumbent_distance + 0.05
+    assert not kept.accepted and kept.candidate["prior_distance"] > kept.incumbent["prior_distance"] + 0.05
     assert kept.reason.startswith("round 2's model rejected, keeping round 1's model: the distance")
     assert judge("round_02", near, collapsed, PRIOR, CLASSES, 0.05, "a", "b").accepted
     slightly = counts_like([0.39, 0.31, 0.2, 0.1])
@@ -65,12 +65,14 @@ def _model_kind(checkpoint: str) -> str:
 @pytest.fixture
 def stand_ins(monkeypatch):
     """Every stage of the rounds stood in for; `predicts[kind]` is the class proportions model
-    `kind` predicts on the target, `miou[kind]` its evaluation. Returns (predicts, miou, calls)."""
+    `kind` predicts on the target, `miou[kind]` its evaluation, `consistent[kind]` its (flip agreement,
+    ClassMix probe) validators. Returns (predicts, miou, calls, consistent)."""
     from sisray import patch_set
     from sisray.stages import evaluate, patch_pass, score, select, target_bn, train
 
     predicts: dict[str, list[float]] = {}
     miou: dict[str, float] = {}
+    consistent: dict[str, tuple[float, float]] = {}
     calls: list[tuple[str, str]] = []
 
     def score_pass(cfg, checkpoint, out):
@@ -91,7 +93,10 @@ def stand_ins(monkeypatch):
             calls.append(("evaluate and score", kind))
             write_scores(kind, scores)
         folder.path.mkdir(parents=True, exist_ok=True)
-        folder.eval.write_text(json.dumps({"miou": miou[kind], "miou19": miou[kind], "per_class": {}}))
+        block = {"miou": miou[kind], "miou19": miou[kind], "per_class": {}}
+        if kind in consistent:  # the evaluation computed the validators
+            block["validators"] = dict(zip(("flip_agreement", "mix_accuracy"), consistent[kind]))
+        folder.eval.write_text(json.dumps(block))
         return {"miou": miou[kind], "miou19": miou[kind], "miou16": None, "miou13": None, "pixel_accuracy": 0.0,
                 "per_class": {}}
 
@@ -120,7 +125,7 @@ def stand_ins(monkeypatch):
     monkeypatch.setattr(patch_set, "report", lambda *args: {
         "images_scored": 4, "images_skipped": 0, "selected_images": 1, "patches": 2, "ignored_share": 0.5,
         "coverage": {}, "tau": {}})
-    return predicts, miou, calls
+    return predicts, miou, calls, consistent
 
 
 COLLAPSED = [0.9] + [0.1 / 12] * 12  # road everywhere, the rest nearly never
@@ -141,7 +146,8 @@ def _run(tmp_path, small_benchmark, fcn_checkpoint, *extra):
         "data.source.name=synthetic", f"data.source.root={small_benchmark}", "data.target.name=synthetic",
         f"data.target.root={small_benchmark}", "model.name=fcn8s_vgg16", "model.width=0.0625",
         f"model.source_checkpoint={fcn_checkpoint}", "lse.p0=0.5", "lse.p_step=0.25", "lse.p_max=0.75",
-        "lse.safeguard=true", f"run_dir={tmp_path / 'run'}", "tracking.enabled=false", *extra])
+        "lse.safeguard=true", "lse.safeguard_rule=prior", f"run_dir={tmp_path / 'run'}", "tracking.enabled=false",
+        *extra])
     store = RunStore(tmp_path / "run")
     classes = label_space(cfg, store)
     return cfg, classes, rounds.run(cfg, run_state.RunState(store, cfg), Tracking(cfg, "adapt"))
@@ -149,7 +155,7 @@ def _run(tmp_path, small_benchmark, fcn_checkpoint, *extra):
 
 def test_rejected_target_statistics_and_a_rejected_round_keep_the_incumbent(stand_ins, small_benchmark,
                                                                            fcn_checkpoint, tmp_path):
-    predicts, miou, calls = stand_ins
+    predicts, miou, calls, _ = stand_ins
     good, collapsed = source_proportions(small_benchmark), COLLAPSED
     predicts.update(source=good, source_bn=collapsed, round_01=good, round_02=collapsed)
     miou.update(source=0.30, source_bn=0.20, round_01=0.35, round_02=0.10)
@@ -172,7 +178,7 @@ def test_rejected_target_statistics_and_a_rejected_round_keep_the_incumbent(stan
 
 
 def test_accepted_target_statistics_carry_on_into_the_rounds(stand_ins, small_benchmark, fcn_checkpoint, tmp_path):
-    predicts, miou, calls = stand_ins
+    predicts, miou, calls, _ = stand_ins
     collapsed, good = COLLAPSED, source_proportions(small_benchmark)
     predicts.update(source=collapsed, source_bn=good, round_01_bn=good, round_02_bn=collapsed)
     miou.update(source=0.1, source_bn=0.3, round_01_bn=0.35, round_02_bn=0.2)
@@ -186,7 +192,7 @@ def test_accepted_target_statistics_carry_on_into_the_rounds(stand_ins, small_be
 
 def test_without_rounds_accepted_the_final_model_is_the_source_model(stand_ins, small_benchmark, fcn_checkpoint,
                                                                      tmp_path):
-    predicts, miou, calls = stand_ins
+    predicts, miou, calls, _ = stand_ins
     good, collapsed = source_proportions(small_benchmark), COLLAPSED
     predicts.update(source=good, round_01=collapsed, round_02=collapsed)
     miou.update(source=0.3, round_01=0.2, round_02=0.1)
@@ -200,7 +206,7 @@ def test_without_the_safeguard_only_the_teachers_are_scored_each_in_the_pass_of_
         stand_ins, small_benchmark, fcn_checkpoint, tmp_path):
     """The default's rounds (target statistics, no safeguard): the source model with target statistics
     teaches round 1 and round 1's model round 2; the plain source model and the last model teach none."""
-    predicts, miou, calls = stand_ins
+    predicts, miou, calls, _ = stand_ins
     predicts.update(source_bn=source_proportions(small_benchmark), round_01_bn=source_proportions(small_benchmark))
     miou.update(source=0.1, source_bn=0.2, round_01_bn=0.3, round_02_bn=0.4)
     cfg, classes, summary = _run(tmp_path, small_benchmark, fcn_checkpoint, "lse.target_bn=true", "lse.safeguard=false")
@@ -208,3 +214,34 @@ def test_without_the_safeguard_only_the_teachers_are_scored_each_in_the_pass_of_
                                                      ("evaluate and score", "round_01_bn")]
     assert ("train round 1", "source_bn") in calls and ("train round 2", "round_01_bn") in calls
     assert summary["final"]["miou"] == 0.4
+
+
+def test_the_consistency_rule_rejects_a_candidate_only_when_both_probes_fall():
+    kept = judge_consistency("source", {"flip_agreement": 0.90, "mix_accuracy": 0.86},
+                             {"flip_agreement": 0.93, "mix_accuracy": 0.90}, "the source model with target BN",
+                             "the source model")
+    assert not kept.accepted and kept.rule == "consistency"
+    assert kept.candidate == {"flip_agreement": 0.9, "mix_accuracy": 0.86}
+    assert kept.reason == ("the source model with target BN rejected, keeping the source model: flip agreement 0.900 "
+                           "against 0.930, mix accuracy 0.860 against 0.900 for the source model")
+    for one_up in ({"flip_agreement": 0.94, "mix_accuracy": 0.86}, {"flip_agreement": 0.90, "mix_accuracy": 0.90}):
+        assert judge_consistency("round_01", one_up, {"flip_agreement": 0.93, "mix_accuracy": 0.90}, "a", "b").accepted
+
+
+def test_by_consistency_the_rounds_read_each_models_validators_from_its_evaluation(
+        stand_ins, small_benchmark, fcn_checkpoint, tmp_path):
+    """Target BN that makes the model less consistent is rejected; round 1 then learns from the plain
+    source model, and is judged against it; round 2 against round 1's model."""
+    predicts, miou, calls, consistent = stand_ins
+    for kind in ("source", "source_bn", "round_01", "round_02"):
+        predicts[kind] = source_proportions(small_benchmark)
+    miou.update(source=0.58, source_bn=0.50, round_01=0.60, round_02=0.55)
+    consistent.update(source=(0.93, 0.90), source_bn=(0.91, 0.87), round_01=(0.94, 0.89), round_02=(0.92, 0.88))
+    cfg, classes, summary = _run(tmp_path, small_benchmark, fcn_checkpoint, "lse.target_bn=true",
+                                 "lse.safeguard_rule=consistency")
+    assert [(v["decision"], v["accepted"], v["rule"]) for v in summary["safeguard"]] == [
+        ("source", False, "consistency"), ("round_01", True, "consistency"), ("round_02", False, "consistency")]
+    assert summary["safeguard"][1]["incumbent"] == {"flip_agreement": 0.93, "mix_accuracy": 0.9}  # the source model
+    assert summary["safeguard"][2]["incumbent"] == {"flip_agreement": 0.94, "mix_accuracy": 0.89}  # round 1's
+    assert ("train round 1", "source") in calls and ("train round 2", "round_01") in calls
+    assert summary["final"]["miou"] == 0.60

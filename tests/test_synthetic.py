@@ -124,13 +124,45 @@ def test_drives_are_consecutive_frames_of_one_street_and_leave_val_alone():
         SyntheticSpec(n_target_train=8, drives=9).validate()
 
 
+def test_street_draws_are_pinned():
+    """The street scenes (the source of every domain, the shipped source model's data) are fixed draws:
+    a change of the scene sampler that moves them changes every benchmark already made."""
+    from sisray.datasets.synthetic.scene import sample_scene
+    scene = sample_scene(np.random.default_rng([0, 1, 7]))
+    assert (scene.road_half, scene.sidewalk, scene.far_z) == (
+        4.908528664873325, (2.9249683095312338, 3.799638659580917), 74.32325000753298)
+    assert len(scene.things) == 16 and scene.layers[0].materials.tolist() == [8, 255, 255, 8, 8, 255]
+
+
+def _shares(spec: SyntheticSpec, domain: str, n: int = 12) -> np.ndarray:
+    pixels = sum(np.bincount(CITYSCAPES_ID_TO_TRAINID[render(spec, domain, i)[1]].ravel(), minlength=256)
+                 for i in range(n))
+    return pixels / pixels.sum()
+
+
+def test_rural_scenery_changes_the_class_proportions_of_the_target_only():
+    street, rural = SyntheticSpec(), SyntheticSpec(scenery="rural")
+    for index in (0, 3):
+        assert all(np.array_equal(a, b) for a, b in zip(render(street, "source", index), render(rural, "source", index)))
+    shares = {"street": _shares(street, "train"), "rural": _shares(rural, "train")}
+    assert shares["rural"][train_id("building")] < 0.4 * shares["street"][train_id("building")]
+    assert shares["rural"][train_id("vegetation")] > 2 * shares["street"][train_id("vegetation")]
+    assert shares["rural"][train_id("fence")] > 1.5 * shares["street"][train_id("fence")]
+    assert shares["rural"][train_id("car")] < shares["street"][train_id("car")]
+    with pytest.raises(DatasetError, match="scenery = 'moon': expected one of street, rural"):
+        SyntheticSpec(scenery="moon").validate()
+
+
 def test_the_suite_writes_one_benchmark_per_domain(tmp_path):
     from sisray.datasets.synthetic import SUITE, generate_suite
 
     tiny = SyntheticSpec(n_source=2, n_target_train=2, n_target_val=1, source_size=(48, 32), target_size=(64, 32))
     manifests = generate_suite(tmp_path, tiny, processes=1)
-    assert list(manifests) == list(SUITE) == ["day", "dusk", "fog", "camera", "small", "drive", "near"]
-    assert [m["spec"]["look"] for m in manifests.values()] == ["day", "dusk", "fog", "camera", "day", "day", "day"]
+    assert list(manifests) == list(SUITE) == ["day", "dusk", "fog", "camera", "small", "drive", "near", "rural",
+                                              "rural_near"]
+    assert [m["spec"]["look"] for m in manifests.values()] == ["day", "dusk", "fog", "camera"] + ["day"] * 5
+    assert [m["spec"]["scenery"] for m in manifests.values()] == ["street"] * 7 + ["rural"] * 2
+    assert manifests["rural_near"]["spec"]["appearance_gap"] == 0.2 and manifests["rural"]["spec"]["appearance_gap"] == 1
     assert manifests["near"]["spec"]["appearance_gap"] == 0.2 and manifests["near"]["spec"]["zoom"] == [1.0, 1.2]
     assert manifests["drive"]["spec"]["drives"] == 4 and manifests["drive"]["counts"]["target_train"] == 48
     assert manifests["small"]["counts"]["target_train"] == 48 and manifests["day"]["counts"]["target_train"] == 2

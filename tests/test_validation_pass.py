@@ -12,7 +12,7 @@ import torch
 from sisray.config import load_config
 from sisray.labels import NUM_CLASSES
 from sisray.models import build_model
-from sisray.stages.validation import validate_model, validation_subset
+from sisray.stages.validation import SAFEGUARD_IMAGES, images_validated, validate_model, validation_subset
 
 CAR = 13
 
@@ -34,6 +34,15 @@ def _checkpoint(path, constant: bool) -> None:
         else:
             torch.nn.init.normal_(conv.weight, std=0.3)
     torch.save(model.state_dict(), path)
+
+
+def test_the_consistency_safeguard_has_its_models_validated_even_when_validation_images_is_0():
+    assert images_validated(_config("d", "validation.images=0")) == 0
+    assert images_validated(_config("d", "validation.images=0", "lse.safeguard=true")) == SAFEGUARD_IMAGES == 64
+    assert len(validation_subset(_config("d", "validation.images=0", "lse.safeguard=true"), 300)) == 64
+    assert images_validated(_config("d", "validation.images=8", "lse.safeguard=true")) == 8  # the user's count
+    assert images_validated(_config("d", "validation.images=0", "lse.safeguard=true",
+                                    "lse.safeguard_rule=prior")) == 0  # the prior rule reads the scores
 
 
 def test_the_subset_is_seeded_and_shared_by_every_model():

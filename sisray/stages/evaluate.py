@@ -208,13 +208,13 @@ def evaluate_into(cfg: Config, checkpoint: str | Path, folder: ModelDir,
                   prior: tuple[np.ndarray, tuple[int, ...]] | None = None, scores: Path | None = None) -> dict:
     """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png, and the
     model's scores of the target-train images into `scores` from the same pass (for a model that
-    teaches the next round or that the safeguard judges). With `validation.images` and the source's
-    class shares over the label space (`prior`), the block also holds the model's label-free
-    validators on target-train images ("validators")."""
-    from sisray.stages.validation import validate_model
+    teaches the next round or that the safeguard judges). With `validation.images` (or the safeguard's
+    consistency rule) and the source's class shares over the label space (`prior`), the block also
+    holds the model's label-free validators on target-train images ("validators")."""
+    from sisray.stages.validation import images_validated, validate_model
 
     summary = evaluate(cfg, checkpoint, figure=folder.overlay, scores=scores)
-    if cfg.validation.images and prior is not None:
+    if images_validated(cfg) and prior is not None:
         summary["validators"] = validate_model(cfg, checkpoint, *prior)
     summary = json_ready(summary)
     atomic_write_json(folder.eval, summary)

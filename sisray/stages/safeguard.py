@@ -1,6 +1,6 @@
-"""The safeguard's stages on the driver (sisray/safeguard.py): a model's scores on the target-train
-images, the verdict on a candidate model, written to RUN/<folder>/safeguard.json and said on the
-terminal."""
+"""The safeguard's stage on the driver (sisray/safeguard.py): the verdict on a candidate model from
+what both models' evaluations or scoring passes wrote, written to RUN/<folder>/safeguard.json and said
+on the terminal."""
 
 from __future__ import annotations
 
@@ -8,18 +8,25 @@ import json
 from pathlib import Path
 
 from sisray.config import Config
-from sisray.safeguard import Verdict, judge, source_share
+from sisray.safeguard import Verdict, judge, judge_consistency, source_share
 from sisray.stages.score import read_scores
 from sisray.storage import atomic_write_json
 
 
-def judge_candidate(cfg: Config, decision: str, candidate_scores: Path, incumbent_scores: Path,
+def judge_candidate(cfg: Config, decision: str, candidate_files: tuple[Path, Path], incumbent_files: tuple[Path, Path],
                     label_space_file: Path, classes: tuple[int, ...], out: Path, candidate: str,
                     incumbent: str) -> Verdict:
-    """Compare two models' scoring records on the target-train images; write and say the verdict."""
-    prior = source_share(json.loads(label_space_file.read_text())["pixels"], classes)
-    verdict = judge(decision, read_scores(candidate_scores)["counts"], read_scores(incumbent_scores)["counts"],
-                    prior, classes, cfg.lse.safeguard_tolerance, candidate, incumbent)
+    """Judge a candidate against the incumbent by lse.safeguard_rule from each model's (scoring records
+    on the target-train images, evaluation): the validators its evaluation holds (consistency), or its
+    scores' predicted class counts (prior). Write and say the verdict."""
+    if cfg.lse.safeguard_rule == "consistency":
+        figures = [json.loads(evaluation.read_text())["validators"] for _, evaluation in (candidate_files,
+                                                                                         incumbent_files)]
+        verdict = judge_consistency(decision, *figures, candidate, incumbent)
+    else:
+        prior = source_share(json.loads(label_space_file.read_text())["pixels"], classes)
+        verdict = judge(decision, read_scores(candidate_files[0])["counts"], read_scores(incumbent_files[0])["counts"],
+                        prior, classes, cfg.lse.safeguard_tolerance, candidate, incumbent)
     atomic_write_json(out, verdict.as_dict())
     print(f"safeguard: {verdict.reason}", flush=True)
     return verdict

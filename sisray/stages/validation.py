@@ -31,10 +31,21 @@ class ValidationSpec(ActorSpec):
     subset: tuple[int, ...] = ()  # the target-train images validated, in order (the mix partner is the next)
 
 
+SAFEGUARD_IMAGES = 64  # what the safeguard's consistency rule validates each model on when validation.images is 0
+
+
+def images_validated(cfg: Config) -> int:
+    """How many target-train images each evaluated model's validators read: validation.images, or when
+    it is 0 and the safeguard judges by consistency (which reads them), SAFEGUARD_IMAGES; 0: none."""
+    if cfg.validation.images or not (cfg.lse.safeguard and cfg.lse.safeguard_rule == "consistency"):
+        return cfg.validation.images
+    return SAFEGUARD_IMAGES
+
+
 def validation_subset(cfg: Config, images: int) -> tuple[int, ...]:
     """The seeded subset of `images` target-train images every model of a run (and every trial of a
     sweep with the same seed) is validated on."""
-    count = min(cfg.validation.images, images)
+    count = min(images_validated(cfg), images)
     order = torch.randperm(images, generator=torch.Generator().manual_seed(cfg.seed * 7_919 + 17))
     return tuple(sorted(order[:count].tolist()))
 

@@ -243,7 +243,7 @@ def render(spec: SyntheticSpec, domain: str, index: int) -> tuple[np.ndarray, np
     code = {"source": 0, "train": 1, "val": 2}[domain]
     drive, frame = divmod(index, frames_per_drive(spec)) if spec.drives and domain == "train" else (index, None)
     rng = np.random.default_rng([spec.seed, code, drive])
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, "street" if domain == "source" else spec.scenery)
     if domain == "source":
         width, height = spec.source_size
         cam = Camera(width, height, focal=0.5 * width, horizon=height * rng.uniform(0.42, 0.5),

@@ -13,6 +13,7 @@ from sisray.labels import train_id
 
 GENERATOR_VERSION = 1
 LOOKS = ("day", "dusk", "fog", "camera")  # the target domains the generator renders (SyntheticSpec.look)
+SCENERIES = ("street", "rural")  # what the target's scenes hold (SyntheticSpec.scenery); the source is always "street"
 
 # ------------------------------------------------------------------------------- materials
 # name: (Cityscapes label ID, source RGB, target RGB, target texture, texture strength, texture px/m)
@@ -76,6 +77,9 @@ class SyntheticSpec:
     # 0: every target-train image shows a scene of its own; k: the target-train images are consecutive
     # frames of k drives (video: neighbouring frames nearly alike), 1.5 m apart
     drives: int = 0
+    # What the target's scenes hold: "street" (the source's town streets) or "rural" (a country road:
+    # narrow, verges of grass, hedges and fences, few buildings, cars and people: other class proportions)
+    scenery: str = "street"
     version: int = GENERATOR_VERSION
 
     def validate(self) -> None:
@@ -95,6 +99,9 @@ class SyntheticSpec:
                                f"({self.n_target_train})")
         if self.look not in LOOKS:
             raise DatasetError(f"synthetic benchmark: look = {self.look!r}: expected one of {', '.join(LOOKS)}")
+        if self.scenery not in SCENERIES:
+            raise DatasetError(f"synthetic benchmark: scenery = {self.scenery!r}: expected one of "
+                               f"{', '.join(SCENERIES)}")
 
 
 
@@ -232,44 +239,71 @@ def _tree(rng, x, z) -> Thing:
     return Thing(z, parts)
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    road_half = rng.uniform(3.5, 6.5)
-    sidewalk = (rng.uniform(1.8, 4.0), rng.uniform(1.8, 4.0))
+@dataclass(frozen=True)
+class Scenery:
+    """The draws of a scene kind: sizes in metres, counts, and the chances of each facade segment."""
+    road_half: tuple[float, float]
+    sidewalk: tuple[float, float]
+    front: tuple[float, float, float, float]  # gap, wall, fence, vegetation
+    back: tuple[float, float]  # gap, building
+    building: tuple[float, float]  # heights
+    far_heights: tuple[float, float]
+    cars: tuple[int, int]  # drawn from [low, high)
+    people: tuple[int, int]
+    tree_rows: float  # chance of a row of trees along each side
+    tree_spacing: tuple[float, float]
+    tree_offset: float  # from the outer edge of the sidewalk: on it (< 0) or in the verge beyond (> 0)
+
+
+SCENERY = {
+    "street": Scenery(road_half=(3.5, 6.5), sidewalk=(1.8, 4.0), front=(0.5, 0.15, 0.2, 0.15), back=(0.2, 0.8),
+                      building=(7, 28), far_heights=(8, 30), cars=(2, 9), people=(1, 8), tree_rows=0.5,
+                      tree_spacing=(8, 20), tree_offset=-0.6),
+    "rural": Scenery(road_half=(2.8, 4.0), sidewalk=(0.3, 1.0), front=(0.25, 0.05, 0.35, 0.35), back=(0.85, 0.15),
+                     building=(5, 10), far_heights=(2, 9), cars=(0, 4), people=(0, 3), tree_rows=0.9,
+                     tree_spacing=(5, 12), tree_offset=1.5),
+}
+
+
+def sample_scene(rng: np.random.Generator, scenery: str = "street") -> Scene:
+    kind = SCENERY[scenery]
+    road_half = rng.uniform(*kind.road_half)
+    sidewalk = (rng.uniform(*kind.sidewalk), rng.uniform(*kind.sidewalk))
     far_z = rng.uniform(70, 140)
-    heights = {"gap": (0, 0), "building": (7, 28), "wall": (0.8, 2.2), "fence": (1.0, 1.7),
+    heights = {"gap": (0, 0), "building": kind.building, "wall": (0.8, 2.2), "fence": (1.0, 1.7),
                "vegetation": (1.2, 3.5)}
     layers = []
     for side, walk in zip((-1, 1), sidewalk):
         kerb = road_half + walk
-        front = _segments(rng, far_z, ["gap", "wall", "fence", "vegetation"], [0.5, 0.15, 0.2, 0.15], heights)
-        back = _segments(rng, far_z, ["gap", "building"], [0.2, 0.8], heights)
+        front = _segments(rng, far_z, ["gap", "wall", "fence", "vegetation"], list(kind.front), heights)
+        back = _segments(rng, far_z, ["gap", "building"], list(kind.back), heights)
         layers.append(Layer(side, kerb + 0.3, *front))
         layers.append(Layer(side, kerb + rng.uniform(0.5, 6.0), *back))
     edges = np.cumsum(np.r_[-120.0, rng.uniform(8, 25, 16)])
-    scene = Scene(road_half, sidewalk, layers, far_z, rng.uniform(8, 30, len(edges) - 1), edges,
+    scene = Scene(road_half, sidewalk, layers, far_z, rng.uniform(*kind.far_heights, len(edges) - 1), edges,
                   bool(rng.random() < 0.5), window_pitch=rng.uniform(2.4, 3.6))
 
     things: list[Thing] = []
-    for _ in range(rng.integers(2, 9)):
+    for _ in range(rng.integers(*kind.cars)):
         side = rng.choice([-1, 1])
         lane = side * (road_half - 1.2) if rng.random() < 0.5 else side * road_half * rng.uniform(0.2, 0.6)
         things.append(_car(rng, lane, rng.uniform(4, 0.8 * far_z)))
-    for _ in range(rng.integers(1, 8)):
+    for _ in range(rng.integers(*kind.people)):
         side = rng.choice([-1, 1])
         walk = sidewalk[0 if side < 0 else 1]
         on_road = rng.random() < 0.15
-        x = rng.uniform(-road_half, road_half) if on_road else side * (road_half + rng.uniform(0.3, walk - 0.3))
+        x = rng.uniform(-road_half, road_half) if on_road else side * (road_half + rng.uniform(0.3, max(walk - 0.3, 0.3)))
         things.append(_person(rng, x, rng.uniform(4, 45)))
     for side, walk in zip((-1, 1), sidewalk):
         z = rng.uniform(3, 15)
         while z < 0.9 * far_z:
             things.append(_pole(rng, side * (road_half + 0.35), z))
             z += rng.uniform(12, 30)
-        if rng.random() < 0.5:
+        if rng.random() < kind.tree_rows:
             z = rng.uniform(4, 12)
             while z < 0.9 * far_z:
-                things.append(_tree(rng, side * (road_half + walk - 0.6), z))
-                z += rng.uniform(8, 20)
+                things.append(_tree(rng, side * (road_half + walk + kind.tree_offset), z))
+                z += rng.uniform(*kind.tree_spacing)
     things.sort(key=lambda t: -t.z)  # painter's order, far to near
     scene.things = things
     return scene

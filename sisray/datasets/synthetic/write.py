@@ -80,8 +80,10 @@ SUITE = {
     "small": {"n_target_train": 48},  # the day look with 48 unlabelled target images
     "drive": {"n_target_train": 48, "drives": 4},  # 48 frames of 4 drives: a short video, frames nearly alike
     "near": {"appearance_gap": 0.2, "zoom": (1.0, 1.2)},  # nearly the source's look and framing: little to adapt
+    "rural": {"scenery": "rural"},  # the day look on country roads: other class proportions (label shift)
+    "rural_near": {"scenery": "rural", "appearance_gap": 0.2},  # country roads, nearly the source's look
 }
-ADDED_SPEC_KEYS = {"look": "day", "drives": 0}  # keys added since the first manifests, with the value they meant
+ADDED_SPEC_KEYS = {"look": "day", "drives": 0, "scenery": "street"}  # keys added since the first manifests, with the value they meant
 
 
 def generate_suite(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), processes: int | None = None) -> dict:
