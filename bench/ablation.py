@@ -34,7 +34,7 @@ variants differ only in what the rounds do:
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
 
 `--suite DIR` runs the same per target domain of the suite (`jobs/make_synthetic.py --suite --out
-DIR`: day, dusk, fog, camera, small, drive, near): each seed's source model is trained in the
+DIR`: day, dusk, fog, camera, small, drive, near, rural, rural_near): each seed's source model is trained in the
 first domain, and every domain adapts it (the domains share their source); prints each domain's
 table. Source-trained variants too are trained in the first domain only; every domain adapts
 their models.
