@@ -245,3 +245,15 @@ def test_by_consistency_the_rounds_read_each_models_validators_from_its_evaluati
     assert summary["safeguard"][2]["incumbent"] == {"flip_agreement": 0.94, "mix_accuracy": 0.89}  # round 1's
     assert ("train round 1", "source") in calls and ("train round 2", "round_01") in calls
     assert summary["final"]["miou"] == 0.60
+
+
+def test_an_evaluation_without_validators_cannot_be_judged_by_consistency_and_says_how_to_go_on(tmp_path):
+    from sisray.errors import ConfigError
+    from sisray.stages.safeguard import validators_of
+
+    old = tmp_path / "eval.json"
+    old.write_text(json.dumps({"miou": 0.5}))
+    with pytest.raises(ConfigError, match=r"eval.json holds no validators.*--set lse.safeguard_rule=prior"):
+        validators_of(old)
+    old.write_text(json.dumps({"miou": 0.5, "validators": {"flip_agreement": 0.9}}))
+    assert validators_of(old) == {"flip_agreement": 0.9}
