@@ -12,7 +12,8 @@ import torch
 from sisray.config import load_config
 from sisray.labels import NUM_CLASSES
 from sisray.models import build_model
-from sisray.stages.validation import SAFEGUARD_IMAGES, images_validated, validate_model, validation_subset
+from sisray.stages.validation import (SAFEGUARD_IMAGES, ValidationSpec, Validator, images_validated, validate_model,
+                                      validation_subset, zoom_validated)
 
 CAR = 13
 
@@ -43,6 +44,24 @@ def test_the_consistency_safeguard_has_its_models_validated_even_when_validation
     assert images_validated(_config("d", "validation.images=8", "lse.safeguard=true")) == 8  # the user's count
     assert images_validated(_config("d", "validation.images=0", "lse.safeguard=true",
                                     "lse.safeguard_rule=prior")) == 0  # the prior rule reads the scores
+
+
+def test_the_safeguard_alone_validates_without_zooming(small_benchmark, tmp_path):
+    """The consistency rule reads flips and the ClassMix probe: its pass skips the four zoomed tiles
+    (4 of 8 forward passes per image), and what it does compute is what the full pass computes."""
+    _checkpoint(tmp_path / "varied.pt", constant=False)
+    safeguard_only = _config(small_benchmark, "validation.images=0", "lse.safeguard=true")
+    assert not zoom_validated(safeguard_only) and zoom_validated(_config(small_benchmark))
+    passes = {}
+    for zoom in (True, False):
+        validator = Validator(ValidationSpec(safeguard_only, str(tmp_path / "varied.pt"), 1, False, (0, 1), zoom))
+        calls, predict = [], validator.predict
+        validator.predict = lambda images, *a: calls.append(len(images)) or predict(images, *a)
+        passes[zoom] = (validator.validate(0, 1), len(calls))
+    (full, full_calls), (lean, lean_calls) = passes[True], passes[False]
+    assert (full_calls, lean_calls) == (8, 4)
+    assert lean.scale == [0, 0] and full.scale[1] > 0
+    assert (lean.flip, lean.mix, lean.entropy) == (full.flip, full.mix, full.entropy)
 
 
 def test_the_subset_is_seeded_and_shared_by_every_model():

@@ -29,6 +29,7 @@ SAMPLED_PIXELS = 64  # per image, for BNM and SND: 64 images give a 4096-row mat
 @dataclass(frozen=True)
 class ValidationSpec(ActorSpec):
     subset: tuple[int, ...] = ()  # the target-train images validated, in order (the mix partner is the next)
+    zoom: bool = True  # the four zoomed corner tiles (scale agreement): half the forward passes
 
 
 SAFEGUARD_IMAGES = 64  # what the safeguard's consistency rule validates each model on when validation.images is 0
@@ -40,6 +41,13 @@ def images_validated(cfg: Config) -> int:
     if cfg.validation.images or not (cfg.lse.safeguard and cfg.lse.safeguard_rule == "consistency"):
         return cfg.validation.images
     return SAFEGUARD_IMAGES
+
+
+def zoom_validated(cfg: Config) -> bool:
+    """Whether the pass zooms (scale agreement, 4 of its 8 forward passes per image): when the user
+    asked for every validator (validation.images), not for the safeguard alone, whose consistency rule
+    reads flips and the ClassMix probe only."""
+    return cfg.validation.images > 0
 
 
 def validation_subset(cfg: Config, images: int) -> tuple[int, ...]:
@@ -84,7 +92,8 @@ class Validator(ModelActor):
         sums.samples.append(sample_pixels(probs[0], SAMPLED_PIXELS, generator))
         mirrored = self.predict(image.flip(-1)[None])[0].flip(-1).argmax(0)
         sums.flip = list(agreement(prediction, mirrored))
-        sums.scale = self.zoom_agreement(image, prediction)
+        if self.spec.zoom:
+            sums.scale = self.zoom_agreement(image, prediction)
         other = self.dataset.load_image(partner)
         mixed_image, mixed_label = class_mix((other[None].float(), self.predict(other[None]).argmax(1).cpu()),
                                              (image[None].float(), prediction[None].cpu()), generator)
@@ -108,12 +117,14 @@ class Validator(ModelActor):
 
 def validate_model(cfg: Config, checkpoint: str | Path, source_share: np.ndarray,
                    label_space: tuple[int, ...]) -> dict[str, float]:
-    """Every validator of `checkpoint` on the run's validation subset of target-train images."""
+    """Every validator of `checkpoint` on the run's validation subset of target-train images (scale
+    agreement NaN when the pass does not zoom)."""
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "train", with_labels=False)
     subset = validation_subset(cfg, len(dataset))
     actors, options = pool_options(cfg, len(subset))
-    spec = ValidationSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu, subset)
+    spec = ValidationSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu, subset,
+                          zoom_validated(cfg))
     results = image_ids(range(len(subset))).map_batches(Validator, fn_constructor_kwargs={"spec": spec}, **options)
     total = ValidationSums(NUM_CLASSES)
     with stage_errors("validation"):
