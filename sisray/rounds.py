@@ -120,9 +120,11 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
             classes, verdict, name, incumbent[0]))
         return read_verdict(verdict).accepted
 
-    # a model's evaluation also scores the target-train images when it may teach the next round or
-    # the safeguard judges it: one pass where there were two
-    source_teaches = not cfg.lse.target_bn or cfg.lse.safeguard
+    # a model's evaluation also scores the target-train images when it may teach the next round or the
+    # safeguard's prior rule reads its scores: one pass where there were two. The consistency rule reads
+    # the evaluations' validators; a source model it keeps (target BN rejected) is scored by round 1.
+    scored_for_safeguard = cfg.lse.safeguard and cfg.lse.safeguard_rule == "prior"
+    source_teaches = not cfg.lse.target_bn or scored_for_safeguard
     state.run("source/eval", lambda: evaluation(
         source, run_dir.source, 0, scores=run_dir.source.target_scores if source_teaches else None))
     # the model the next round learns from: (checkpoint, folder of its scores, name, its evaluation)
@@ -171,7 +173,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
         if use_target_bn:
             trained = on_target_statistics(trained, folder.target_bn, f"{folder.name}/target_bn", by_the_fit=True)
             trained_folder = folder.target_bn
-        teaches = r < len(portions) or cfg.lse.safeguard
+        teaches = r < len(portions) or scored_for_safeguard
         state.run(f"{folder.name}/eval", lambda: evaluation(
             trained, folder, r, scores=trained_folder.target_scores if teaches else None))
         candidate = (trained, trained_folder, f"round {r}'s model", folder.eval)

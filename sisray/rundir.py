@@ -2,7 +2,7 @@
 
     RUN/config.yaml  state.json  summary.json
     RUN/source/classes.json  checkpoint/{model.pt, train_state.pt}  eval.json  overlay.png  [target_bn/]
-               [target_scores.parquet  safeguard.json]  (lse.safeguard, also in round folders)
+               [target_scores.parquet]  (a model that may teach; also in round folders)  [safeguard.json]
     RUN/round_XX/scores.parquet  selection.json  thresholds.json  patches/*.parquet
                  pseudo_labels.json  pseudo_labels.png  checkpoint/  [target_bn/]  eval.json  overlay.png
     SWEEP/sweep.json  sweep_summary.json  best_config.yaml  source/  trials/<trial id>/ (runs)  tuner/
@@ -61,7 +61,8 @@ class ModelDir:
 
     @property
     def target_scores(self) -> Path:
-        """This model's scoring records on the target-train images (lse.safeguard)."""
+        """This model's scoring records on the target-train images, written by its evaluation's pass
+        when it may teach the next round or the safeguard's prior rule reads them."""
         return self.path / "target_scores.parquet"
 
     @property

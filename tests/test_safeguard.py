@@ -231,7 +231,8 @@ def test_the_consistency_rule_rejects_a_candidate_only_when_both_probes_fall():
 def test_by_consistency_the_rounds_read_each_models_validators_from_its_evaluation(
         stand_ins, small_benchmark, fcn_checkpoint, tmp_path):
     """Target BN that makes the model less consistent is rejected; round 1 then learns from the plain
-    source model, and is judged against it; round 2 against round 1's model."""
+    source model, and is judged against it; round 2 against round 1's model. The rule reads no scores:
+    only a model that may teach is scored (the plain source model by round 1, once BN is rejected)."""
     predicts, miou, calls, consistent = stand_ins
     for kind in ("source", "source_bn", "round_01", "round_02"):
         predicts[kind] = source_proportions(small_benchmark)
@@ -244,6 +245,8 @@ def test_by_consistency_the_rounds_read_each_models_validators_from_its_evaluati
     assert summary["safeguard"][1]["incumbent"] == {"flip_agreement": 0.93, "mix_accuracy": 0.9}  # the source model
     assert summary["safeguard"][2]["incumbent"] == {"flip_agreement": 0.94, "mix_accuracy": 0.89}  # round 1's
     assert ("train round 1", "source") in calls and ("train round 2", "round_01") in calls
+    assert [c for c in calls if "score" in c[0]] == [("evaluate and score", "source_bn"), ("score", "source"),
+                                                     ("evaluate and score", "round_01")]
     assert summary["final"]["miou"] == 0.60
 
 
