@@ -284,7 +284,7 @@ def test_a_node_lost_mid_scoring_and_another_mid_retraining_change_no_result(
         for line in job.stdout:
             output.append(line)
             if line.startswith("== source/eval"):  # the pass that also scores for round 1
-                cluster.lose_node_hosting("MapBatches(EvaluatorAndScorer)")
+                cluster.lose_node_hosting("MapBatches(EvaluationPass)")
                 lost.append("scoring")
                 assert not (run / "source" / "target_scores.parquet").exists()  # lost while the pass ran
                 cluster.add_node()  # a replacement, as an autoscaler would start one

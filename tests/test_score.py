@@ -22,6 +22,7 @@ from sisray.stages.patch_pass import Patcher, patch_pass
 from sisray.stages.evaluate import evaluate, json_ready
 from sisray.stages.score import Scorer, read_histograms, read_scores, score_pass
 from sisray.stages.select import select_and_threshold
+from sisray.validators import HIGHER_IS_BETTER
 
 pytestmark = pytest.mark.ray
 
@@ -148,15 +149,18 @@ def test_a_corrupt_target_image_fails_the_stage_naming_it_and_writes_nothing(ray
     assert row not in selected and len(selected) == 2
 
 
-def test_an_evaluation_that_also_scores_equals_an_evaluation_and_a_scoring_pass_alone(
+def test_an_evaluation_that_also_scores_and_validates_equals_an_evaluation_and_a_scoring_pass_alone(
         ray_session, small_benchmark, checkpoint, tmp_path):
-    """One pass over target val and target train, its batches mixing the two splits (3 val and 4
-    train images in batches of 2): the evaluation block, the overlay figure and the scores file are
-    those of the two passes each alone."""
-    cfg = _config(small_benchmark, "resources.num_actors=2", "resources.actor_batch_size=2")
+    """One pass over target val, target train and the validation subset, its batches mixing the
+    three (3 val, 4 train and 4 validated images in batches of 2): the evaluation block, the overlay
+    figure and the scores file are those of the passes each alone; the block adds the validators
+    (equal to a validation pass's: tests/test_validation_pass.py)."""
+    cfg = _config(small_benchmark, "resources.num_actors=2", "resources.actor_batch_size=2", "validation.images=4")
     alone = evaluate(cfg, checkpoint, figure=tmp_path / "alone.png")
     scored = score_pass(cfg, checkpoint, tmp_path / "alone.parquet")
-    both = evaluate(cfg, checkpoint, figure=tmp_path / "both.png", scores=tmp_path / "both.parquet")
+    prior = (np.full(19, 1 / 19), tuple(range(19)))
+    both = evaluate(cfg, checkpoint, figure=tmp_path / "both.png", scores=tmp_path / "both.parquet", prior=prior)
+    assert set(both.pop("validators")) == set(HIGHER_IS_BETTER) and "validators" not in alone
     assert json_ready(both) == json_ready(alone) and alone["images"] == 3
     assert (tmp_path / "both.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
     merged = read_scores(tmp_path / "both.parquet")

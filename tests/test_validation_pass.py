@@ -12,6 +12,7 @@ import torch
 from sisray.config import load_config
 from sisray.labels import NUM_CLASSES
 from sisray.models import build_model
+from sisray.stages.evaluate import evaluate
 from sisray.stages.validation import (SAFEGUARD_IMAGES, ValidationSpec, Validator, images_validated, validate_model,
                                       validation_subset, zoom_validated)
 
@@ -88,12 +89,14 @@ def test_a_constant_model_agrees_with_itself_everywhere(ray_session, small_bench
 
 
 @pytest.mark.ray
-def test_figures_do_not_depend_on_batching_or_actors(ray_session, small_benchmark, tmp_path):
+def test_figures_do_not_depend_on_batching_actors_or_the_pass(ray_session, small_benchmark, tmp_path):
+    """A validation pass of its own (1 actor, batches of 1) and an evaluation's pass that validates
+    among its target-val images (2 actors, batches of 3) give the same figures."""
     _checkpoint(tmp_path / "varied.pt", constant=False)
     share, classes = np.full(NUM_CLASSES, 1 / NUM_CLASSES), tuple(range(NUM_CLASSES))
     one = validate_model(_config(small_benchmark, "resources.num_actors=1", "resources.actor_batch_size=1"),
                          tmp_path / "varied.pt", share, classes)
-    two = validate_model(_config(small_benchmark, "resources.num_actors=2", "resources.actor_batch_size=3"),
-                         tmp_path / "varied.pt", share, classes)
+    two = evaluate(_config(small_benchmark, "resources.num_actors=2", "resources.actor_batch_size=3"),
+                   tmp_path / "varied.pt", prior=(share, classes))["validators"]
     assert one == pytest.approx(two, rel=1e-9)
     assert 0 < one["flip_agreement"] < 1 and 0 < one["scale_agreement"] < 1 and 0 < one["mix_accuracy"] <= 1

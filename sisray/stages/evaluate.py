@@ -9,6 +9,7 @@ Cityscapes label-ID PNG for the official evaluator.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from sisray.png import png_array, png_bytes
 from sisray.rundir import ModelDir
 from sisray.stages.actors import ActorSpec, ModelActor, image_ids, pool_options
 from sisray.stages.score import Scorer, ScoresWriter, scores_written
+from sisray.stages.validation import (ValidationSpec, Validator, batch_sums, images_validated, validation_subset,
+                                      views_per_image, zoom_validated)
 from sisray.storage import absolute, atomic_write_json
-from sisray.validators import label_free
+from sisray.validators import ValidationSums, label_free
 
 OVERLAYS = 3  # val images shown in the overlay figure
 PREDICTION_SUFFIX = "_pred_labelIds.png"  # the official evaluator matches <city>_<seq>_<frame>*.png
@@ -103,22 +106,27 @@ class Evaluator(ModelActor):
         return out
 
 
-VAL, TRAIN = 0, 1  # the split of a row of the pass that evaluates and scores
+VAL, TRAIN, VALIDATE = 0, 1, 2  # the split of a row of a pass that evaluates and scores or validates
 
 
-class EvaluatorAndScorer:
-    """Ray Data actor of a pass that evaluates a model on target val and scores target train with
-    it (the next round's teacher): one model, {"id", "split"} rows of both splits, mixed in a batch
-    as Ray Data forms them -> {"split", "eval.<Evaluator's columns>", "score.<Scorer's columns>"}, the
-    columns of the other split blank."""
+class EvaluationPass:
+    """Ray Data actor of a pass that evaluates a model on target val and, with the same model, scores
+    target train (for a model that may teach the next round) and/or validates it on the run's subset of
+    target-train images (the label-free validators): {"id", "split"} rows of every split, mixed in a
+    batch as Ray Data forms them -> {"split", "eval.<Evaluator's columns>", "score.<Scorer's columns>",
+    "validate.<Validator's columns>"}, the columns of the other splits blank."""
 
-    def __init__(self, spec: EvalSpec):
-        self.evaluator = Evaluator(spec)
-        self.scorer = Scorer(spec, model=self.evaluator.model)
+    def __init__(self, spec: EvalSpec, scoring: bool, validation: ValidationSpec | None):
+        evaluator = Evaluator(spec)
+        self.jobs = [(VAL, "eval.", evaluator)]
+        if scoring:
+            self.jobs.append((TRAIN, "score.", Scorer(spec, model=evaluator.model)))
+        if validation is not None:
+            self.jobs.append((VALIDATE, "validate.", Validator(validation, model=evaluator.model)))
 
     def __call__(self, batch: dict) -> dict:
         out = {"split": batch["split"]}
-        for split, prefix, actor in ((VAL, "eval.", self.evaluator), (TRAIN, "score.", self.scorer)):
+        for split, prefix, actor in self.jobs:
             rows = np.flatnonzero(batch["split"] == split)
             columns = actor.blank(len(batch["split"]))
             if len(rows):
@@ -129,7 +137,7 @@ class EvaluatorAndScorer:
 
 
 def rows_of(batch: dict[str, np.ndarray], split: int, prefix: str) -> dict[str, np.ndarray]:
-    """One split's rows and columns of an `EvaluatorAndScorer` batch, without the prefix."""
+    """One split's rows and columns of an `EvaluationPass` batch, without the prefix."""
     rows = batch["split"] == split
     return {key.removeprefix(prefix): values[rows] for key, values in batch.items() if key.startswith(prefix)}
 
@@ -166,31 +174,49 @@ class EvaluationSums:
 
 def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = None,
              scales: tuple[float, ...] = (1.0,), flip: bool = False, figure: Path | None = None,
-             scores: Path | None = None) -> dict:
-    """The evaluation block of a checkpoint on target val; optionally writes the overlay figure. With
-    `scores`, the same pass also scores every target-train image into that file (`score_pass`)."""
+             scores: Path | None = None, prior: tuple[np.ndarray, tuple[int, ...]] | None = None) -> dict:
+    """The evaluation block of a checkpoint on target val; optionally writes the overlay figure. In
+    the same pass: with `scores`, every target-train image scored into that file (`score_pass`); with
+    the source labels' class shares over the label space (`prior`) and `images_validated`, the model's
+    label-free validators on the run's subset of target-train images ("validators", `validate_model`)."""
     cfg = with_absolute_paths(cfg)
     dataset = open_target(cfg.data.target, "val", with_labels=True)  # validated before any actor starts
-    train = len(open_target(cfg.data.target, "train", with_labels=False)) if scores else 0
+    validates = prior is not None and images_validated(cfg) > 0
+    train = len(open_target(cfg.data.target, "train", with_labels=False)) if scores or validates else 0
     checkpoint = str(checkpoint_file(checkpoint))
-    actors, options = pool_options(cfg, len(dataset) + train)
+    subset, zoom = validation_subset(cfg, train) if validates else (), zoom_validated(cfg)
+    rows = [*((i, VAL) for i in range(len(dataset))), *((i, TRAIN) for i in range(train if scores else 0)),
+            *((p, VALIDATE) for p in range(len(subset)))]
+    actors, options = pool_options(cfg, len(rows) + len(subset) * (views_per_image(zoom) - 1))  # images of work
     spec = EvalSpec(cfg, checkpoint, actors.threads_each, actors.use_gpu,
                     absolute(export) if export else None, tuple(scales), flip)  # actors have their own cwd
-    sums = EvaluationSums()
-    if not scores:
+    validation = ValidationSpec(cfg, checkpoint, actors.threads_each, actors.use_gpu, subset, zoom) if subset else None
+    sums, validated = EvaluationSums(), ValidationSums(NUM_CLASSES)
+    if not (scores or validation):
         results = image_ids(range(len(dataset))).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
         with stage_errors("evaluation"):
             for batch in results.iter_batches(batch_format="numpy", batch_size=None):
                 sums.add(batch)
         return sums.summary(dataset, checkpoint, figure)
-    rows = [*((i, VAL) for i in range(len(dataset))), *((i, TRAIN) for i in range(train))]
-    results = image_ids(*zip(*rows)).map_batches(EvaluatorAndScorer, fn_constructor_kwargs={"spec": spec}, **options)
-    with ScoresWriter(scores, train) as writer, stage_errors("evaluation and scoring"):
+    results = image_ids(*zip(*rows)).map_batches(
+        EvaluationPass, fn_constructor_kwargs={"spec": spec, "scoring": bool(scores), "validation": validation},
+        **options)
+    with ExitStack() as stack:
+        writer = stack.enter_context(ScoresWriter(scores, train)) if scores else None
+        stack.enter_context(stage_errors("evaluation" + (" and scoring" if scores else "") +
+                                         (" and validation" if validation else "")))
         for batch in results.iter_batches(batch_format="numpy", batch_size=None):
             sums.add(rows_of(batch, VAL, "eval."))
-            writer.add(rows_of(batch, TRAIN, "score."))
-    scores_written(scores)
-    return sums.summary(dataset, checkpoint, figure)
+            if writer:
+                writer.add(rows_of(batch, TRAIN, "score."))
+            if validation:
+                validated.merge(batch_sums(rows_of(batch, VALIDATE, "validate.")))
+    if scores:
+        scores_written(scores)
+    summary = sums.summary(dataset, checkpoint, figure)
+    if validation:
+        summary["validators"] = validated.figures(*prior)
+    return summary
 
 
 def json_ready(summary: dict) -> dict:
@@ -206,16 +232,11 @@ def json_ready(summary: dict) -> dict:
 
 def evaluate_into(cfg: Config, checkpoint: str | Path, folder: ModelDir,
                   prior: tuple[np.ndarray, tuple[int, ...]] | None = None, scores: Path | None = None) -> dict:
-    """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png, and the
-    model's scores of the target-train images into `scores` from the same pass (for a model that
-    teaches the next round or that the safeguard judges). With `validation.images` (or the safeguard's
-    consistency rule) and the source's class shares over the label space (`prior`), the block also
-    holds the model's label-free validators on target-train images ("validators")."""
-    from sisray.stages.validation import images_validated, validate_model
-
-    summary = evaluate(cfg, checkpoint, figure=folder.overlay, scores=scores)
-    if images_validated(cfg) and prior is not None:
-        summary["validators"] = validate_model(cfg, checkpoint, *prior)
-    summary = json_ready(summary)
+    """Evaluate a checkpoint on target val; writes FOLDER/eval.json and FOLDER/overlay.png, and from
+    the same pass the model's scores of the target-train images into `scores` (for a model that may
+    teach the next round or that the safeguard's prior rule judges). With `validation.images` (or the
+    safeguard's consistency rule) and the source's class shares over the label space (`prior`), the
+    block also holds the model's label-free validators on target-train images ("validators")."""
+    summary = json_ready(evaluate(cfg, checkpoint, figure=folder.overlay, scores=scores, prior=prior))
     atomic_write_json(folder.eval, summary)
     return summary

@@ -69,18 +69,26 @@ class Validator(ModelActor):
     (k, C), and [same, compared] pixel counts "flip", "scale", "mix"."""
 
     def __call__(self, batch: dict) -> dict:
-        subset = self.spec.subset
-        out = {k: [] for k in ("entropy", "probs", "pixels", "samples", "flip", "scale", "mix")}
-        for position in (int(p) for p in batch["id"]):
-            index, partner = subset[position], subset[(position + 1) % len(subset)]
-            sums = self.validate(index, partner)
-            out["entropy"].append(sums.entropy)
-            out["probs"].append(sums.probs)
-            out["pixels"].append(sums.pixels)
-            out["samples"].append(sums.samples[0])
+        return self.rows([int(p) for p in batch["id"]])
+
+    @staticmethod
+    def blank(n: int) -> dict:
+        """n rows that add nothing to the sums."""
+        return {"id": np.zeros(n, np.int64), "entropy": np.zeros(n), "probs": np.zeros((n, NUM_CLASSES)),
+                "pixels": np.zeros(n, np.int64), "samples": np.zeros((n, SAMPLED_PIXELS, NUM_CLASSES), np.float32),
+                **{key: np.zeros((n, 2), np.int64) for key in ("flip", "scale", "mix")}}
+
+    def rows(self, positions: list[int]) -> dict:
+        """The sums of the subset's images at `positions`, each with the next image as its mix partner."""
+        subset, out = self.spec.subset, self.blank(len(positions))
+        out["id"][:] = positions
+        for k, position in enumerate(positions):
+            sums = self.validate(subset[position], subset[(position + 1) % len(subset)])
+            out["entropy"][k], out["probs"][k], out["pixels"][k] = sums.entropy, sums.probs, sums.pixels
+            out["samples"][k] = sums.samples[0]
             for key in ("flip", "scale", "mix"):
-                out[key].append(getattr(sums, key))
-        return {"id": batch["id"], **{k: np.stack(v) for k, v in out.items()}}
+                out[key][k] = getattr(sums, key)
+        return out
 
     def validate(self, index: int, partner: int) -> ValidationSums:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
@@ -115,13 +123,25 @@ class Validator(ModelActor):
         return [same, compared]
 
 
+def batch_sums(batch: dict[str, np.ndarray]) -> ValidationSums:
+    """The sums of a batch of `Validator` rows."""
+    return ValidationSums(NUM_CLASSES, int(batch["pixels"].sum()), float(batch["entropy"].sum()),
+                          batch["probs"].sum(axis=0), list(batch["samples"]), batch["flip"].sum(axis=0).tolist(),
+                          batch["scale"].sum(axis=0).tolist(), batch["mix"].sum(axis=0).tolist())
+
+
+def views_per_image(zoom: bool) -> int:
+    """Forward passes per validated image: the image, its mirror, the mix partner, the mix (+ 4 tiles)."""
+    return 8 if zoom else 4
+
+
 def validate_model(cfg: Config, checkpoint: str | Path, source_share: np.ndarray,
                    label_space: tuple[int, ...]) -> dict[str, float]:
-    """Every validator of `checkpoint` on the run's validation subset of target-train images (scale
-    agreement NaN when the pass does not zoom)."""
+    """Every validator of `checkpoint` on the run's validation subset of target-train images, in a pass
+    of its own (an evaluation computes them in its pass: `stages/evaluate.evaluate`); scale agreement
+    NaN when the pass does not zoom."""
     cfg = with_absolute_paths(cfg)
-    dataset = open_target(cfg.data.target, "train", with_labels=False)
-    subset = validation_subset(cfg, len(dataset))
+    subset = validation_subset(cfg, len(open_target(cfg.data.target, "train", with_labels=False)))
     actors, options = pool_options(cfg, len(subset))
     spec = ValidationSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu, subset,
                           zoom_validated(cfg))
@@ -129,9 +149,5 @@ def validate_model(cfg: Config, checkpoint: str | Path, source_share: np.ndarray
     total = ValidationSums(NUM_CLASSES)
     with stage_errors("validation"):
         for batch in results.iter_batches(batch_format="numpy", batch_size=None):
-            part = ValidationSums(NUM_CLASSES, int(batch["pixels"].sum()), float(batch["entropy"].sum()),
-                                  batch["probs"].sum(axis=0), list(batch["samples"]),
-                                  batch["flip"].sum(axis=0).tolist(), batch["scale"].sum(axis=0).tolist(),
-                                  batch["mix"].sum(axis=0).tolist())
-            total.merge(part)
+            total.merge(batch_sums(batch))
     return total.figures(source_share, label_space)
