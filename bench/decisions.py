@@ -12,8 +12,9 @@ figures alone, and is right when it accepts a change that helped or rejects one 
 - each validator: accept when the candidate scores at least as well, in the validator's direction;
 - prior: lse.safeguard_rule "prior" (the predicted class shares may move away from the source labels'
   by at most lse.safeguard_tolerance; here from the mean softmax, the run's rule counts predicted pixels);
-- consistency: lse.safeguard_rule "consistency" (rejected when flip agreement and the ClassMix probe
-  both fall, sisray/safeguard.py).
+- probes: flip agreement and the ClassMix probe alone (rejected when both fall);
+- consistency: lse.safeguard_rule "consistency" as the default configures it (the probes, unless the
+  class entropy rises by more than lse.safeguard_spread: sisray/safeguard.py).
 Each model's validators are kept in RUN/validators_<images>.json, so re-running adds runs for free.
 Last line: one JSON object, {"rules": {NAME: {"right": k, "decisions": n, "hurt": h, "hurt_rejected":
 r, "helped_rejected": a}, ...}, "decisions": [...]}.
@@ -88,14 +89,15 @@ def prior_distance(squashed: float) -> float:
     return squashed / (1 - squashed)
 
 
-def verdicts(incumbent: dict[str, float], candidate: dict[str, float], tolerance: float) -> dict:
+def verdicts(incumbent: dict[str, float], candidate: dict[str, float], tolerance: float, spread: float | None) -> dict:
     """Each rule's accept (True) or reject (False) of one change."""
     out = {"accept": True}
     for name, higher in HIGHER_IS_BETTER.items():
         sign = 1 if higher else -1
         out[name] = sign * candidate[name] >= sign * incumbent[name]
     out["prior"] = prior_distance(candidate["prior_distance"]) <= prior_distance(incumbent["prior_distance"]) + tolerance
-    out["consistency"] = judge_consistency("", candidate, incumbent, "candidate", "incumbent").accepted
+    out["probes"] = judge_consistency("", candidate, incumbent, "candidate", "incumbent", None).accepted
+    out["consistency"] = judge_consistency("", candidate, incumbent, "candidate", "incumbent", spread).accepted
     return out
 
 
@@ -119,12 +121,13 @@ def tally(decisions: list[dict]) -> dict[str, dict[str, int]]:
 def run_decisions(run_dir: Path, images: int, label: str) -> list[dict]:
     from sisray.config import load_config
 
-    tolerance = load_config(run_dir / "config.yaml").lse.safeguard_tolerance
+    lse = load_config(run_dir / "config.yaml").lse
     found = changes(run_dir)
     figures = validators(run_dir, sorted({m for c in found for m in (c["incumbent"], c["candidate"])}), images)
     return [{**c, "run": label, "gain": round(c["candidate_miou"] - c["incumbent_miou"], 2),
              "validators": {"incumbent": figures[c["incumbent"]], "candidate": figures[c["candidate"]]},
-             "verdicts": verdicts(figures[c["incumbent"]], figures[c["candidate"]], tolerance)} for c in found]
+             "verdicts": verdicts(figures[c["incumbent"]], figures[c["candidate"]], lse.safeguard_tolerance,
+                                 lse.safeguard_spread)} for c in found]
 
 
 def main() -> None:

@@ -101,6 +101,10 @@ class LSEConfig:
     # (on validation.images target-train images, 64 when that is 0); "prior": its predicted class proportions
     # move further from the source labels' than safeguard_tolerance
     safeguard_rule: Literal["consistency", "prior"] = "consistency"
+    # the consistency rule accepts a candidate whose class entropy H(mean p)/log C rises by more than this,
+    # whatever its probes: it undoes a collapse (dusk: +0.25; every other decision of the suite moved it by
+    # at most 0.03; chosen before the held-out domains were run). None: the probes alone
+    safeguard_spread: float | None = bounded(0.1, 0.0)
     # how much further (mean |log ratio| of class shares) the "prior" rule tolerates: good rounds on the suite
     # moved up to +0.1 (the target's framing holds more car and person pixels, which the rounds learn)
     safeguard_tolerance: float = bounded(0.15, 0.0)

@@ -11,6 +11,11 @@ keeps the incumbent when the candidate looks worse. Two rules (lse.safeguard_rul
   fall. On the suite, target BatchNorm statistics that lost 7 points (country roads nearly in the
   source's look: the statistics follow the other class proportions, not a change of look) lowered
   both, and every change that helped raised at least one (bench/decisions.py, the README).
+  A collapsed model is consistent too: on dusk the source model labels nearly everything as a few
+  classes, the same way mirrored or mixed, and target BN (+24 points) agreed a little less with
+  itself. So a candidate whose predictions spread over the classes (H(mean p) / log C rises by more
+  than lse.safeguard_spread; at most +0.03 on every other decision of the suite, +0.25 on dusk) is
+  accepted whatever its probes say: it undoes a collapse.
 - "prior": street scenes hold the classes in similar proportions; a model that absorbs a minority
   class into a majority one, or collapses onto a few classes, predicts proportions far from the
   source labels'. The distance is the mean over the label space of |log(predicted share / source
@@ -85,13 +90,27 @@ def judge(decision: str, candidate_counts: np.ndarray, incumbent_counts: np.ndar
 CONSISTENCY = ("flip_agreement", "mix_accuracy")
 
 
+def class_entropy(figures: dict) -> float:
+    """H(mean p) / log C, how evenly a model's predictions spread over the classes, from the validators'
+    information (H(mean p) - mean H(p)) and mean entropy (mean H(p)), both over log C."""
+    return float(figures["information"]) + float(figures["mean_entropy"])
+
+
 def judge_consistency(decision: str, candidate_figures: dict, incumbent_figures: dict, candidate: str,
-                      incumbent: str) -> Verdict:
+                      incumbent: str, spread: float | None) -> Verdict:
     """The "consistency" rule: accept the candidate unless it agrees less with itself than the incumbent
-    on every probe of CONSISTENCY (the figures of sisray/validators.py, on the same target-train images)."""
+    on every probe of CONSISTENCY (the figures of sisray/validators.py, on the same target-train images)
+    and, when `spread` is set, its class entropy rises by at most `spread` (it does not undo a collapse)."""
     new = {name: round(float(candidate_figures[name]), 4) for name in CONSISTENCY}
     old = {name: round(float(incumbent_figures[name]), 4) for name in CONSISTENCY}
-    accepted = any(new[name] >= old[name] for name in CONSISTENCY)
+    new["class_entropy"] = round(class_entropy(candidate_figures), 4)
+    old["class_entropy"] = round(class_entropy(incumbent_figures), 4)
+    consistent = any(new[name] >= old[name] for name in CONSISTENCY)
+    spreads = spread is not None and new["class_entropy"] > old["class_entropy"] + spread
+    accepted = consistent or spreads
     verb = "accepted" if accepted else "rejected, keeping " + incumbent
-    figures = ", ".join(f"{name.replace('_', ' ')} {new[name]:.3f} against {old[name]:.3f}" for name in CONSISTENCY)
-    return Verdict(decision, accepted, "consistency", new, old, f"{candidate} {verb}: {figures} for {incumbent}")
+    figures = ", ".join(f"{name.replace('_', ' ')} {new[name]:.3f} against {old[name]:.3f}"
+                        for name in (*CONSISTENCY, "class_entropy"))
+    why = " (its predictions spread over the classes: it undoes a collapse)" if spreads and not consistent else ""
+    return Verdict(decision, accepted, "consistency", new, old,
+                   f"{candidate} {verb}{why}: {figures} for {incumbent}")

@@ -225,17 +225,23 @@ def test_decisions_count_each_rule_right_when_it_keeps_what_helped_and_rejects_w
             "scale_agreement": 0.8, "prior_distance": 0.3, "mix_accuracy": 0.90}
     less_consistent = {**base, "mean_entropy": 0.1, "flip_agreement": 0.91, "mix_accuracy": 0.87, "prior_distance": 0.5}
     more_consistent = {**base, "flip_agreement": 0.94, "mix_accuracy": 0.89}
+    # less consistent, but spread over the classes: class entropy 0.6 -> 0.85 (a collapse undone, as on dusk)
+    spread = {**less_consistent, "information": 0.75}
     harmful = {"incumbent_miou": 57.8, "candidate_miou": 50.4,
-               "verdicts": decisions.verdicts(base, less_consistent, tolerance=0.15)}
+               "verdicts": decisions.verdicts(base, less_consistent, tolerance=0.15, spread=0.1)}
     helpful = {"incumbent_miou": 50.4, "candidate_miou": 56.5,
-               "verdicts": decisions.verdicts(base, more_consistent, tolerance=0.15)}
+               "verdicts": decisions.verdicts(base, more_consistent, tolerance=0.15, spread=0.1)}
+    uncollapsed = {"incumbent_miou": 7.6, "candidate_miou": 31.3,
+                   "verdicts": decisions.verdicts(base, spread, tolerance=0.15, spread=0.1)}
     assert harmful["verdicts"]["mean_entropy"] and not harmful["verdicts"]["consistency"]  # lower entropy, yet worse
+    assert uncollapsed["verdicts"]["consistency"] and not uncollapsed["verdicts"]["probes"]
     # prior: 0.3 -> 0.5 squashed is 0.43 -> 1.0 raw, beyond the tolerance
     assert not harmful["verdicts"]["prior"] and helpful["verdicts"]["prior"]
-    rules = decisions.tally([harmful, helpful])
-    assert rules["accept"] == {"right": 1, "decisions": 2, "hurt": 1, "hurt_rejected": 0, "helped_rejected": 0}
-    assert rules["consistency"] == {"right": 2, "decisions": 2, "hurt": 1, "hurt_rejected": 1, "helped_rejected": 0}
-    assert rules["mean_entropy"]["right"] == 1 and rules["flip_agreement"]["right"] == 2
+    rules = decisions.tally([harmful, helpful, uncollapsed])
+    assert rules["accept"] == {"right": 2, "decisions": 3, "hurt": 1, "hurt_rejected": 0, "helped_rejected": 0}
+    assert rules["consistency"] == {"right": 3, "decisions": 3, "hurt": 1, "hurt_rejected": 1, "helped_rejected": 0}
+    assert rules["probes"] == {"right": 2, "decisions": 3, "hurt": 1, "hurt_rejected": 1, "helped_rejected": 1}
+    assert rules["mean_entropy"]["right"] == 2 and rules["flip_agreement"]["right"] == 2
 
 
 @pytest.mark.ray

@@ -95,7 +95,9 @@ def stand_ins(monkeypatch):
         folder.path.mkdir(parents=True, exist_ok=True)
         block = {"miou": miou[kind], "miou19": miou[kind], "per_class": {}}
         if kind in consistent:  # the evaluation computed the validators
-            block["validators"] = dict(zip(("flip_agreement", "mix_accuracy"), consistent[kind]))
+            flip, mix, *spread = consistent[kind]  # (flip agreement, mix accuracy[, class entropy: 0.6])
+            block["validators"] = {"flip_agreement": flip, "mix_accuracy": mix, "mean_entropy": 0.2,
+                                   "information": (spread or [0.6])[0] - 0.2}
         folder.eval.write_text(json.dumps(block))
         return {"miou": miou[kind], "miou19": miou[kind], "miou16": None, "miou13": None, "pixel_accuracy": 0.0,
                 "per_class": {}}
@@ -216,16 +218,32 @@ def test_without_the_safeguard_only_the_teachers_are_scored_each_in_the_pass_of_
     assert summary["final"]["miou"] == 0.4
 
 
+def _probes(flip: float, mix: float, class_entropy: float = 0.6) -> dict:
+    """Validators with these probes and this class entropy (information + mean entropy)."""
+    return {"flip_agreement": flip, "mix_accuracy": mix, "information": class_entropy - 0.2, "mean_entropy": 0.2}
+
+
 def test_the_consistency_rule_rejects_a_candidate_only_when_both_probes_fall():
-    kept = judge_consistency("source", {"flip_agreement": 0.90, "mix_accuracy": 0.86},
-                             {"flip_agreement": 0.93, "mix_accuracy": 0.90}, "the source model with target BN",
-                             "the source model")
+    kept = judge_consistency("source", _probes(0.90, 0.86, 0.65), _probes(0.93, 0.90), "the source model with target BN",
+                             "the source model", spread=0.1)
     assert not kept.accepted and kept.rule == "consistency"
-    assert kept.candidate == {"flip_agreement": 0.9, "mix_accuracy": 0.86}
+    assert kept.candidate == {"flip_agreement": 0.9, "mix_accuracy": 0.86, "class_entropy": 0.65}
     assert kept.reason == ("the source model with target BN rejected, keeping the source model: flip agreement 0.900 "
-                           "against 0.930, mix accuracy 0.860 against 0.900 for the source model")
-    for one_up in ({"flip_agreement": 0.94, "mix_accuracy": 0.86}, {"flip_agreement": 0.90, "mix_accuracy": 0.90}):
-        assert judge_consistency("round_01", one_up, {"flip_agreement": 0.93, "mix_accuracy": 0.90}, "a", "b").accepted
+                           "against 0.930, mix accuracy 0.860 against 0.900, class entropy 0.650 against 0.600 for "
+                           "the source model")
+    for one_up in (_probes(0.94, 0.86), _probes(0.90, 0.90)):
+        assert judge_consistency("round_01", one_up, _probes(0.93, 0.90), "a", "b", spread=0.1).accepted
+
+
+def test_the_consistency_rule_accepts_a_less_consistent_candidate_that_undoes_a_collapse():
+    """Dusk: the source model labels nearly everything as a few classes, the same way mirrored or mixed;
+    target BN agrees a little less with itself and spreads its predictions (class entropy +0.25)."""
+    collapsed, spread = _probes(0.867, 0.896, 0.40), _probes(0.862, 0.860, 0.65)
+    undone = judge_consistency("source", spread, collapsed, "the source model with target BN", "the source model",
+                               spread=0.1)
+    assert undone.accepted and "undoes a collapse" in undone.reason
+    assert not judge_consistency("source", spread, collapsed, "a", "b", spread=0.3).accepted  # +0.25 is not > 0.3
+    assert not judge_consistency("source", spread, collapsed, "a", "b", spread=None).accepted  # the probes alone
 
 
 def test_by_consistency_the_rounds_read_each_models_validators_from_its_evaluation(
@@ -242,12 +260,31 @@ def test_by_consistency_the_rounds_read_each_models_validators_from_its_evaluati
                                  "lse.safeguard_rule=consistency")
     assert [(v["decision"], v["accepted"], v["rule"]) for v in summary["safeguard"]] == [
         ("source", False, "consistency"), ("round_01", True, "consistency"), ("round_02", False, "consistency")]
-    assert summary["safeguard"][1]["incumbent"] == {"flip_agreement": 0.93, "mix_accuracy": 0.9}  # the source model
-    assert summary["safeguard"][2]["incumbent"] == {"flip_agreement": 0.94, "mix_accuracy": 0.89}  # round 1's
+    assert summary["safeguard"][1]["incumbent"] == {"flip_agreement": 0.93, "mix_accuracy": 0.9,
+                                                    "class_entropy": 0.6}  # the source model
+    assert summary["safeguard"][2]["incumbent"] == {"flip_agreement": 0.94, "mix_accuracy": 0.89,
+                                                    "class_entropy": 0.6}  # round 1's
     assert ("train round 1", "source") in calls and ("train round 2", "round_01") in calls
     assert [c for c in calls if "score" in c[0]] == [("evaluate and score", "source_bn"), ("score", "source"),
                                                      ("evaluate and score", "round_01")]
     assert summary["final"]["miou"] == 0.60
+
+
+@pytest.mark.parametrize("spread, accepted", [("0.1", True), ("null", False)])
+def test_the_run_accepts_target_bn_that_undoes_a_collapse_by_lse_safeguard_spread(
+        stand_ins, small_benchmark, fcn_checkpoint, tmp_path, spread, accepted):
+    """Dusk's case: target BN agrees less with itself and spreads the predictions (class entropy +0.25)."""
+    predicts, miou, calls, consistent = stand_ins
+    round_models = ("round_01_bn", "round_02_bn", "round_01", "round_02")
+    for kind in ("source", "source_bn", *round_models):
+        predicts[kind] = source_proportions(small_benchmark)
+        consistent[kind] = (0.88, 0.89, 0.65)  # the rounds' models: accepted
+    miou.update(source=0.08, source_bn=0.31, round_01_bn=0.34, round_02_bn=0.35, round_01=0.09, round_02=0.10)
+    consistent.update(source=(0.867, 0.896, 0.40), source_bn=(0.862, 0.860, 0.65))
+    _, _, summary = _run(tmp_path, small_benchmark, fcn_checkpoint, "lse.target_bn=true",
+                         "lse.safeguard_rule=consistency", f"lse.safeguard_spread={spread}")
+    assert summary["safeguard"][0]["accepted"] is accepted
+    assert ("train round 1", "source_bn" if accepted else "source") in calls
 
 
 def test_an_evaluation_without_validators_cannot_be_judged_by_consistency_and_says_how_to_go_on(tmp_path):

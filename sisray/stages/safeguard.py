@@ -22,7 +22,7 @@ def judge_candidate(cfg: Config, decision: str, candidate_files: tuple[Path, Pat
     scores' predicted class counts (prior). Write and say the verdict."""
     if cfg.lse.safeguard_rule == "consistency":
         figures = [validators_of(evaluation) for _, evaluation in (candidate_files, incumbent_files)]
-        verdict = judge_consistency(decision, *figures, candidate, incumbent)
+        verdict = judge_consistency(decision, *figures, candidate, incumbent, cfg.lse.safeguard_spread)
     else:
         prior = source_share(json.loads(label_space_file.read_text())["pixels"], classes)
         verdict = judge(decision, read_scores(candidate_files[0])["counts"], read_scores(incumbent_files[0])["counts"],
