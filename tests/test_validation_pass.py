@@ -14,7 +14,7 @@ from sisray.labels import NUM_CLASSES
 from sisray.models import build_model
 from sisray.stages.evaluate import evaluate
 from sisray.stages.validation import (SAFEGUARD_IMAGES, ValidationSpec, Validator, images_validated, validate_model,
-                                      validation_subset, zoom_validated)
+                                      validation_subset, views_per_image, zoom_validated)
 
 CAR = 13
 
@@ -49,7 +49,8 @@ def test_the_consistency_safeguard_has_its_models_validated_even_when_validation
 
 def test_the_safeguard_alone_validates_without_zooming(small_benchmark, tmp_path):
     """The consistency rule reads flips and the ClassMix probe: its pass skips the four zoomed tiles
-    (4 of 8 forward passes per image), and what it does compute is what the full pass computes."""
+    (4 of 7 forward passes per image: the mix partner, the next image, is predicted once, in its own
+    row), and what it does compute is what the full pass computes."""
     _checkpoint(tmp_path / "varied.pt", constant=False)
     safeguard_only = _config(small_benchmark, "validation.images=0", "lse.safeguard=true")
     assert not zoom_validated(safeguard_only) and zoom_validated(_config(small_benchmark))
@@ -58,11 +59,19 @@ def test_the_safeguard_alone_validates_without_zooming(small_benchmark, tmp_path
         validator = Validator(ValidationSpec(safeguard_only, str(tmp_path / "varied.pt"), 1, False, (0, 1), zoom))
         calls, predict = [], validator.predict
         validator.predict = lambda images, *a: calls.append(len(images)) or predict(images, *a)
-        passes[zoom] = (validator.validate(0, 1), len(calls))
+        passes[zoom] = (validator.rows([0, 1]), len(calls))
     (full, full_calls), (lean, lean_calls) = passes[True], passes[False]
-    assert (full_calls, lean_calls) == (8, 4)
-    assert lean.scale == [0, 0] and full.scale[1] > 0
-    assert (lean.flip, lean.mix, lean.entropy) == (full.flip, full.mix, full.entropy)
+    assert (full_calls, lean_calls) == (2 * views_per_image(True), 2 * views_per_image(False)) == (14, 6)
+    assert (lean["scale"] == 0).all() and (full["scale"][:, 1] > 0).all()
+    for key in ("flip", "mix", "entropy"):
+        assert np.array_equal(lean[key], full[key]), key
+    alone = validator.rows([0])  # image 1, its partner, predicted for the probe
+    assert len(calls) == lean_calls + views_per_image(False) + 1
+    assert np.array_equal(alone["mix"][0], lean["mix"][0]) and np.array_equal(alone["flip"][0], lean["flip"][0])
+    partners, mix = [], validator.mix_agreement
+    validator.mix_agreement = lambda view, partner, draws: partners.append(partner[0]) or mix(view, partner, draws)
+    validator.rows([0, 1])
+    assert [p.tolist() for p in partners] == [validator.dataset.load_image(i).tolist() for i in (1, 0)]  # the next
 
 
 def test_the_subset_is_seeded_and_shared_by_every_model():

@@ -29,7 +29,7 @@ SAMPLED_PIXELS = 64  # per image, for BNM and SND: 64 images give a 4096-row mat
 @dataclass(frozen=True)
 class ValidationSpec(ActorSpec):
     subset: tuple[int, ...] = ()  # the target-train images validated, in order (the mix partner is the next)
-    zoom: bool = True  # the four zoomed corner tiles (scale agreement): half the forward passes
+    zoom: bool = True  # the four zoomed corner tiles (scale agreement): 4 of the 7 forward passes per image
 
 
 SAFEGUARD_IMAGES = 64  # what the safeguard's consistency rule validates each model on when validation.images is 0
@@ -44,7 +44,7 @@ def images_validated(cfg: Config) -> int:
 
 
 def zoom_validated(cfg: Config) -> bool:
-    """Whether the pass zooms (scale agreement, 4 of its 8 forward passes per image): when the user
+    """Whether the pass zooms (scale agreement, 4 of its 7 forward passes per image): when the user
     asked for every validator (validation.images), not for the safeguard alone, whose consistency rule
     reads flips and the ClassMix probe only."""
     return cfg.validation.images > 0
@@ -79,18 +79,29 @@ class Validator(ModelActor):
                 **{key: np.zeros((n, 2), np.int64) for key in ("flip", "scale", "mix")}}
 
     def rows(self, positions: list[int]) -> dict:
-        """The sums of the subset's images at `positions`, each with the next image as its mix partner."""
+        """The sums of the subset's images at `positions`, each with the next image as its mix partner
+        (whose prediction is its own row's when the partner is in the batch: 3 forward passes per image,
+        not 4)."""
         subset, out = self.spec.subset, self.blank(len(positions))
         out["id"][:] = positions
+        views, draws = {}, {}  # position -> (image, predicted classes); its generator, past the pixels' draws
         for k, position in enumerate(positions):
-            sums = self.validate(subset[position], subset[(position + 1) % len(subset)])
+            sums, views[position], draws[position] = self.validate_alone(subset[position])
             out["entropy"][k], out["probs"][k], out["pixels"][k] = sums.entropy, sums.probs, sums.pixels
             out["samples"][k] = sums.samples[0]
-            for key in ("flip", "scale", "mix"):
-                out[key][k] = getattr(sums, key)
+            out["flip"][k], out["scale"][k] = sums.flip, sums.scale
+        for k, position in enumerate(positions):
+            partner = (position + 1) % len(subset)
+            if partner not in views:
+                image = self.dataset.load_image(subset[partner])
+                views[partner] = (image, self.predict(image[None])[0].argmax(0))
+            out["mix"][k] = self.mix_agreement(views[position], views[partner], draws[position])
         return out
 
-    def validate(self, index: int, partner: int) -> ValidationSums:
+    def validate_alone(self, index: int) -> tuple[ValidationSums, tuple[torch.Tensor, torch.Tensor], torch.Generator]:
+        """Image `index`'s sums but the ClassMix probe's, (the image, its predicted classes), and the
+        image's generator for its ClassMix. Its draws (the sampled pixels, then the mix) are seeded by
+        (seed, image): the same in any batch."""
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
         image = self.dataset.load_image(index)
         probs = self.predict(image[None])
@@ -102,11 +113,16 @@ class Validator(ModelActor):
         sums.flip = list(agreement(prediction, mirrored))
         if self.spec.zoom:
             sums.scale = self.zoom_agreement(image, prediction)
-        other = self.dataset.load_image(partner)
-        mixed_image, mixed_label = class_mix((other[None].float(), self.predict(other[None]).argmax(1).cpu()),
+        return sums, (image, prediction), generator
+
+    def mix_agreement(self, view: tuple[torch.Tensor, torch.Tensor], partner: tuple[torch.Tensor, torch.Tensor],
+                      generator: torch.Generator) -> list[int]:
+        """[same, compared]: half of the partner's predicted classes pasted onto the image (`view`), the
+        model's classes on the mix against the mixed predicted classes."""
+        (image, prediction), (other, other_prediction) = view, partner
+        mixed_image, mixed_label = class_mix((other[None].float(), other_prediction[None].cpu()),
                                              (image[None].float(), prediction[None].cpu()), generator)
-        sums.mix = list(agreement(self.predict(mixed_image.round().to(torch.uint8)).argmax(1).cpu(), mixed_label))
-        return sums
+        return list(agreement(self.predict(mixed_image.round().to(torch.uint8)).argmax(1).cpu(), mixed_label))
 
     def zoom_agreement(self, image: torch.Tensor, prediction: torch.Tensor) -> list[int]:
         """[same, compared] over the corner tiles: the class of each tile pixel at scale 1 against
@@ -131,8 +147,9 @@ def batch_sums(batch: dict[str, np.ndarray]) -> ValidationSums:
 
 
 def views_per_image(zoom: bool) -> int:
-    """Forward passes per validated image: the image, its mirror, the mix partner, the mix (+ 4 tiles)."""
-    return 8 if zoom else 4
+    """Forward passes per validated image: the image, its mirror, the mix (+ 4 tiles); the mix partner's
+    prediction is its own row's (one more per batch whose last partner is in another batch)."""
+    return 7 if zoom else 3
 
 
 def validate_model(cfg: Config, checkpoint: str | Path, source_share: np.ndarray,
