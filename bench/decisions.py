@@ -13,7 +13,7 @@ figures alone, and is right when it accepts a change that helped or rejects one 
 - prior: lse.safeguard_rule "prior" (the predicted class shares may move away from the source labels'
   by at most lse.safeguard_tolerance; here from the mean softmax, the run's rule counts predicted pixels);
 - probes: flip agreement and the ClassMix probe alone (rejected when both fall);
-- consistency: lse.safeguard_rule "consistency" as the default configures it (the probes, unless the
+- consistency: lse.safeguard_rule "consistency" as the run's config sets it (the probes, unless the
   class entropy rises by more than lse.safeguard_spread: sisray/safeguard.py).
 Each model's validators are kept in RUN/validators_<images>.json, so re-running adds runs for free.
 Last line: one JSON object, {"rules": {NAME: {"right": k, "decisions": n, "hurt": h, "hurt_rejected":
