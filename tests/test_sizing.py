@@ -71,3 +71,23 @@ def test_a_cluster_is_measured_once_so_a_node_lost_mid_run_changes_no_later_stag
     assert before[0].count == 4 and before[1].count == 4
     address.gcs_address = "10.0.0.2:6379"  # another cluster is measured anew
     assert train_workers(cfg).count == 2
+
+
+def test_fits_on_a_local_instance_leave_out_the_preemption_watcher_and_a_cluster_keeps_it(monkeypatch):
+    """A local instance is one node, never drained: its fits run without Ray Train's preemption watcher
+    (an actor per fit, ~2 CPU-seconds). On a cluster (RAY_ADDRESS) Ray Train's default stands."""
+    import os
+
+    import ray
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    monkeypatch.setenv("RAY_LOGGER_LEVEL", "warning")  # start_ray sets it where unset: kept out of this process
+    monkeypatch.delenv(cluster.PREEMPTION_WATCHER_ENV, raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    cluster.start_ray()
+    assert started[-1]["address"] == "10.0.0.1:6379" and cluster.PREEMPTION_WATCHER_ENV not in os.environ
+    monkeypatch.delenv("RAY_ADDRESS")
+    cluster.start_ray()
+    assert "address" not in started[-1] and os.environ[cluster.PREEMPTION_WATCHER_ENV] == "0"
