@@ -34,9 +34,8 @@ class Canvas:
     def paint(self, region, mask, depth, material, s, t, tint, shade) -> None:
         mask = mask & (depth <= self.depth[region])
         for name, value in (("depth", depth), ("material", material), ("s", s), ("t", t), ("shade", shade)):
-            view = getattr(self, name)[region]
-            view[mask] = np.broadcast_to(value, mask.shape)[mask]
-        self.tint[region][mask] = np.broadcast_to(tint, mask.shape + (3,))[mask]
+            np.copyto(getattr(self, name)[region], value, casting="unsafe", where=mask)  # as `view[mask] = value` casts
+        np.copyto(self.tint[region], tint, casting="unsafe", where=mask[..., None])
 
 
 def _draw_sky(cv: Canvas) -> None:
