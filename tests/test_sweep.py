@@ -87,7 +87,7 @@ def _proposals(search: str, space, seed: int, tmp_path) -> list[dict]:
         tune.report({"score": float(params["lse.scale"])})
 
     tuner = tune.Tuner(trial, param_space=param_space(space, search),
-                       tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=4,
+                       tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=4, reuse_actors=True,
                                                    search_alg=search_algorithm(search, seed, 1)),
                        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
     return sorted((r.config for r in tuner.fit()), key=lambda c: json.dumps(c, sort_keys=True))
@@ -223,9 +223,10 @@ def test_the_job_refuses_a_bad_space_before_starting_anything(tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(1500, method="thread")
 def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_benchmark, fcn_checkpoint, tmp_path):
-    """`jobs/tune.py --space tune_spaces/smoke.yaml`: Ctrl-C once a trial has finished, the same
-    command again; 2 trials in all, the finished one not run again, MLflow parent and child runs,
-    and a best config that loads as `jobs/adapt.py` loads it."""
+    """`jobs/tune.py --space` the smoke space, one round per trial (its two rounds: the grid sweep's
+    test): Ctrl-C once a trial has finished, the same command again; 2 trials in all, the finished one
+    not run again, MLflow parent and child runs, and a best config that loads as `jobs/adapt.py`
+    loads it."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -234,7 +235,10 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
              "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
              f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "lse.selection=global",
              "lse.patches_per_image=2", f"tracking.uri={uri}"]
-    command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+    smoke = (REPO / "tune_spaces" / "smoke.yaml").read_text()
+    assert "  lse.p_max: 0.3\n" in smoke
+    space = _space(tmp_path, smoke.replace("  lse.p_max: 0.3\n", "  lse.p_max: 0.2\n"))  # p = 0.2 only
+    command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space),
                "--num-samples", "2", "--run-dir", str(sweep), "--objective", "validator_bnm", *set_args(small)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
@@ -244,7 +248,7 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     while finished_trial is None and first.poll() is None:
         time.sleep(2)
         for state in sweep.glob("trials/*/state.json"):
-            if "round_02/log" in json.loads(state.read_text())["finished"]:  # its last stage
+            if "round_01/log" in json.loads(state.read_text())["finished"]:  # its last stage
                 finished_trial = state
     assert finished_trial is not None, first.communicate()[1][-3000:]
     os.killpg(first.pid, signal.SIGINT)
@@ -259,15 +263,15 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     assert json.loads(finished_trial.read_text())["finished"] == done
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert len(summary["trials"]) == 2 and not any(t["error"] for t in summary["trials"])
-    assert summary["best"]["rounds"] == 2 and "validator_bnm" in summary["best"]
-    finalists = [t for t in summary["trials"] if t["rounds"] == 2]
+    assert summary["best"]["rounds"] == 1 and "validator_bnm" in summary["best"]
+    finalists = [t for t in summary["trials"] if t["rounds"] == 1]
     assert summary["best"]["validator_bnm"] == max(t["validator_bnm"] for t in finalists)  # the objective's best
     assert {t["params"]["lse.scale"] for t in summary["trials"]} <= {1.5, 2.0}
 
     best = load_config(sweep / "best_config.yaml")  # what jobs/adapt.py --config does
     assert (best.lse.scale, best.lse.threshold.estimator) == (summary["best"]["params"]["lse.scale"],
                                                              summary["best"]["params"]["lse.threshold.estimator"])
-    assert best.lse.p_max == 0.4 and best.model.source_checkpoint == str(fcn_checkpoint)  # not the trial's 0.3
+    assert best.lse.p_max == 0.4 and best.model.source_checkpoint == str(fcn_checkpoint)  # not the trial's 0.2
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("sisray").experiment_id
@@ -282,7 +286,7 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     for child in children:
-        assert child.data.params["lse.scale"] in ("1.5", "2.0") and child.data.params["lse.p_max"] == "0.3"
+        assert child.data.params["lse.scale"] in ("1.5", "2.0") and child.data.params["lse.p_max"] == "0.2"
         assert len(client.get_metric_history(child.info.run_id, "target_val/label_free/information")) >= 2
         for name in HIGHER_IS_BETTER:  # every validator, on target-train images (the objective turned them on)
             assert client.get_metric_history(child.info.run_id, f"target_val/validators/{name}"), name
