@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import filecmp
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import SMALL_SPEC
+from conftest import REPO, SMALL_SPEC
 from sisray.datasets.synthetic import (CLASSES, MANIFEST, SyntheticSource, SyntheticSpec, SyntheticTarget, describe,
                                        generate, render)
 from sisray.datasets.synthetic.loaders import _object_heights
@@ -45,6 +46,33 @@ def test_output_does_not_depend_on_the_number_of_processes(tmp_path, small_bench
     assert len(files) == 2 * sum(v for k, v in SMALL_SPEC.items() if k.startswith("n_"))
     match, mismatch, errors = filecmp.cmpfiles(small_benchmark, tmp_path / "two", [str(f) for f in files], shallow=False)
     assert not mismatch and not errors
+
+
+def test_a_job_writes_the_benchmark_where_a_synthetic_root_is_missing_and_only_there(tmp_path, monkeypatch,
+                                                                                   fcn_checkpoint):
+    """Every job's input check (before any work) generates the built-in benchmark into a synthetic root
+    without a manifest: once, whichever domains share the root; never over a written one. The
+    generator's default settings are stood in for by the tests' small ones (the job on a generated
+    default benchmark: tests/test_adapt.py)."""
+    from sisray import inputs
+    from sisray.config import load_config
+    from sisray.datasets import synthetic
+
+    written = []
+
+    def small(root):
+        written.append(Path(root))
+        return generate(root, SyntheticSpec(**SMALL_SPEC), processes=1)
+
+    monkeypatch.setattr(synthetic, "generate", small)
+    root = tmp_path / "data" / "synthetic"
+    cfg = load_config(REPO / "configs" / "synthetic.yaml", [
+        f"data.source.root={root}", f"data.target.root={root}", "model.name=fcn8s_vgg16",
+        "model.width=0.0625", f"model.source_checkpoint={fcn_checkpoint}", "lse.target_bn=false"])
+    inputs.check_inputs(cfg)
+    assert written == [root] and (root / MANIFEST).is_file()
+    inputs.check_inputs(cfg)
+    assert written == [root]
 
 
 def test_both_layouts_are_read_by_the_real_loaders(small_benchmark):
