@@ -1,12 +1,12 @@
 """How well each label-free validator chooses among adaptation trials, measured against target-val mIoU.
 
-    python bench/selection.py --suite data/suite --out runs/selection [--domains day dusk fog near] [--seeds 0 1]
+    python bench/selection.py --suite data/suite --out runs/selection [--domains day dusk fog near] [--seeds 0 1] [--set k=v ...]
     python bench/selection.py --tiny      # the tests' smoke run: 3 trials on a generated 6-image set
 
 Per domain and seed, every trial of a fixed grid (`TRIALS`: threshold estimator, LSE's scale, the p
 schedule, the focal weight beta, the rounds' rate and target BatchNorm, one or two at a time around the
 default) adapts the seed's source model (bench/ablation.py's default run of the first domain, trained
-here if missing) with `jobs/adapt.py`, computing the final model's validators on 64 target-train
+here if missing, or the one `--set model.source_checkpoint=...` gives) with `jobs/adapt.py`, computing the final model's validators on 64 target-train
 images (`validation.images`, sisray/validators.py). Per validator, signed so that higher is better:
 - spearman: the rank correlation of the validator with the trials' final target-val mIoU;
 - regret: the best trial's mIoU minus the mIoU of the trial the validator picks (points of mIoU);
@@ -123,8 +123,10 @@ def main() -> None:
     parser.add_argument("--domains", nargs="+", choices=list(SUITE), default=["day", "dusk", "fog", "near"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config overrides of every trial (and of the source model it adapts)")
     args = parser.parse_args()
-    common = ["tracking.experiment=sisray-selection", "validation.images=64"]
+    common = [*args.overrides, "tracking.experiment=sisray-selection", "validation.images=64"]
     if args.tiny:
         with tempfile.TemporaryDirectory() as tmp:
             runs = tiny_runs(Path(tmp))

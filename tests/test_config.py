@@ -148,6 +148,9 @@ def test_paper_presets_use_the_reference_values():
             assert cfg.data.target.name == "cityscapes" and cfg.data.target.size == (1024, 512)
             assert cfg.model.name == {"vgg16": "fcn8s_vgg16", "deeplabv2": "deeplabv2_r101"}[model]
             assert cfg.model.source_checkpoint  # only the roots and this checkpoint need setting
+            if model == "vgg16":  # the reference's released source model, by its file name
+                assert Path(cfg.model.source_checkpoint).name == f"{source}_vggfcn_init.pth"
+            assert cfg.model.precision == "fp32"  # the reference's numerics, on GPU too
             lse = cfg.lse
             assert (lse.p0, lse.p_step, lse.p_max, lse.scale, lse.patches_per_image) == (0.1, 0.05, 0.4, 2.0, 4)
             assert (lse.beta, lse.gamma, lse.selection, lse.threshold.estimator) == (0.1, 3.0, "classwise", "cutoff_image")

@@ -270,6 +270,34 @@ def test_bf16_logits_give_a_softmax_computed_and_resampled_in_fp32(scale):
     assert torch.equal(probs, expected)
 
 
+def test_model_precision_reaches_the_training_step_and_the_model_actors(small_benchmark, fcn_checkpoint):
+    """`model.precision: bf16` moves a training step's loss and an actor's softmax by bf16 rounding;
+    `auto` on CPU is fp32 exactly (the paper presets' numerics)."""
+    import copy
+
+    from sisray.config import load_config
+    from sisray.stages.actors import ActorSpec, ModelActor
+    from sisray.stages.train_loop import training_step
+
+    torch.manual_seed(0)
+    net = build_model("fcn8s_vgg16", 19, 0.0625, str(fcn_checkpoint))  # its prediction is not uniform
+    batch = (torch.rand(2, 3, 32, 64) * 255, torch.randint(0, 19, (2, 32, 64)))
+    losses, probs = {}, {}
+    for precision in ("fp32", "auto", "bf16"):
+        step_net = copy.deepcopy(net)
+        torch.manual_seed(1)  # the same dropout masks
+        losses[precision] = training_step(step_net, torch.optim.SGD(step_net.parameters(), lr=0.1), batch, None,
+                                          0.1, 3.0, precision)["loss"]
+        cfg = load_config(None, ["data.target.name=synthetic", f"data.target.root={small_benchmark}",
+                                 "data.target.size=[64, 32]", "model.init=random", "model.width=0.0625",
+                                 f"model.precision={precision}"])
+        probs[precision] = ModelActor(ActorSpec(cfg, str(fcn_checkpoint), 1, False)).teacher_probabilities([0, 1])[1]
+    assert losses["auto"] == losses["fp32"] and torch.equal(probs["auto"], probs["fp32"])
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    assert probs["bf16"].dtype == torch.float32 and not torch.equal(probs["bf16"], probs["fp32"])
+    assert (probs["bf16"] - probs["fp32"]).abs().max() < 0.1
+
+
 # ------------------------------------------------------------------ the lineage's DeepLab-v2
 
 def test_a_lineage_checkpoint_predicts_as_the_lineage_under_the_gta5_preset(tmp_path):

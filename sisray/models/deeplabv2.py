@@ -10,7 +10,7 @@ LSE), so they load as they are. What the lineage's code does, and sisray with it
   the dilation-6 and -12 branches (18 and 24 keep their N(0, 0.01) initialisation). How many branches
   a model sums is part of its state (`layer5.branches`): 2 for a checkpoint in the lineage's format,
   4 for a model built here.
-- Each bottleneck of layer2 strides in its first 1x1 convolution (Caffe's ResNet), unless the model
+- layer2's first bottleneck strides in its first 1x1 convolution (Caffe's ResNet), unless the model
   starts from torchvision's ImageNet weights, which were trained striding in the 3x3 (`strides_in_3x3`,
   also part of the state).
 - Logits are upsampled to the input size bilinearly with aligned corners.
