@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,13 +34,16 @@ class _DropNoise(logging.Filter):
 
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look before auto-detecting
 
 
 def start_ray() -> None:
     """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local instance: its
-    dashboard serves Ray's State API (Tune and Ray Train clean up placement groups through it); Ray
-    Train's preemption watcher is left out (a local instance's one node is never drained; the watcher
-    costs ~2 CPU-seconds per fit).
+    dashboard serves Ray's State API (Tune and Ray Train clean up placement groups through it), and
+    its processes are told where (API_SERVER_ENV): when several local instances run on one machine
+    (two jobs side by side), Ray's own auto-detection refuses to choose, and Ray Train's placement
+    group cleaner died with a traceback on the job's terminal. Ray Train's preemption watcher is left
+    out (a local instance's one node is never drained; the watcher costs ~2 CPU-seconds per fit).
 
     Unless verbose, the terminal keeps sisray's lines and Ray's warnings and errors: Ray's INFO
     logs (start-up, Ray Data's progress dumps, Ray Train's worker-group messages) go to its log
@@ -56,12 +60,27 @@ def start_ray() -> None:
     else:  # a local instance sized to this machine
         os.environ.setdefault("RAY_LOGGER_LEVEL", ray_log_level().lower())  # its workers inherit it
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # passed on to each fit's controller
-        ray.init(logging_level=ray_log_level())
+        # inherited by every process of the instance; a value inherited from another job's is replaced
+        dashboard_port = _free_port(preferred=8265)  # Ray's default, when free
+        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
+        ray.init(logging_level=ray_log_level(), dashboard_port=dashboard_port)
     if quiet:
         import ray.data  # its loggers are configured on import
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # sisray prints its own progress
         _quiet_console("ray.data")
+
+
+def _free_port(preferred: int) -> int:
+    """`preferred` if nothing listens on it on loopback, else a port the OS has free."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free port on 127.0.0.1")
 
 
 def _quiet_console(logger: str) -> None:

@@ -304,3 +304,35 @@ def test_a_node_lost_mid_scoring_and_another_mid_retraining_change_no_result(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["complete"] and round_results(summary) == round_results(alone)
     assert summary["final"]["miou19"] == pytest.approx(alone["final"]["miou19"], abs=1e-9)
+
+
+
+LOCAL_STATE_API = """
+import json
+import ray
+from ray.util.state import list_nodes
+from sisray.cluster import start_ray
+
+start_ray()
+
+@ray.remote
+def nodes_seen_by_a_worker():
+    return [node.node_id for node in list_nodes()], ray.get_runtime_context().get_node_id()
+
+print(json.dumps(ray.get(nodes_seen_by_a_worker.remote())))
+"""
+
+
+@pytest.mark.ray  # the session's instance is the other one on this machine
+def test_a_local_instance_beside_another_tells_its_processes_where_its_state_api_is(ray_session):
+    """Two local Ray instances on one machine (two jobs side by side): Ray's auto-detection of the
+    State API refuses to choose between them, and Ray Train's placement group cleaner died with a
+    traceback on the job's terminal. A job's local instance names its own dashboard to its processes:
+    a worker's State API answers about its own instance."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"  # inherited from a job gone: replaced
+    done = subprocess.run([sys.executable, "-c", LOCAL_STATE_API], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen, own = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == [own]

@@ -85,9 +85,12 @@ def test_fits_on_a_local_instance_leave_out_the_preemption_watcher_and_a_cluster
     monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
     monkeypatch.setenv("RAY_LOGGER_LEVEL", "warning")  # start_ray sets it where unset: kept out of this process
     monkeypatch.delenv(cluster.PREEMPTION_WATCHER_ENV, raising=False)
+    monkeypatch.delenv(cluster.API_SERVER_ENV, raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     cluster.start_ray()
     assert started[-1]["address"] == "10.0.0.1:6379" and cluster.PREEMPTION_WATCHER_ENV not in os.environ
+    assert cluster.API_SERVER_ENV not in os.environ  # a cluster's own
     monkeypatch.delenv("RAY_ADDRESS")
     cluster.start_ray()
     assert "address" not in started[-1] and os.environ[cluster.PREEMPTION_WATCHER_ENV] == "0"
+    assert os.environ[cluster.API_SERVER_ENV] == f"http://127.0.0.1:{started[-1]['dashboard_port']}"
