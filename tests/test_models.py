@@ -291,7 +291,9 @@ def test_model_precision_reaches_the_training_step_and_the_model_actors(small_be
         cfg = load_config(None, ["data.target.name=synthetic", f"data.target.root={small_benchmark}",
                                  "data.target.size=[64, 32]", "model.init=random", "model.width=0.0625",
                                  f"model.precision={precision}"])
+        threads = torch.get_num_threads()  # an actor sets its own: given back to this process
         probs[precision] = ModelActor(ActorSpec(cfg, str(fcn_checkpoint), 1, False)).teacher_probabilities([0, 1])[1]
+        torch.set_num_threads(threads)
     assert losses["auto"] == losses["fp32"] and torch.equal(probs["auto"], probs["fp32"])
     assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
     assert probs["bf16"].dtype == torch.float32 and not torch.equal(probs["bf16"], probs["fp32"])
