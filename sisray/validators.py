@@ -85,7 +85,9 @@ class ValidationSums:
     pixels: int = 0
     entropy: float = 0.0  # sum of pixel entropies (nats)
     probs: np.ndarray | None = None  # (C,) sum of the softmax
-    samples: list[np.ndarray] = field(default_factory=list)  # (k, C) sampled pixel probabilities per image
+    # image -> (k, C) sampled pixel probabilities; stacked in image order, whatever order batches arrive in
+    # (BNM's singular values and SND move in the last bits with the row order)
+    samples: dict[int, np.ndarray] = field(default_factory=dict)
     flip: list[int] = field(default_factory=lambda: [0, 0])  # [same, compared]
     scale: list[int] = field(default_factory=lambda: [0, 0])
     mix: list[int] = field(default_factory=lambda: [0, 0])
@@ -102,7 +104,7 @@ class ValidationSums:
             self.probs = other.probs if self.probs is None else self.probs + other.probs
         self.pixels += other.pixels
         self.entropy += other.entropy
-        self.samples += other.samples
+        self.samples.update(other.samples)
         for mine, theirs in ((self.flip, other.flip), (self.scale, other.scale), (self.mix, other.mix)):
             mine[0] += theirs[0]
             mine[1] += theirs[1]
@@ -111,7 +113,8 @@ class ValidationSums:
         """Every validator, from the sums and the source labels' class shares over `label_space`."""
         entropies = label_free(self.entropy, self.probs, self.pixels)
         mean = self.probs / max(self.pixels, 1)
-        samples = torch.from_numpy(np.concatenate(self.samples)) if self.samples else torch.zeros(0, self.classes)
+        samples = (torch.from_numpy(np.concatenate([self.samples[i] for i in sorted(self.samples)])) if self.samples
+                   else torch.zeros(0, self.classes))
         share = mean[list(label_space)] / max(mean[list(label_space)].sum(), 1e-12)
         distance = prior_distance(share, source_share)
         return {"mean_entropy": entropies["mean_entropy"], "information": entropies["information"],

@@ -50,7 +50,7 @@ def test_figures_of_a_confident_model_and_of_a_uniform_one():
     uniform.add_probabilities(torch.full((1, C, 4, 4), 1 / C))
     generator = torch.Generator().manual_seed(0)
     for sums, probs in ((confident, maps), (uniform, torch.full((1, C, 4, 4), 1 / C))):
-        sums.samples.append(sample_pixels(probs[0], 8, generator))
+        sums.samples[0] = sample_pixels(probs[0], 8, generator)
         sums.flip = [16, 16]
     good = confident.figures(share, tuple(range(C)))
     bad = uniform.figures(share, tuple(range(C)))
@@ -79,3 +79,24 @@ def test_a_prediction_far_from_the_source_shares_is_far():
     sums.add_probabilities(one_hot([0] * 15 + [1]).T.reshape(1, C, 4, 4).float())
     figures = sums.figures(np.full(C, 1 / C), tuple(range(C)))
     assert 0.5 < figures["prior_distance"] < 1.0
+
+
+def test_the_figures_do_not_depend_on_the_order_batches_arrive_in():
+    """Ray Data returns an actor pool's batches in any order: BNM and SND stack the sampled pixels
+    by image, so that the same run gives the same bits."""
+    generator = torch.Generator().manual_seed(2)
+    batches = []
+    for first in (0, 3, 6):
+        sums = ValidationSums(C)
+        probs = torch.rand(3, C, 5, 6, generator=generator).softmax(1)
+        sums.add_probabilities(probs)
+        sums.samples = {first + k: sample_pixels(probs[k], 16, generator) for k in range(3)}
+        batches.append(sums)
+    figures = []
+    for order in ((0, 1, 2), (2, 0, 1), (1, 2, 0)):
+        total = ValidationSums(C)
+        for k in order:
+            total.merge(batches[k])
+        figures.append(total.figures(np.full(C, 1 / C), tuple(range(C))))
+    assert figures[0]["bnm"] == figures[1]["bnm"] == figures[2]["bnm"]
+    assert figures[0]["snd"] == figures[1]["snd"] == figures[2]["snd"]

@@ -88,7 +88,7 @@ class Validator(ModelActor):
         for k, position in enumerate(positions):
             sums, views[position], draws[position] = self.validate_alone(subset[position])
             out["entropy"][k], out["probs"][k], out["pixels"][k] = sums.entropy, sums.probs, sums.pixels
-            out["samples"][k] = sums.samples[0]
+            out["samples"][k] = sums.samples[subset[position]]
             out["flip"][k], out["scale"][k] = sums.flip, sums.scale
         for k, position in enumerate(positions):
             partner = (position + 1) % len(subset)
@@ -108,7 +108,7 @@ class Validator(ModelActor):
         prediction = probs[0].argmax(0)
         sums = ValidationSums(NUM_CLASSES)
         sums.add_probabilities(probs)
-        sums.samples.append(sample_pixels(probs[0], SAMPLED_PIXELS, generator))
+        sums.samples[index] = sample_pixels(probs[0], SAMPLED_PIXELS, generator)
         mirrored = self.predict(image.flip(-1)[None])[0].flip(-1).argmax(0)
         sums.flip = list(agreement(prediction, mirrored))
         if self.spec.zoom:
@@ -142,7 +142,8 @@ class Validator(ModelActor):
 def batch_sums(batch: dict[str, np.ndarray]) -> ValidationSums:
     """The sums of a batch of `Validator` rows."""
     return ValidationSums(NUM_CLASSES, int(batch["pixels"].sum()), float(batch["entropy"].sum()),
-                          batch["probs"].sum(axis=0), list(batch["samples"]), batch["flip"].sum(axis=0).tolist(),
+                          batch["probs"].sum(axis=0), dict(zip(batch["id"].tolist(), batch["samples"])),
+                          batch["flip"].sum(axis=0).tolist(),
                           batch["scale"].sum(axis=0).tolist(), batch["mix"].sum(axis=0).tolist())
 
 
