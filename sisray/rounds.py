@@ -27,6 +27,16 @@ from sisray.weights import checkpoint_location
 from sisray.tracking import Tracking, evaluation_metrics
 
 EVAL_KEYS = (*MIOU_KEYS, "pixel_accuracy", "per_class", "label_free", "class_share", "validators")
+# Config keys that only the rounds' stages read (the schedule, selection, thresholds, retraining): runs
+# that differ only in these share their source stages (a sweep's trials, sisray/stage_cache.py). A key
+# the source stages read must never be here (tests/test_stage_cache.py runs them with every key changed).
+ROUND_KEYS = ("lse.p0", "lse.p_step", "lse.p_max", "lse.selection", "lse.min_per_class", "lse.threshold.estimator",
+              "lse.threshold.window", "lse.threshold.quantile", "lse.patches_per_image", "lse.zoom_out",
+              "lse.entropy_gap", "lse.beta", "lse.gamma", "lse.confidence_weight", "lse.ema_decay", "lse.classmix",
+              "lse.online_teacher", "train.round_lr", "train.round_warmup", "train.round_bn", "train.epochs_per_round",
+              "train.photometric_patches")
+SOURCE_STAGES = "source/"
+SOURCE_EVALUATIONS = {"source/eval": "target_val", "source/target_bn_eval": "source_target_bn"}  # MLflow prefixes
 
 
 def schedule(lse: LSEConfig) -> list[float]:
@@ -55,9 +65,12 @@ def source_checkpoint(cfg: Config, store: RunStore) -> str:
     return store.shared(folder)
 
 
-def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[dict], None] | None = None) -> dict:
+def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[dict], None] | None = None,
+        shared_source: Path | None = None) -> dict:
     """The whole method; returns (and writes) RUN/summary.json. `on_round` receives each finished
-    round's block, in order, those finished before a resume included (a Tune trial reports them)."""
+    round's block, in order, those finished before a resume included (a Tune trial reports them).
+    With `shared_source` (a cache folder) the source stages are taken from there when a run of the
+    same config but for ROUND_KEYS finished them, and put there otherwise."""
     from sisray.patch_set import report
     from sisray.stages.evaluate import evaluate_into
     from sisray.stages.label_space import label_space, narrowed_source, unlabelled
@@ -66,11 +79,15 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     from sisray.stages.score import read_scores, score_pass
     from sisray.stages.select import read_selection, select_and_threshold
     from sisray.safeguard import source_share
+    from sisray.stage_cache import adopt, entry_key, publish
     from sisray.stages.target_bn import target_batchnorm
     from sisray.stages.train import train_round, train_source
 
     store = state.store
     run_dir = RunDir(store.local)
+    entry = shared_source / entry_key(cfg, ROUND_KEYS) if shared_source else None
+    if entry:
+        log_adopted(adopt(state, entry), run_dir, tracking)
     state.run("source/classes", lambda: label_space(cfg, store))
     classes = label_space(cfg, store)
     if cfg.model.source_checkpoint:
@@ -126,14 +143,15 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     scored_for_safeguard = cfg.lse.safeguard and cfg.lse.safeguard_rule == "prior"
     source_teaches = not cfg.lse.target_bn or scored_for_safeguard
     state.run("source/eval", lambda: evaluation(
-        source, run_dir.source, 0, scores=run_dir.source.target_scores if source_teaches else None))
+        source, run_dir.source, 0, SOURCE_EVALUATIONS["source/eval"], scores=run_dir.source.target_scores if source_teaches else None))
     # the model the next round learns from: (checkpoint, folder of its scores, name, its evaluation)
     teacher = (source, run_dir.source, "the source model", run_dir.source.eval)
     use_target_bn = cfg.lse.target_bn
     if cfg.lse.target_bn:
         adapted = on_target_statistics(source, run_dir.source.target_bn, "source/target_bn")
         state.run("source/target_bn_eval", lambda: evaluation(
-            adapted, run_dir.source.target_bn, 0, "source_target_bn", run_dir.source.target_bn.target_scores))
+            adapted, run_dir.source.target_bn, 0, SOURCE_EVALUATIONS["source/target_bn_eval"],
+            run_dir.source.target_bn.target_scores))
         candidate = (adapted, run_dir.source.target_bn, "the source model with target BatchNorm statistics",
                      run_dir.source.target_bn.eval)
         if cfg.lse.safeguard:
@@ -142,6 +160,8 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
             use_target_bn = judged("source", "target_bn_scores", candidate, run_dir.source.target_scores,
                                    ("the source model", run_dir.source.eval))
         teacher = candidate if use_target_bn else teacher
+    if entry:
+        publish(state, SOURCE_STAGES, entry)
     skip = unlabelled(classes)
     portions = schedule(cfg.lse)
     for r, p in enumerate(portions, start=1):
@@ -189,6 +209,15 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     block = write_summary(cfg, run_dir, state)  # the job pushes it with the run (job.Job.started)
     tracking.artifact(run_dir.summary)
     return block
+
+
+def log_adopted(stages: list[str], run_dir: RunDir, tracking: Tracking) -> None:
+    """Log the source model's evaluations a run adopted (sisray/stage_cache.py) as its own are (step 0)."""
+    folders = {"source/eval": run_dir.source, "source/target_bn_eval": run_dir.source.target_bn}
+    for stage in stages:
+        if stage in SOURCE_EVALUATIONS:
+            tracking.metrics(evaluation_metrics(_read(folders[stage].eval), SOURCE_EVALUATIONS[stage]), step=0)
+            tracking.artifact(folders[stage].overlay, folders[stage].name)
 
 
 def _read(path: Path) -> dict:
@@ -261,6 +290,8 @@ def write_summary(cfg: Config, run_dir: RunDir, state: RunState) -> dict:
              "timings_s": dict(state.data["finished"]),
              "ray_passes": {stage: state.passes(stage) for stage in state.data["finished"]},
              "wall_s": round(sum(state.data["finished"].values()), 2)}
+    if state.data.get("adopted"):  # stages another run finished (a sweep's shared source stages)
+        block["adopted_from"] = dict(state.data["adopted"])
     atomic_write_json(run_dir.summary, block)
     return block
 

@@ -107,6 +107,25 @@ class RunState:
         self.data["outputs"][stage] = {k: file_digest(self.store.local / k) for k in written}
         self.save()
 
+    def records(self, prefix: str) -> dict[str, dict]:
+        """The finished stages named PREFIX*: their seconds, Ray passes and the digests of their files."""
+        return {stage: {"seconds": seconds, "passes": self.passes(stage), "outputs": self.data["outputs"].get(stage, {})}
+                for stage, seconds in self.data["finished"].items() if stage.startswith(prefix)}
+
+    def adopt(self, records: dict[str, dict], origin: str) -> list[str]:
+        """Record stages another run finished (their files copied here first, sisray/stage_cache.py):
+        they took no time and no Ray pass here, and are redone if a copy does not match its digest.
+        The stages kept."""
+        for stage, record in records.items():
+            self.data["finished"][stage] = 0.0
+            self.data.setdefault("passes", {})[stage] = 0
+            self.data["outputs"][stage] = record["outputs"]
+        self._drop_unverified()
+        kept = [stage for stage in records if self.finished(stage)]
+        self.data.setdefault("adopted", {}).update({stage: origin for stage in kept})
+        self.save()
+        return kept
+
     def _drop_unverified(self) -> None:
         """Forget the first finished stage whose files do not match their digests, and every later one."""
         stages = list(self.data["finished"])
@@ -122,6 +141,7 @@ class RunState:
                         self.data["finished"].pop(later)
                         self.data["outputs"].pop(later, None)
                         self.data.get("passes", {}).pop(later, None)
+                        self.data.get("adopted", {}).pop(later, None)
                     return
 
     def save(self) -> None:

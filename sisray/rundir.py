@@ -5,7 +5,8 @@
                [target_scores.parquet]  (a model that may teach; also in round folders)  [safeguard.json]
     RUN/round_XX/scores.parquet  selection.json  thresholds.json  patches/*.parquet
                  pseudo_labels.json  pseudo_labels.png  checkpoint/  [target_bn/]  eval.json  overlay.png
-    SWEEP/sweep.json  sweep_summary.json  best_config.yaml  source/  trials/<trial id>/ (runs)  tuner/
+    SWEEP/sweep.json  sweep_summary.json  best_config.yaml  source/  shared_source/<key>/  trials/<trial id>/ (runs)
+          tuner/
 
 A folder that holds a model and its evaluation (the source stage, a round, a target-BN variant of
 either) is a `ModelDir`; every path is relative to the run directory's local copy.
@@ -166,6 +167,11 @@ class SweepDir:
     def validator_figure(self) -> Path:
         """One scatter per statistic: its value against target-val mIoU over the trials (PNG)."""
         return self.path / "validators.png"
+
+    @property
+    def shared_source(self) -> Path:
+        """The source stages its trials share (sisray/stage_cache.py): one entry per source-side config."""
+        return self.path / "shared_source"
 
     def trial(self, trial_id: str) -> Path:
         return self.path / "trials" / trial_id

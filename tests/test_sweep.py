@@ -236,8 +236,10 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
              f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "lse.selection=global",
              "lse.patches_per_image=2", f"tracking.uri={uri}"]
     smoke = (REPO / "tune_spaces" / "smoke.yaml").read_text()
-    assert "  lse.p_max: 0.3\n" in smoke
-    space = _space(tmp_path, smoke.replace("  lse.p_max: 0.3\n", "  lse.p_max: 0.2\n"))  # p = 0.2 only
+    assert "  lse.p_max: 0.3\n" in smoke and "lse.scale: {choice: [1.5, 2.0]}" in smoke
+    # p = 0.2 only; one scale (the validators read it): the second trial takes the first's source stages
+    space = _space(tmp_path, smoke.replace("  lse.p_max: 0.3\n", "  lse.p_max: 0.2\n").replace(
+        "lse.scale: {choice: [1.5, 2.0]}", "lse.scale: {choice: [2.0]}"))
     command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space),
                "--num-samples", "2", "--run-dir", str(sweep), "--objective", "validator_bnm", *set_args(small)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -266,7 +268,10 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     assert summary["best"]["rounds"] == 1 and "validator_bnm" in summary["best"]
     finalists = [t for t in summary["trials"] if t["rounds"] == 1]
     assert summary["best"]["validator_bnm"] == max(t["validator_bnm"] for t in finalists)  # the objective's best
-    assert {t["params"]["lse.scale"] for t in summary["trials"]} <= {1.5, 2.0}
+    assert {t["params"]["lse.scale"] for t in summary["trials"]} == {2.0}
+    adopted = [json.loads(f.read_text()).get("adopted_from", {}) for f in sweep.glob("trials/*/summary.json")]
+    assert sorted(map(sorted, adopted)) == [[], ["source/classes", "source/eval", "source/narrow"]]
+    assert len(list((sweep / "shared_source").iterdir())) == 1
 
     best = load_config(sweep / "best_config.yaml")  # what jobs/adapt.py --config does
     assert (best.lse.scale, best.lse.threshold.estimator) == (summary["best"]["params"]["lse.scale"],
@@ -286,7 +291,8 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     for child in children:
-        assert child.data.params["lse.scale"] in ("1.5", "2.0") and child.data.params["lse.p_max"] == "0.2"
-        assert len(client.get_metric_history(child.info.run_id, "target_val/label_free/information")) >= 2
+        assert child.data.params["lse.scale"] == "2.0" and child.data.params["lse.p_max"] == "0.2"
+        # the source model's evaluation (step 0: computed, or adopted from the other trial) and round 1's
+        assert {m.step for m in client.get_metric_history(child.info.run_id, "target_val/label_free/information")} == {0, 1}
         for name in HIGHER_IS_BETTER:  # every validator, on target-train images (the objective turned them on)
             assert client.get_metric_history(child.info.run_id, f"target_val/validators/{name}"), name

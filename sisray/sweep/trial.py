@@ -1,5 +1,6 @@
 """A sweep's trial: one whole adaptation (rounds.run) in SWEEP/trials/<trial id>/ from the sweep's
-shared source model, reporting once per round so ASHA can stop it early; and how many trials,
+shared source model (and the source stages of an earlier trial of the same source-side config),
+reporting once per round so ASHA can stop it early; and how many trials,
 actors and workers the cluster holds at once.
 """
 
@@ -49,7 +50,8 @@ def adapt_trial(params: dict, setup: TrialSetup) -> None:
     from sisray.rundir import SweepDir, round_name
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(setup.base, setup.trial, params, str(SweepDir(Path(setup.sweep_dir)).trial(trial_id)))
+    sweep = SweepDir(Path(setup.sweep_dir))
+    cfg = trial_config(setup.base, setup.trial, params, str(sweep.trial(trial_id)))
     # not locked: the sweep's lock covers its trials, and Tune runs each trial once at a time (a trial
     # restored on another node must not wait for the lock its lost node left)
     job = Job(cfg, "tune_trial", stages=True, locked=False, parent_run_id=setup.parent_run_id,
@@ -71,7 +73,7 @@ def adapt_trial(params: dict, setup: TrialSetup) -> None:
     # after that round's last stage: a trial whose every stage finished is not a failed one.
     last_stage = f"{round_name(len(rounds.schedule(cfg.lse)))}/log"
     with job.started(finished_anyway=lambda: job.state.finished(last_stage)) as tracking:
-        rounds.run(cfg, job.state, tracking, on_round=report)
+        rounds.run(cfg, job.state, tracking, on_round=report, shared_source=sweep.shared_source)
 
 
 @dataclass(frozen=True)
