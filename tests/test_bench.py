@@ -1,7 +1,9 @@
 """Every benchmark runs here in a tiny mode, so that a bench that breaks fails the tests. Their
 speed figures are read by people, not asserted: these tests check that each bench measures what it
 says (sizes, counts, the same work on both sides). bench/selection.py is the exception: its --tiny
-(three adaptation jobs, about 3 minutes) stays out of the suite's budget; its scoring is tested here."""
+(three adaptation jobs, about 3 minutes) stays out of the suite's budget; its scoring is tested here.
+bench/sweep.py runs jobs/tune.py and reads the sweep directory: that reading is tested on the smoke
+sweep's (tests/test_sweep.py)."""
 
 from __future__ import annotations
 

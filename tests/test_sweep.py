@@ -272,6 +272,14 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     adopted = [json.loads(f.read_text()).get("adopted_from", {}) for f in sweep.glob("trials/*/summary.json")]
     assert sorted(map(sorted, adopted)) == [[], ["source/classes", "source/eval", "source/narrow"]]
     assert len(list((sweep / "shared_source").iterdir())) == 1
+    bench = subprocess.run([sys.executable, str(REPO / "bench" / "sweep.py"), "--report", str(sweep)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)  # bench/sweep.py reads what it ran
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    figures = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert (figures["trials"], figures["source_stages_computed"], figures["source_stages_adopted"]) == (2, 1, 1)
+    assert figures["pick"]["params"] == summary["best"]["params"] and figures["objective"] == "validator_bnm"
+    assert figures["regret"] == round(100 * (max(t["target_val_miou19"] for t in summary["trials"])
+                                             - summary["best"]["target_val_miou19"]), 2)
 
     best = load_config(sweep / "best_config.yaml")  # what jobs/adapt.py --config does
     assert (best.lse.scale, best.lse.threshold.estimator) == (summary["best"]["params"]["lse.scale"],
