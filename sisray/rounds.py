@@ -87,7 +87,7 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     run_dir = RunDir(store.local)
     entry = shared_source / entry_key(cfg, ROUND_KEYS) if shared_source else None
     if entry:
-        log_adopted(adopt(state, entry), run_dir, tracking)
+        adopt(state, entry, on_copied=lambda stages: log_adopted(stages, run_dir, tracking))
     state.run("source/classes", lambda: label_space(cfg, store))
     classes = label_space(cfg, store)
     if cfg.model.source_checkpoint:

@@ -65,18 +65,27 @@ def test_a_run_adopts_the_published_source_stages_and_redoes_one_whose_copy_diff
     assert (entry / "source" / "classes.json").read_text() == "{}"
 
     other = _state(tmp_path / "b", with_values(Config(), {"lse.beta": 0.5}))
-    assert stage_cache.adopt(other, entry) == ["source/classes", "source/eval"]
+    seen = []
+
+    def on_copied(stages):  # before the stages are recorded: a crash here leaves them to be done again
+        seen.append((stages, (tmp_path / "b" / "source" / "classes.json").is_file(), other.finished("source/eval")))
+
+    assert stage_cache.adopt(other, entry, on_copied) == ["source/classes", "source/eval"]
+    assert seen == [(["source/classes", "source/eval"], True, False)]
     assert (tmp_path / "b" / "source" / "target_bn" / "eval.json").read_text() == "[1]"
     assert other.finished("source/eval") and other.seconds("source/eval") == 0.0
     reopened = json.loads((tmp_path / "b" / "state.json").read_text())
     assert reopened["adopted"] == {"source/classes": str(entry), "source/eval": str(entry)}
     assert stage_cache.adopt(other, entry) == []  # finished here already: nothing copied again
 
-    (entry / "source" / "target_bn" / "eval.json").write_text("[2]")  # a copy that does not match its digest
+    (entry / "source" / "target_bn" / "eval.json").write_text("[2]")  # a damaged copy: neither taken nor copied
     third = _state(tmp_path / "c", Config())
     assert stage_cache.adopt(third, entry) == ["source/classes"]
-    assert not third.finished("source/eval")  # redone by the run
-    assert stage_cache.adopt(_state(tmp_path / "d", Config()), tmp_path / "cache" / "missing") == []
+    assert not third.finished("source/eval") and not (tmp_path / "c" / "source" / "target_bn").exists()
+    (entry / "source" / "classes.json").unlink()  # the first stage's file gone: nothing is taken
+    assert stage_cache.adopt(_state(tmp_path / "d", Config()), entry) == []
+    assert not (tmp_path / "d" / "source").exists()
+    assert stage_cache.adopt(_state(tmp_path / "e", Config()), tmp_path / "cache" / "missing") == []
 
 
 class SourceStagesDone(Exception):
@@ -85,9 +94,9 @@ class SourceStagesDone(Exception):
 
 @pytest.mark.ray
 def test_the_source_stages_read_no_round_key(ray_session, small_benchmark, tmp_path, monkeypatch):
-    """The source stages (label space, narrowing, evaluation with validators and scores, target BN,
-    its evaluation, the safeguard's verdict) of two runs whose configs differ in every ROUND_KEY write
-    the same bytes: their evaluations differ only in the path of the checkpoint they name."""
+    """The source stages (label space, narrowing, evaluation with validators and the fused teacher's
+    scores, target BN, its evaluation, the safeguard's prior rule and its verdict) of two runs whose
+    configs differ in every ROUND_KEY give the same results."""
     publish = stage_cache.publish
 
     def publish_then_stop(state, prefix, entry):
@@ -97,8 +106,8 @@ def test_the_source_stages_read_no_round_key(ray_session, small_benchmark, tmp_p
     monkeypatch.setattr(stage_cache, "publish", publish_then_stop)
     # the default's config (a model with BatchNorm: the shipped source model) on the tests' small images
     base = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}", "data.source.size=[64, 36]",
-            "data.target.size=[64, 32]", "lse.safeguard=true", "validation.images=4", "lse.online_teacher=0.9",
-            "tracking.enabled=false"]
+            "data.target.size=[64, 32]", "lse.safeguard=true", "lse.safeguard_rule=prior", "lse.fused_teacher=true",
+            "validation.images=4", "lse.online_teacher=0.9", "tracking.enabled=false"]
     default = flatten(config_to_dict(load_config(REPO / "configs" / "synthetic.yaml", base)))
     assert default["lse.target_bn"] and all(default[k] != v for k, v in CHANGED.items())
     entries = []
@@ -113,7 +122,7 @@ def test_the_source_stages_read_no_round_key(ray_session, small_benchmark, tmp_p
     records = [json.loads((e / stage_cache.RECORDS).read_text()) for e in entries]
     assert list(records[0]) == list(records[1]) == [
         "source/classes", "source/narrow", "source/eval", "source/target_bn", "source/target_bn_eval",
-        "source/safeguard"]
+        "source/target_scores", "source/target_bn_scores", "source/safeguard"]
     for stage in records[0]:
         assert records[0][stage]["outputs"].keys() == records[1][stage]["outputs"].keys(), stage
         for name in records[0][stage]["outputs"]:
