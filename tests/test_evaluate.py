@@ -157,3 +157,31 @@ def test_label_free_statistics_reward_confident_and_diverse_predictions():
     assert collapsed["mean_entropy"] == 0.0 and collapsed["information"] == pytest.approx(0.0, abs=1e-9)
     uniform = label_free(2 * np.log(19), np.full(19, 2 / 19), 2)
     assert uniform == pytest.approx({"mean_entropy": 1.0, "class_entropy": 1.0, "information": 0.0}, abs=1e-9)
+
+
+def test_the_label_free_sums_do_not_depend_on_the_order_batches_arrive_in():
+    """Ray Data returns an actor pool's batches in any order: the sums are taken in image order, so
+    that the same run gives the same figures to the last bit (the sweep's default objective is one)."""
+    from sisray.labels import EVAL_SETS, NUM_CLASSES
+    from sisray.stages.evaluate import EvaluationSums, Evaluator
+
+    generator = np.random.default_rng(0)
+    batches = []
+    for first in (0, 3, 6):
+        batch = Evaluator.blank(3)
+        batch["id"][:] = range(first, first + 3)
+        batch["entropy"][:] = generator.random(3) * 1e3
+        batch["probs"][:] = generator.random((3, NUM_CLASSES)) * 1e3
+        batch["pixels"][:] = 1000
+        batches.append(batch)
+    class Dataset(list):
+        eval_classes = EVAL_SETS[19]
+
+    figures = []
+    for order in ((0, 1, 2), (2, 0, 1), (1, 2, 0)):
+        sums = EvaluationSums()
+        for k in order:
+            sums.add(batches[k])
+        figures.append(sums.summary(Dataset(range(9)), "model.pt", None))
+    for later in figures[1:]:
+        assert later["label_free"] == figures[0]["label_free"] and later["class_share"] == figures[0]["class_share"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -100,3 +101,25 @@ def test_the_figures_do_not_depend_on_the_order_batches_arrive_in():
         figures.append(total.figures(np.full(C, 1 / C), tuple(range(C))))
     assert figures[0]["bnm"] == figures[1]["bnm"] == figures[2]["bnm"]
     assert figures[0]["snd"] == figures[1]["snd"] == figures[2]["snd"]
+
+
+def test_a_pass_adds_its_batches_up_in_image_order():
+    """`merged`: the entropy and probability sums too, not only the sampled pixels."""
+    from sisray.labels import NUM_CLASSES
+    from sisray.stages.validation import Validator, merged
+
+    generator = np.random.default_rng(3)
+    batches = []
+    for first in (0, 3, 6):
+        batch = Validator.blank(3)
+        batch["id"][:] = range(first, first + 3)
+        batch["entropy"][:] = generator.random(3) * 1e3
+        batch["probs"][:] = generator.random((3, NUM_CLASSES)) * 1e3
+        batch["pixels"][:] = 1000
+        batch["samples"][:] = generator.random(batch["samples"].shape)
+        batches.append(batch)
+    share = np.full(NUM_CLASSES, 1 / NUM_CLASSES)
+    figures = [merged([batches[k] for k in order]).figures(share, tuple(range(NUM_CLASSES)))
+               for order in ((0, 1, 2), (2, 0, 1), (1, 2, 0))]
+    texts = [json.dumps(f, sort_keys=True) for f in figures]  # as text: NaN (nothing zoomed) equals itself
+    assert texts[0] == texts[1] == texts[2]

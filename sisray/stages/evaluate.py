@@ -29,10 +29,10 @@ from sisray.png import png_array, png_bytes
 from sisray.rundir import ModelDir
 from sisray.stages.actors import ActorSpec, ModelActor, image_ids, pool_options
 from sisray.stages.score import Scorer, ScoresWriter, scores_written
-from sisray.stages.validation import (ValidationSpec, Validator, batch_sums, images_validated, validation_subset,
+from sisray.stages.validation import (ValidationSpec, Validator, images_validated, merged, validation_subset,
                                       views_per_image, zoom_validated)
 from sisray.storage import absolute, atomic_write_json
-from sisray.validators import ValidationSums, label_free
+from sisray.validators import label_free
 
 OVERLAYS = 3  # val images shown in the overlay figure
 PREDICTION_SUFFIX = "_pred_labelIds.png"  # the official evaluator matches <city>_<seq>_<frame>*.png
@@ -148,21 +148,29 @@ class EvaluationSums:
     def __init__(self):
         self.total = ConfusionMatrix()
         self.pictures: dict[int, bytes] = {}
-        self.entropy, self.probs, self.pixels = 0.0, np.zeros(NUM_CLASSES), 0
+        # image -> its label-free sums, added up in image order whatever order the batches arrive in
+        # (float sums move in the last bits with the order: the same run gives the same figures)
+        self.entropy: dict[int, float] = {}
+        self.probs: dict[int, np.ndarray] = {}
+        self.pixels = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         self.total.counts += batch["counts"].sum(axis=0)
-        self.pictures.update({int(i): png for i, png in zip(batch["id"], batch["overlay"]) if png})
-        self.entropy += float(batch["entropy"].sum())
-        self.probs += batch["probs"].sum(axis=0)
+        ids = batch["id"].tolist()
+        self.pictures.update({i: png for i, png in zip(ids, batch["overlay"]) if png})
+        self.entropy.update(zip(ids, batch["entropy"].tolist()))
+        self.probs.update(zip(ids, batch["probs"]))
         self.pixels += int(batch["pixels"].sum())
 
     def summary(self, dataset, checkpoint: str, figure: Path | None) -> dict:
         """The evaluation block; writes the overlay figure if asked."""
         summary = self.total.summary(dataset.eval_classes)
-        summary["label_free"] = label_free(self.entropy, self.probs, self.pixels)
+        order = sorted(self.probs)
+        entropy = float(np.sum([self.entropy[i] for i in order]))
+        probs = np.sum([self.probs[i] for i in order], axis=0) if order else np.zeros(NUM_CLASSES)
+        summary["label_free"] = label_free(entropy, probs, self.pixels)
         # the mean prediction per class: what share of the target images each class takes (label-free)
-        summary["class_share"] = {CLASS_NAMES[c]: float(v) for c, v in enumerate(self.probs / max(self.pixels, 1))}
+        summary["class_share"] = {CLASS_NAMES[c]: float(v) for c, v in enumerate(probs / max(self.pixels, 1))}
         summary["images"] = len(dataset)
         summary["checkpoint"] = checkpoint
         if figure and self.pictures:
@@ -191,7 +199,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
     spec = EvalSpec(cfg, checkpoint, actors.threads_each, actors.use_gpu,
                     absolute(export) if export else None, tuple(scales), flip)  # actors have their own cwd
     validation = ValidationSpec(cfg, checkpoint, actors.threads_each, actors.use_gpu, subset, zoom) if subset else None
-    sums, validated = EvaluationSums(), ValidationSums(NUM_CLASSES)
+    sums, validated = EvaluationSums(), []
     if not (scores or validation):
         results = image_ids(range(len(dataset))).map_batches(Evaluator, fn_constructor_kwargs={"spec": spec}, **options)
         with stage_errors("evaluation"):
@@ -210,12 +218,12 @@ def evaluate(cfg: Config, checkpoint: str | Path, export: str | Path | None = No
             if writer:
                 writer.add(rows_of(batch, TRAIN, "score."))
             if validation:
-                validated.merge(batch_sums(rows_of(batch, VALIDATE, "validate.")))
+                validated.append(rows_of(batch, VALIDATE, "validate."))
     if scores:
         scores_written(scores)
     summary = sums.summary(dataset, checkpoint, figure)
     if validation:
-        summary["validators"] = validated.figures(*prior)
+        summary["validators"] = merged(validated).figures(*prior)
     return summary
 
 

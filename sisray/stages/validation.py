@@ -147,6 +147,16 @@ def batch_sums(batch: dict[str, np.ndarray]) -> ValidationSums:
                           batch["scale"].sum(axis=0).tolist(), batch["mix"].sum(axis=0).tolist())
 
 
+def merged(batches: list[dict[str, np.ndarray]]) -> ValidationSums:
+    """The sums of a pass's `Validator` batches, added up in image order whatever order Ray Data
+    returned them in (float sums move in the last bits with the order: the same run gives the same
+    figures)."""
+    total = ValidationSums(NUM_CLASSES)
+    for batch in sorted((b for b in batches if len(b["id"])), key=lambda b: int(b["id"].min())):
+        total.merge(batch_sums(batch))
+    return total
+
+
 def views_per_image(zoom: bool) -> int:
     """Forward passes per validated image: the image, its mirror, the mix (+ 4 tiles); the mix partner's
     prediction is its own row's (one more per batch whose last partner is in another batch)."""
@@ -164,8 +174,6 @@ def validate_model(cfg: Config, checkpoint: str | Path, source_share: np.ndarray
     spec = ValidationSpec(cfg, str(checkpoint_file(checkpoint)), actors.threads_each, actors.use_gpu, subset,
                           zoom_validated(cfg))
     results = image_ids(range(len(subset))).map_batches(Validator, fn_constructor_kwargs={"spec": spec}, **options)
-    total = ValidationSums(NUM_CLASSES)
     with stage_errors("validation"):
-        for batch in results.iter_batches(batch_format="numpy", batch_size=None):
-            total.merge(batch_sums(batch))
-    return total.figures(source_share, label_space)
+        batches = list(results.iter_batches(batch_format="numpy", batch_size=None))
+    return merged(batches).figures(source_share, label_space)
