@@ -7,7 +7,9 @@ Per domain and seed, every trial of a fixed grid (`TRIALS`: threshold estimator,
 schedule, the focal weight beta, the rounds' rate and target BatchNorm, one or two at a time around the
 default) adapts the seed's source model (bench/ablation.py's default run of the first domain, trained
 here if missing, or the one `--set model.source_checkpoint=...` gives) with `jobs/adapt.py`, computing the final model's validators on 64 target-train
-images (`validation.images`, sisray/validators.py). Per validator, signed so that higher is better:
+images (`validation.images`, sisray/validators.py), and the sweep's default objective as a trial
+reports it (`val_information`: information on the target-val images). Per validator, signed so that
+higher is better:
 - spearman: the rank correlation of the validator with the trials' final target-val mIoU;
 - regret: the best trial's mIoU minus the mIoU of the trial the validator picks (points of mIoU);
 both averaged over (domain, seed). Finished runs are reused (the same run directory and config), so
@@ -49,6 +51,9 @@ TRIALS = {  # name -> overrides of jobs/adapt.py on top of configs/synthetic.yam
     "no_target_bn_scale_1.5": ["lse.target_bn=false", "lse.scale=1.5"],
 }
 TINY_TRIALS = ("default", "beta_0", "scale_1.5")
+# what is ranked: the validators on target-train images, and the sweep's default objective as a trial
+# reports it to Tune (`information` of the final evaluation's softmax on the target-val images, no label)
+RANKED = {**HIGHER_IS_BETTER, "val_information": True}
 
 
 def scores(trials: dict[str, dict]) -> dict[str, dict[str, float | None]]:
@@ -57,7 +62,7 @@ def scores(trials: dict[str, dict]) -> dict[str, dict[str, float | None]]:
     higher is better; trials whose validator is not a number are left out."""
     best = max(t["miou"] for t in trials.values())
     out = {}
-    for name, higher in HIGHER_IS_BETTER.items():
+    for name, higher in RANKED.items():
         pairs = [((1 if higher else -1) * t["validators"][name], t["miou"]) for t in trials.values()
                  if np.isfinite(t["validators"].get(name, np.nan))]
         if not pairs:
@@ -76,7 +81,7 @@ def averaged(per_run: list[dict[str, dict]]) -> dict[str, dict[str, float | None
         return round(float(np.mean(values)), 3) if values else None
 
     return {name: {key: mean([run[name][key] for run in per_run]) for key in ("spearman", "regret")}
-            for name in HIGHER_IS_BETTER}
+            for name in RANKED}
 
 
 def run_trials(folder: Path, source: str | Path, common: list[str], names: tuple[str, ...]) -> dict[str, dict]:
@@ -86,7 +91,8 @@ def run_trials(folder: Path, source: str | Path, common: list[str], names: tuple
         run_dir = folder / name
         job("adapt.py", run_dir, [*common, f"model.source_checkpoint={source}", *TRIALS[name]])
         final = json.loads((run_dir / "summary.json").read_text())["final"]
-        out[name] = {"miou": final["miou"], "validators": final["validators"]}
+        out[name] = {"miou": final["miou"],
+                     "validators": {**final["validators"], "val_information": final["label_free"]["information"]}}
     return out
 
 
