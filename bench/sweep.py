@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=12)
     parser.add_argument("--search", default="optuna")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_sweep")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides (jobs/tune.py --set)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config overrides (jobs/tune.py --set)")
     parser.add_argument("--report", type=Path, default=None, help="report this finished sweep directory; run nothing")
     args = parser.parse_args()
     wall_s = None

@@ -143,7 +143,8 @@ def run(cfg: Config, state: RunState, tracking: Tracking, on_round: Callable[[di
     scored_for_safeguard = cfg.lse.safeguard and cfg.lse.safeguard_rule == "prior"
     source_teaches = not cfg.lse.target_bn or scored_for_safeguard
     state.run("source/eval", lambda: evaluation(
-        source, run_dir.source, 0, SOURCE_EVALUATIONS["source/eval"], scores=run_dir.source.target_scores if source_teaches else None))
+        source, run_dir.source, 0, SOURCE_EVALUATIONS["source/eval"],
+        scores=run_dir.source.target_scores if source_teaches else None))
     # the model the next round learns from: (checkpoint, folder of its scores, name, its evaluation)
     teacher = (source, run_dir.source, "the source model", run_dir.source.eval)
     use_target_bn = cfg.lse.target_bn

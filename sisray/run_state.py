@@ -109,7 +109,8 @@ class RunState:
 
     def records(self, prefix: str) -> dict[str, dict]:
         """The finished stages named PREFIX*: their seconds, Ray passes and the digests of their files."""
-        return {stage: {"seconds": seconds, "passes": self.passes(stage), "outputs": self.data["outputs"].get(stage, {})}
+        return {stage: {"seconds": seconds, "passes": self.passes(stage),
+                        "outputs": self.data["outputs"].get(stage, {})}
                 for stage, seconds in self.data["finished"].items() if stage.startswith(prefix)}
 
     def adopt(self, records: dict[str, dict], origin: str) -> list[str]:

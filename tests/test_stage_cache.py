@@ -110,7 +110,8 @@ def test_the_source_stages_read_no_round_key(ray_session, small_benchmark, tmp_p
     assert default["lse.target_bn"] and all(default[k] != v for k, v in CHANGED.items())
     entries = []
     for name, changed in (("a", {}), ("b", CHANGED)):
-        cfg = with_values(load_config(REPO / "configs" / "synthetic.yaml", [*base, f"run_dir={tmp_path / name}"]), changed)
+        loaded = load_config(REPO / "configs" / "synthetic.yaml", [*base, f"run_dir={tmp_path / name}"])
+        cfg = with_values(loaded, changed)
         with pytest.raises(SourceStagesDone):
             rounds.run(cfg, RunState(RunStore(str(tmp_path / name)), cfg), Tracking(cfg, "adapt"),
                        shared_source=tmp_path / f"cache_{name}")
