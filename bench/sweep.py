@@ -66,7 +66,10 @@ def main() -> None:
         wall_s = round(time.perf_counter() - began, 1)
         if done.returncode:
             sys.exit(f"jobs/tune.py exited with {done.returncode}")
-    figures = report(args.out if args.report is None else args.report, wall_s)
+    sweep = args.out if args.report is None else args.report
+    if not (sweep / "sweep_summary.json").is_file():
+        sys.exit(f"{sweep / 'sweep_summary.json'} not found: expected a finished sweep directory (jobs/tune.py --run-dir)")
+    figures = report(sweep, wall_s)
     print(f"\n{figures['trials']} trials ({figures['stopped_early']} stopped early by ASHA, {figures['errors']} "
           f"failed); source stages computed by {figures['source_stages_computed']}, taken by "
           f"{figures['source_stages_adopted']}" + ("" if wall_s is None else f"; wall {wall_s / 60:.1f} min"))
