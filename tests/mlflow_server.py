@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,6 +21,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_below_the_ephemeral_range() -> int:
+    """A free loopback port for a listener that closes and opens again on it. A port from the
+    ephemeral range may meanwhile become the local end of any process's outgoing connection (in CI a
+    Ray process took the gate's port during an outage); below the range only explicit binds take
+    ports, and above 20000 Ray's worker ports (10002-19999) do not."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(20000, max(low, 20001)), min(200, max(low - 20000, 1))):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    return free_port()  # no such range on this machine: the old risk, rarely met
 
 
 @contextlib.contextmanager
@@ -62,7 +76,7 @@ class Gate:
 
     def __init__(self, target: str):
         self.target_port = int(target.rsplit(":", 1)[1])
-        self.port = free_port()
+        self.port = port_below_the_ephemeral_range()
         self.url = f"http://127.0.0.1:{self.port}"
         self.listener: socket.socket | None = None
         self.connections: list[socket.socket] = []
