@@ -222,18 +222,23 @@ def test_the_job_refuses_a_bad_space_before_starting_anything(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(1500, method="thread")
-def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_benchmark, fcn_checkpoint, tmp_path):
+def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_benchmark, tmp_path):
     """`jobs/tune.py --space` the smoke space, one round per trial (its two rounds: the grid sweep's
     test): Ctrl-C once a trial has finished, the same command again; 2 trials in all, the finished one
     not run again, MLflow parent and child runs, and a best config that loads as `jobs/adapt.py`
     loads it."""
     from mlflow.tracking import MlflowClient
 
+    from sisray.weights import shipped_path
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = tmp_path / "sweep"
+    # the default's model and target BN (a trial's tasks run outside its placement group) on small images:
+    # the shipped model's file, as a checkpoint of other source images
+    source = shipped_path("shipped:synthetic")
     small = [f"data.source.root={small_benchmark}", f"data.target.root={small_benchmark}",
-             "data.source.size=[64, 36]", "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
-             f"model.source_checkpoint={fcn_checkpoint}", "train.batch_size=4", "lse.selection=global",
+             "data.source.size=[64, 36]", "data.target.size=[64, 32]", f"model.source_checkpoint={source}",
+             "train.batch_size=4", "lse.selection=global",
              "lse.patches_per_image=2", f"tracking.uri={uri}"]
     smoke = (REPO / "tune_spaces" / "smoke.yaml").read_text()
     assert "  lse.p_max: 0.3\n" in smoke and "lse.scale: {choice: [1.5, 2.0]}" in smoke
@@ -270,7 +275,8 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     assert summary["best"]["validator_bnm"] == max(t["validator_bnm"] for t in finalists)  # the objective's best
     assert {t["params"]["lse.scale"] for t in summary["trials"]} == {2.0}
     adopted = [json.loads(f.read_text()).get("adopted_from", {}) for f in sweep.glob("trials/*/summary.json")]
-    assert sorted(map(sorted, adopted)) == [[], ["source/classes", "source/eval", "source/narrow"]]
+    assert sorted(map(sorted, adopted)) == [[], ["source/classes", "source/eval", "source/narrow", "source/target_bn",
+                                                      "source/target_bn_eval"]]
     assert len(list((sweep / "shared_source").iterdir())) == 1
     bench = subprocess.run([sys.executable, str(REPO / "bench" / "sweep.py"), "--report", str(sweep)], cwd=REPO,
                            capture_output=True, text=True, timeout=120)  # bench/sweep.py reads what it ran
@@ -284,7 +290,7 @@ def test_a_smoke_sweep_is_interrupted_resumes_and_writes_a_best_config(small_ben
     best = load_config(sweep / "best_config.yaml")  # what jobs/adapt.py --config does
     assert (best.lse.scale, best.lse.threshold.estimator) == (summary["best"]["params"]["lse.scale"],
                                                              summary["best"]["params"]["lse.threshold.estimator"])
-    assert best.lse.p_max == 0.4 and best.model.source_checkpoint == str(fcn_checkpoint)  # not the trial's 0.2
+    assert best.lse.p_max == 0.4 and best.model.source_checkpoint == source  # not the trial's 0.2
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("sisray").experiment_id

@@ -42,7 +42,10 @@ def target_batchnorm(cfg: Config, checkpoint: str, destination: Path) -> Path:
     cfg = with_absolute_paths(cfg)
     model_file = checkpoint_file(checkpoint)
     actor = inference_actors(cfg, 1)
-    task = ray.remote(_target_statistics).options(num_gpus=1 if actor.use_gpu else 0, num_cpus=1)
+    # scheduled as Ray Data's actors and Ray Train's workers are, outside any placement group the caller
+    # runs in: a sweep trial's holds only the trial's own 0.5 CPU (sisray/sweep/trial.py)
+    task = ray.remote(_target_statistics).options(num_gpus=1 if actor.use_gpu else 0, num_cpus=1,
+                                                  scheduling_strategy="DEFAULT")
     with stage_errors("target BatchNorm statistics"):
         state, seen, skipped = ray.get(task.remote(cfg, model_file, actor.threads_each * actor.count, actor.use_gpu))
     report(seen, skipped)
