@@ -29,7 +29,9 @@ def port_below_the_ephemeral_range() -> int:
     Ray process took the gate's port during an outage); below the range only explicit binds take
     ports, and above 20000 Ray's worker ports (10002-19999) do not."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.Random().sample(range(20000, max(low, 20001)), min(200, max(low - 20000, 1))):
+    candidates = list(range(20000, low))
+    random.Random().shuffle(candidates)  # unseeded: parallel test workers must not try the same ports
+    for port in candidates[:200]:
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", port))
             return port

@@ -26,6 +26,13 @@ def _last_json(script: str, *args: str, timeout: int = 600) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_the_sweep_bench_names_a_directory_that_holds_no_finished_sweep(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "sweep.py"), "--report", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and f"{tmp_path / 'sweep_summary.json'} not found" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_masking_bench_compares_like_with_like():
     figures = _last_json("masking.py", "--tiny")
     assert figures["labels_agree"] == 1.0  # both sides compute the same labels
