@@ -79,6 +79,8 @@ ADAPTED = {  # variant -> overrides of jobs/adapt.py on top of the seed's source
     "lse_fl_patch_jitter": ["train.photometric_patches=true"],
     "lse_fl_classmix_jitter": ["lse.classmix=true", "train.photometric_patches=true"],  # DACS's student input
     "lse_fl_fused_teacher": ["lse.fused_teacher=true"],
+    # FDA: the rounds' source images in the patches' look; beta 0.03 = 4 cycles on a 144-pixel side (FDA: 0.01 on 512)
+    "lse_fl_fourier_style": ["lse.fourier_style=0.03"],
     "lse_fl_four_rounds": ["lse.p_max=0.8"],  # p = 0.2, 0.4, 0.6, 0.8: more of the target, more steps
     "lse_fl_long_rounds": ["train.epochs_per_round=4"],  # the control of the two below: as many steps
     # DACS's student input over rounds long enough to see each mixed patch four times
@@ -107,7 +109,7 @@ COMPARISONS = [  # (A, B): does A beat B?
     ("lse_fl_confidence", DEFAULT), ("lse_fl_ema", DEFAULT), ("source_only", "source_no_photometric"),
     ("lse_fl_safeguard", DEFAULT), ("lse_fl_safeguard", "source_only"), ("lse_fl_classmix", DEFAULT),
     ("lse_fl_patch_jitter", DEFAULT), ("lse_fl_classmix_jitter", DEFAULT), ("lse_fl_classmix_jitter", "lse_fl_classmix"),
-    ("lse_fl_fused_teacher", DEFAULT), ("lse_fl_four_rounds", DEFAULT), ("lse_fl_long_rounds", DEFAULT),
+    ("lse_fl_fused_teacher", DEFAULT), ("lse_fl_fourier_style", DEFAULT), ("lse_fl_four_rounds", DEFAULT), ("lse_fl_long_rounds", DEFAULT),
     ("lse_fl_classmix_long", "lse_fl_long_rounds"), ("lse_fl_online_teacher_long", "lse_fl_classmix_long"),
     ("source_only", "source_short"), (DEFAULT, "lse_fl_short"), ("lse_fl_short", "source_target_bn"),
     ("source_high_lr", "source_only"), ("lse_fl_high_lr", DEFAULT), ("lse_fl_high_lr", "source_high_lr_target_bn"),

@@ -7,6 +7,10 @@
 - `class_mix`: DACS's ClassMix (Tranheden et al. 2021). Half of the classes of a labelled source
   image are pasted onto a pseudo-labelled target patch, with their true labels: the student sees
   source objects in target context, and target pixels beside exact source labels.
+- `fourier_style`: FDA (Yang & Soatto 2020). A labelled source image takes the lowest frequencies of
+  a target image's amplitude spectrum and keeps its own phase: the target's colour cast, brightness
+  and haze over the source's shapes and labels. In the rounds the BatchNorm statistics are the
+  target's (`train.round_bn: frozen`), and source batches in the target's look match them.
 """
 
 from __future__ import annotations
@@ -71,3 +75,21 @@ def _source_at(images: torch.Tensor, labels: torch.Tensor, size: torch.Size,
     top = int(torch.randint(sh - h + 1, (1,), generator=generator))
     left = int(torch.randint(sw - w + 1, (1,), generator=generator))
     return images[..., top:top + h, left:left + w], labels[..., top:top + h, left:left + w]
+
+
+def fourier_style(images: torch.Tensor, styles: torch.Tensor, beta: float) -> torch.Tensor:
+    """(N, 3, H, W) images [0, 255] -> float32: image i with the amplitude spectrum of style
+    i mod M (resized to H x W) at the frequencies below b = max(1, floor(beta * min(H, W))) cycles
+    per image on both axes (FDA's square; b = 1 swaps the mean colour only), its phase kept."""
+    images = images.float()
+    h, w = images.shape[-2:]
+    styles = torch.nn.functional.interpolate(styles.float(), size=(h, w), mode="bilinear", align_corners=False,
+                                             antialias=True)
+    styles = styles[torch.arange(len(images)) % len(styles)]
+    band = max(1, math.floor(beta * min(h, w)))
+    low = ((torch.fft.fftfreq(h, 1 / h).abs() < band)[:, None]
+           & (torch.fft.fftfreq(w, 1 / w).abs() < band)[None, :]).to(images.device)
+    spectrum, style_spectrum = torch.fft.fft2(images), torch.fft.fft2(styles)
+    amplitude = torch.where(low, style_spectrum.abs(), spectrum.abs())
+    styled = torch.fft.ifft2(torch.polar(amplitude, spectrum.angle())).real
+    return styled.clamp(0, 255)

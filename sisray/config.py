@@ -93,6 +93,9 @@ class LSEConfig:
     # EMA decay of an online teacher that re-draws the patches' pseudo-labels at every step of a round
     # (sisray/lse/online.py; DACS/DAFormer's mean teacher inside LSE's label transfer); None: the patch pass's labels
     online_teacher: float | None = bounded(None, 0.0, 1.0, lo_open=True, hi_open=True)
+    # FDA's beta (sisray/augment.py): the rounds' labelled images take the lowest frequencies of the step's
+    # patches' amplitude spectra, the target's look; the band is floor(beta * min(H, W)) cycles. None: off
+    fourier_style: float | None = bounded(None, 0.0, 0.5, lo_open=True)
     fused_teacher: bool = False  # the teacher's softmax averaged over the image at 1/scale, 1 and scale (LSE's zoom) and their mirrors
     # keep the incumbent model when target BN statistics or a round's model look worse on the target-train
     # images by safeguard_rule, without a label (sisray/safeguard.py)

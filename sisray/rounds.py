@@ -33,8 +33,8 @@ EVAL_KEYS = (*MIOU_KEYS, "pixel_accuracy", "per_class", "label_free", "class_sha
 ROUND_KEYS = ("lse.p0", "lse.p_step", "lse.p_max", "lse.selection", "lse.min_per_class", "lse.threshold.estimator",
               "lse.threshold.window", "lse.threshold.quantile", "lse.patches_per_image", "lse.zoom_out",
               "lse.entropy_gap", "lse.beta", "lse.gamma", "lse.confidence_weight", "lse.ema_decay", "lse.classmix",
-              "lse.online_teacher", "train.round_lr", "train.round_warmup", "train.round_bn", "train.epochs_per_round",
-              "train.photometric_patches")
+              "lse.fourier_style", "lse.online_teacher", "train.round_lr", "train.round_warmup", "train.round_bn",
+              "train.epochs_per_round", "train.photometric_patches")
 SOURCE_STAGES = "source/"
 SOURCE_EVALUATIONS = {"source/eval": "target_val", "source/target_bn_eval": "source_target_bn"}  # MLflow prefixes
 

@@ -4,7 +4,7 @@ import torch
 
 import pytest
 
-from sisray.augment import class_mix, photometric
+from sisray.augment import class_mix, fourier_style, photometric
 from sisray.labels import IGNORE
 
 
@@ -88,3 +88,30 @@ def test_class_mix_resizes_a_smaller_source():
     assert images.shape == target.shape and labels.shape == target_labels.shape
     pasted = labels != target_labels
     assert bool(pasted.any()) and set(labels[pasted].tolist()) <= {0, 1, 2, 3, 4}
+
+
+
+def test_fourier_style_swaps_the_amplitudes_of_the_low_band_only():
+    """Inside the band (|f| < b = floor(beta * min(H, W)) cycles per image on both axes) the spectrum
+    takes the style's amplitude with the image's phase; outside it stays the image's."""
+    g = torch.Generator().manual_seed(2)
+    images, style = torch.rand(2, 3, 32, 48, generator=g) * 60 + 100, torch.rand(2, 3, 32, 48, generator=g) * 60 + 100
+    styled = fourier_style(images, style, beta=0.15)  # b = 4
+    spectrum, source, target = torch.fft.fft2(styled), torch.fft.fft2(images), torch.fft.fft2(style)
+    low = (torch.fft.fftfreq(32, 1 / 32).abs() < 4)[:, None] & (torch.fft.fftfreq(48, 1 / 48).abs() < 4)[None, :]
+    assert int(low.sum()) == 49
+    assert torch.allclose(spectrum.abs()[..., low], target.abs()[..., low], rtol=1e-3, atol=1e-1)
+    assert torch.allclose(torch.cos(spectrum.angle() - source.angle())[..., low], torch.ones(2, 3, 49), atol=1e-3)
+    assert torch.allclose(spectrum[..., ~low], source[..., ~low], atol=1e-1)
+
+
+def test_fourier_style_narrowest_band_swaps_the_mean_colour_of_style_i_mod_m():
+    columns = torch.arange(48) // 2 % 2 * 40.0
+    images = torch.stack([(60 + columns).expand(3, 32, 48), (100 + columns).expand(3, 32, 48)])
+    style = torch.full((1, 3, 16, 24), 150.0)  # another size: resized; one style for two images
+    style[:, 0] = 90.0
+    styled = fourier_style(images, style, beta=0.01)  # b = 1: the mean only
+    assert styled.shape == images.shape and styled.dtype == torch.float32
+    assert torch.allclose(styled.mean(dim=(2, 3)), torch.tensor([[90.0, 150, 150]] * 2), atol=1e-3)
+    detail = images - images.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(styled - styled.mean(dim=(2, 3), keepdim=True), detail, atol=1e-3)

@@ -23,6 +23,7 @@ CHANGED = {"lse.p0": 0.3, "lse.p_step": 0.1, "lse.p_max": 0.6, "lse.selection": 
            "lse.threshold.estimator": "quantile", "lse.threshold.window": 3, "lse.threshold.quantile": 0.4,
            "lse.patches_per_image": 3, "lse.zoom_out": True, "lse.entropy_gap": 0.1, "lse.beta": 1.0, "lse.gamma": 1.0,
            "lse.confidence_weight": True, "lse.ema_decay": 0.9, "lse.classmix": True, "lse.online_teacher": None,
+           "lse.fourier_style": 0.03,
            "train.round_lr": 1e-3, "train.round_warmup": 0.2, "train.round_bn": "train", "train.epochs_per_round": 3,
            "train.photometric_patches": True}
 
