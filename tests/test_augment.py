@@ -107,11 +107,12 @@ def test_fourier_style_swaps_the_amplitudes_of_the_low_band_only():
 
 def test_fourier_style_narrowest_band_swaps_the_mean_colour_of_style_i_mod_m():
     columns = torch.arange(48) // 2 % 2 * 40.0
-    images = torch.stack([(60 + columns).expand(3, 32, 48), (100 + columns).expand(3, 32, 48)])
-    style = torch.full((1, 3, 16, 24), 150.0)  # another size: resized; one style for two images
-    style[:, 0] = 90.0
-    styled = fourier_style(images, style, beta=0.01)  # b = 1: the mean only
+    images = torch.stack([(level + columns).expand(3, 32, 48) for level in (60, 100, 20)])
+    styles = torch.full((2, 3, 16, 24), 150.0)  # another size: resized; two styles for three images
+    styles[0, 0], styles[1, 2] = 90.0, 30.0
+    styled = fourier_style(images, styles, beta=0.01)  # b = 1: the mean only
     assert styled.shape == images.shape and styled.dtype == torch.float32
-    assert torch.allclose(styled.mean(dim=(2, 3)), torch.tensor([[90.0, 150, 150]] * 2), atol=1e-3)
+    expected = torch.tensor([[90.0, 150, 150], [150, 150, 30], [90, 150, 150]])
+    assert torch.allclose(styled.mean(dim=(2, 3)), expected, atol=1e-3)
     detail = images - images.mean(dim=(2, 3), keepdim=True)
     assert torch.allclose(styled - styled.mean(dim=(2, 3), keepdim=True), detail, atol=1e-3)
