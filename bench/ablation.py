@@ -31,6 +31,8 @@ variants differ only in what the rounds do:
     lse_fl_high_lr       the default's rounds from that source model (also gives its + target BN)
     source_rare_class    the default's source schedule with rare-class sampling (DAFormer, T = 0.01)
     lse_fl_rare_class    the default's rounds from that source model (also gives its + target BN)
+    source_class_colours the default's source schedule with each class recoloured on its own (train.class_colours)
+    lse_fl_class_colours the default's rounds from that source model (also gives its + target BN)
     oracle               (--oracle) trained on target-train labels for as many steps as the source model
 
 `--suite DIR` runs the same per target domain of the suite (`jobs/make_synthetic.py --suite --out
@@ -95,11 +97,13 @@ SOURCE_TRAINED = {  # variant -> overrides of jobs/train_source.py: a source mod
     # three times the recipe's rate: lower source-val loss at 2.5 and 5 epochs (day, seed 0)
     "source_high_lr": ["train.lr=1.5e-3"],
     "source_rare_class": ["train.rare_class_sampling=0.01"],  # DAFormer's temperature
+    "source_class_colours": ["train.class_colours=true"],  # each class recoloured on its own
 }
 FROM_SOURCE = {  # variant -> the source-trained variant whose model it adapts with the default's rounds
     "lse_fl_short": "source_short",
     "lse_fl_high_lr": "source_high_lr",
     "lse_fl_rare_class": "source_rare_class",
+    "lse_fl_class_colours": "source_class_colours",
 }
 FROM_DEFAULT_RUN = ("source_only", "source_target_bn")
 COMPARISONS = [  # (A, B): does A beat B?
@@ -114,6 +118,7 @@ COMPARISONS = [  # (A, B): does A beat B?
     ("source_only", "source_short"), (DEFAULT, "lse_fl_short"), ("lse_fl_short", "source_target_bn"),
     ("source_high_lr", "source_only"), ("lse_fl_high_lr", DEFAULT), ("lse_fl_high_lr", "source_high_lr_target_bn"),
     ("source_rare_class", "source_only"), ("lse_fl_rare_class", DEFAULT),
+    ("source_class_colours", "source_only"), ("lse_fl_class_colours", DEFAULT),
 ]
 
 

@@ -4,6 +4,10 @@
   exact colours; jittering them (and softening its hard rendered edges) makes it lean on shape and
   context, which carry over to the target. The labels do not change: nothing moves. The strengths
   are DACS / DAFormer's augmentation strengths.
+- `class_colours`: each class of a labelled image recoloured on its own (its brightness, saturation
+  and hue), drawn per image and class. A synthetic source paints each material in one colour, a real
+  target in others (grass that is olive, not green; grey fences, not brown); a global jitter keeps
+  the classes' colours apart as the game drew them, this one teaches that a class's colour varies.
 - `class_mix`: DACS's ClassMix (Tranheden et al. 2021). Half of the classes of a labelled source
   image are pasted onto a pseudo-labelled target patch, with their true labels: the student sees
   source objects in target context, and target pixels beside exact source labels.
@@ -26,6 +30,9 @@ JITTER = 0.2  # brightness, contrast and saturation factors drawn from [0.8, 1.2
 HUE = 0.05  # hue shift drawn from [-0.05, 0.05] of the colour wheel
 BLUR_CHANCE = 0.5
 BLUR_SIGMA = (0.15, 1.15)  # pixels
+CLASS_CHANCE = 0.5  # share of an image's classes recoloured; the others keep the colour drawn
+CLASS_JITTER = 0.4  # brightness and saturation factors drawn from [0.6, 1.4], per class
+CLASS_HUE = 0.1  # hue shift drawn from [-0.1, 0.1] of the colour wheel, per class
 
 
 def photometric(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -44,6 +51,37 @@ def photometric(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
             image = TF.gaussian_blur(image, [size, size], [sigma, sigma])
         out.append(image)
     return torch.stack(out).clamp(0, 1) * 255
+
+
+def class_colours(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(N, 3, H, W) RGB [0, 255] and their (N, H, W) labels -> float32 [0, 255]: in each image, each
+    labelled class with chance CLASS_CHANCE gets its own brightness and saturation factors and hue
+    turn, drawn from `generator` (a CPU generator) in the order of the class IDs; the other pixels,
+    ignored ones included, keep theirs. One pass per image: the draws are looked up per pixel by label;
+    the hue turns the chroma plane of YIQ."""
+    out = []
+    for image, label in zip(images.float() / 255, labels):
+        table = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(IGNORE + 1, 1)  # brightness, saturation, turn, drawn
+        present = label.unique()
+        for c in present[present != IGNORE].tolist():
+            draws = torch.rand(4, generator=generator)
+            if draws[0] < CLASS_CHANCE:
+                table[c] = torch.cat([1 + CLASS_JITTER * (2 * draws[1:3] - 1), CLASS_HUE * (2 * draws[3:] - 1),
+                                      torch.ones(1)])
+        brightness, saturation, turn, drawn = table.to(image.device)[label.long()].permute(2, 0, 1)
+        recoloured = (image * brightness).clamp(0, 1)
+        grey = (_LUMA.to(image.device) @ recoloured.flatten(1)).view_as(brightness)
+        recoloured = (grey + saturation * (recoloured - grey)).clamp(0, 1)
+        y, i_, q = (_YIQ.to(image.device) @ recoloured.flatten(1)).view(3, *brightness.shape)
+        angle = 2 * math.pi * turn
+        turned = torch.stack([y, i_ * torch.cos(angle) - q * torch.sin(angle), i_ * torch.sin(angle) + q * torch.cos(angle)])
+        recoloured = (torch.linalg.inv(_YIQ).to(image.device) @ turned.flatten(1)).view_as(image)
+        out.append(torch.where(drawn.bool(), recoloured, image))
+    return torch.stack(out).clamp(0, 1) * 255
+
+
+_LUMA = torch.tensor([[0.299, 0.587, 0.114]])
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 def class_mix(source: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, ...],

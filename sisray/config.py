@@ -127,6 +127,9 @@ class TrainConfig:
     round_warmup: float = bounded(0.0, 0.0, 1.0)  # share of a round's steps over which its rate rises linearly from 0
     round_bn: Literal["train", "frozen"] = "train"  # frozen: BatchNorm statistics stay as they are during the rounds
     photometric: bool = False  # colour jitter and blur of the labelled batches (sisray/augment.py); the reference: none
+    # each class of a labelled image recoloured on its own (brightness, saturation, hue; sisray/augment.py),
+    # before the photometric jitter: the source's per-class colours are not the target's
+    class_colours: bool = False
     photometric_patches: bool = False  # the same on the pseudo-labelled batches of the rounds (after ClassMix, as in DACS)
     # DAFormer's rare-class sampling of the labelled images at this temperature (DAFormer: 0.01); None: each image once an epoch
     rare_class_sampling: float | None = bounded(None, 0.0, lo_open=True)

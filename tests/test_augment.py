@@ -4,7 +4,7 @@ import torch
 
 import pytest
 
-from sisray.augment import class_mix, fourier_style, photometric
+from sisray.augment import class_colours, class_mix, fourier_style, photometric
 from sisray.labels import IGNORE
 
 
@@ -116,3 +116,24 @@ def test_fourier_style_narrowest_band_swaps_the_mean_colour_of_style_i_mod_m():
     assert torch.allclose(styled.mean(dim=(2, 3)), expected, atol=1e-3)
     detail = images - images.mean(dim=(2, 3), keepdim=True)
     assert torch.allclose(styled - styled.mean(dim=(2, 3), keepdim=True), detail, atol=1e-3)
+
+
+def test_class_colours_recolours_each_class_on_its_own_and_leaves_ignored_pixels():
+    """Flat grey bands of 8 classes and an ignored band: a recoloured band stays one colour (the
+    class's own draw), about half of the bands change, ignored pixels never, and the draws are seeded."""
+    labels = torch.arange(9).repeat_interleave(4)[None, None].expand(6, 8, 36).clone()
+    labels[labels == 8] = IGNORE
+    images = torch.full((6, 3, 8, 36), 120, dtype=torch.uint8)
+    images[:, 0] = 160  # a colour, so that saturation and hue act
+    out = class_colours(images, labels, torch.Generator().manual_seed(4))
+    assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 255
+    assert torch.equal(out, class_colours(images, labels, torch.Generator().manual_seed(4)))
+    assert torch.equal(out[..., 32:], images[..., 32:].float())  # the ignored band
+    changed = []
+    for band in range(8):
+        pixels = out[..., band * 4:(band + 1) * 4].flatten(2)  # (6, 3, 32)
+        assert torch.allclose(pixels, pixels[..., :1].expand_as(pixels), atol=1e-4)  # one colour per band
+        changed += ((pixels[..., 0] - images[:, :, 0, 0].float()).abs().amax(1) > 0.5).tolist()
+    assert 0.3 < sum(changed) / len(changed) < 0.7  # CLASS_CHANCE of the 48 (image, class) pairs
+    colours = {tuple(out[i, :, 0, band * 4].round().tolist()) for i in range(6) for band in range(8)}
+    assert len(colours) > 15  # each pair its own draw

@@ -25,7 +25,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from sisray import storage
-from sisray.augment import class_mix, fourier_style, photometric
+from sisray.augment import class_colours, class_mix, fourier_style, photometric
 from sisray.config import Config
 from sisray.datasets import SegmentationDataset, open_source, open_target
 from sisray.labels import NUM_CLASSES
@@ -295,6 +295,8 @@ def train_loop(loop_config: dict) -> None:
         augmentation = torch.Generator().manual_seed(draws)
         if pseudo is not None and cfg.lse.fourier_style:  # before the jitter, which then varies the target's look
             labelled = (fourier_style(labelled[0], pseudo[0], cfg.lse.fourier_style), labelled[1])
+        if cfg.train.class_colours:
+            labelled = (class_colours(labelled[0], labelled[1], augmentation), labelled[1])
         if cfg.train.photometric:
             labelled = (photometric(labelled[0], augmentation), labelled[1])
         if pseudo is not None:
