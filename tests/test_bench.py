@@ -63,6 +63,17 @@ def test_the_training_bench_runs_the_same_steps_on_every_side():
         figures["ray_samples_per_s"] / figures["plain_2x1_samples_per_s"], rel=0.05)
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(600, method="thread")
+def test_the_startup_bench_measures_each_floor():
+    figures = _last_json("startup.py", "--tiny")
+    assert figures["reps"] == 1
+    assert figures["import_worker_s"] > figures["import_torch_s"] > 0  # the worker's modules include torch
+    assert min(figures["ray_init_s"], figures["actors_s"], figures["fit_to_loop_s"], figures["fit_after_loop_s"]) > 0
+    # before the loop + after it = the whole fit, but for the loop itself, which only reports
+    assert -0.02 <= figures["fit_s"] - figures["fit_to_loop_s"] - figures["fit_after_loop_s"] < 0.5
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900, method="thread")
