@@ -67,9 +67,12 @@ def actors_ready_s() -> float:
 
 def empty_loop(config: dict) -> None:
     """A training loop that records when it ran (rank 0) and reports once."""
+    import logging
+
     import ray.train
 
     entered = time.time()
+    logging.getLogger().setLevel(config["log_level"])  # Ray Train's per-report line logs past its logger
     if ray.train.get_context().get_world_rank() == 0:
         Path(config["record"]).write_text(json.dumps({"entered": entered, "ended": time.time()}))
     ray.train.report({})
@@ -82,7 +85,7 @@ def empty_fit(storage: Path, log_level: str) -> tuple[float, float, float]:
 
     storage.mkdir(parents=True, exist_ok=True)
     record = storage / "record.json"
-    trainer = TorchTrainer(empty_loop, train_loop_config={"record": str(record)},
+    trainer = TorchTrainer(empty_loop, train_loop_config={"record": str(record), "log_level": log_level},
                            torch_config=TorchConfig(backend="gloo"),
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                            run_config=ray.train.RunConfig(name="empty", storage_path=str(storage),
