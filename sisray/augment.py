@@ -33,6 +33,8 @@ BLUR_SIGMA = (0.15, 1.15)  # pixels
 CLASS_CHANCE = 0.5  # share of an image's classes recoloured; the others keep the colour drawn
 CLASS_JITTER = 0.4  # brightness and saturation factors drawn from [0.6, 1.4], per class
 CLASS_HUE = 0.1  # hue shift drawn from [-0.1, 0.1] of the colour wheel, per class
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])  # row 0: luma
+_RGB = torch.linalg.inv(_YIQ)
 
 
 def photometric(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -69,19 +71,15 @@ def class_colours(images: torch.Tensor, labels: torch.Tensor, generator: torch.G
                 table[c] = torch.cat([1 + CLASS_JITTER * (2 * draws[1:3] - 1), CLASS_HUE * (2 * draws[3:] - 1),
                                       torch.ones(1)])
         brightness, saturation, turn, drawn = table.to(image.device)[label.long()].permute(2, 0, 1)
+        yiq, rgb = _YIQ.to(image.device), _RGB.to(image.device)
         recoloured = (image * brightness).clamp(0, 1)
-        grey = (_LUMA.to(image.device) @ recoloured.flatten(1)).view_as(brightness)
+        grey = (yiq[:1] @ recoloured.flatten(1)).view_as(brightness)
         recoloured = (grey + saturation * (recoloured - grey)).clamp(0, 1)
-        y, i_, q = (_YIQ.to(image.device) @ recoloured.flatten(1)).view(3, *brightness.shape)
-        angle = 2 * math.pi * turn
-        turned = torch.stack([y, i_ * torch.cos(angle) - q * torch.sin(angle), i_ * torch.sin(angle) + q * torch.cos(angle)])
-        recoloured = (torch.linalg.inv(_YIQ).to(image.device) @ turned.flatten(1)).view_as(image)
+        y, i_, q = (yiq @ recoloured.flatten(1)).view(3, *brightness.shape)
+        cos, sin = torch.cos(2 * math.pi * turn), torch.sin(2 * math.pi * turn)
+        recoloured = (rgb @ torch.stack([y, i_ * cos - q * sin, i_ * sin + q * cos]).flatten(1)).view_as(image)
         out.append(torch.where(drawn.bool(), recoloured, image))
     return torch.stack(out).clamp(0, 1) * 255
-
-
-_LUMA = torch.tensor([[0.299, 0.587, 0.114]])
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 def class_mix(source: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, ...],

@@ -107,14 +107,15 @@ def small_adaptation(benchmark: Path, source: Path) -> list[str]:
     source model, global selection of half and then three quarters of the 4 target images, each
     round's model judged by the safeguard (its consistency rule: the validators of each model's
     evaluation pass, on the 4 target-train images), its patches relabelled by an online teacher, mixed
-    with source classes (ClassMix) and jittered, its source images in the patches' look (FDA)."""
+    with source classes (ClassMix) and jittered, its source images in the patches' look (FDA) with each
+    class recoloured on its own."""
     return [f"data.source.root={benchmark}", f"data.target.root={benchmark}", "data.source.size=[64, 36]",
             "data.target.size=[64, 32]", "model.name=fcn8s_vgg16", "model.width=0.0625", "lse.target_bn=false",
             f"model.source_checkpoint={source}", "train.batch_size=4", "train.epochs_per_round=2",
             "train.checkpoint_every=1", "lse.selection=global", "lse.p0=0.5", "lse.p_step=0.25", "lse.p_max=0.75",
             "lse.patches_per_image=2", "lse.safeguard=true", "lse.classmix=true",
             "train.photometric_patches=true", "lse.online_teacher=0.9", "lse.fourier_style=0.05",
-            "tracking.enabled=false"]
+            "train.class_colours=true", "tracking.enabled=false"]
 
 
 @pytest.fixture(scope="session")
